@@ -1,0 +1,62 @@
+"""MOSAIC's masked multi-branch attention, without ever computing the ref_i x ref_j blocks.
+
+The packed sequence is [main | ref_1 | ... | ref_R] where main = [text | target]. Main queries attend
+to every key; ref_i queries attend to main keys and ref_i keys only. We compute it as two groups:
+
+  main queries  x  [main keys, all reference keys]          (plain attention)
+  ref_i queries x  [main keys, ref_i keys], for all i at once (one joint softmax over two logit blocks)
+
+so the cost is what the mask allows and nothing more. Layout: q, k, v are [B, T, H, D] for main and
+[B, R, M, H, D] for references. Logits and softmax in float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _softmax_attend(logit_blocks, value_blocks, value_specs, out_dtype):
+  """Joint softmax over the key axis of several logit blocks, then sum of (probs x values) per block."""
+  logits = jnp.concatenate(logit_blocks, axis=-1)
+  probs = jax.nn.softmax(logits, axis=-1)
+  out, start = 0.0, 0
+  for block, values, spec in zip(logit_blocks, value_blocks, value_specs):
+    width = block.shape[-1]
+    p = probs[..., start:start + width].astype(values.dtype)
+    out = out + jnp.einsum(spec, p, values, preferred_element_type=jnp.float32)
+    start += width
+  return out.astype(out_dtype)
+
+
+def multi_branch_attention(q_main, k_main, v_main, q_ref=None, k_ref=None, v_ref=None):
+  """Returns (out_main [B, T, H, D], out_ref [B, R, M, H, D] or None)."""
+  scale = q_main.shape[-1] ** -0.5
+  dtype = q_main.dtype
+  logits_mm = jnp.einsum("bqhd,bkhd->bhqk", q_main, k_main, preferred_element_type=jnp.float32) * scale
+  if q_ref is None:
+    return _softmax_attend([logits_mm], [v_main], ["bhqk,bkhd->bqhd"], dtype), None
+
+  logits_mr = jnp.einsum("bqhd,brkhd->bhqrk", q_main, k_ref, preferred_element_type=jnp.float32) * scale
+  b, h, t = logits_mm.shape[:3]
+  logits_mr = logits_mr.reshape(b, h, t, -1)  # main queries see all references' keys as one block
+  v_ref_flat = v_ref.reshape(v_ref.shape[0], -1, *v_ref.shape[3:])
+  out_main = _softmax_attend([logits_mm, logits_mr], [v_main, v_ref_flat],
+                             ["bhqk,bkhd->bqhd", "bhqk,bkhd->bqhd"], dtype)
+
+  logits_rm = jnp.einsum("brqhd,bkhd->brhqk", q_ref, k_main, preferred_element_type=jnp.float32) * scale
+  logits_rr = jnp.einsum("brqhd,brkhd->brhqk", q_ref, k_ref, preferred_element_type=jnp.float32) * scale
+  out_ref = _softmax_attend([logits_rm, logits_rr], [v_main, v_ref],
+                            ["brhqk,bkhd->brqhd", "brhqk,brkhd->brqhd"], dtype)
+  return out_main, out_ref
+
+
+def reference_target_attention_map(q_ref, k_target):
+  """DESIGN's per-block map: softmax over target keys of each reference query, averaged over heads.
+
+  q_ref [B, R, M, H, D], k_target [B, N, H, D] -> [B, R, M, N] float32. This materializes the full
+  map: it is the plain reference path for tests and inspection, not what training uses.
+  """
+  scale = q_ref.shape[-1] ** -0.5
+  logits = jnp.einsum("brqhd,bkhd->brhqk", q_ref, k_target, preferred_element_type=jnp.float32) * scale
+  return jnp.mean(jax.nn.softmax(logits, axis=-1), axis=2)

@@ -1,0 +1,82 @@
+"""FLUX transformer dimensions, named exactly like diffusers' `FluxTransformer2DModel` config.json.
+
+Using diffusers' field names means a checkpoint's config.json maps onto this dataclass with no
+translation table, and `to_diffusers_config` writes one that diffusers reads back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class FluxConfig:
+  patch_size: int = 1
+  in_channels: int = 64
+  out_channels: int | None = None
+  num_layers: int = 19  # double-stream blocks
+  num_single_layers: int = 38
+  attention_head_dim: int = 128
+  num_attention_heads: int = 24
+  joint_attention_dim: int = 4096  # T5 width
+  pooled_projection_dim: int = 768  # CLIP pooled width
+  guidance_embeds: bool = True
+  axes_dims_rope: tuple[int, int, int] = (16, 56, 56)
+  # Not in diffusers' config.json: FLUX constants, kept here so tiny test models can vary them.
+  rope_theta: float = 10000.0
+  mlp_ratio: float = 4.0
+
+  def __post_init__(self):
+    if self.patch_size != 1:
+      raise ValueError(f"patch_size={self.patch_size}: only 1 is supported (FLUX packs 2x2 outside).")
+    if sum(self.axes_dims_rope) != self.attention_head_dim:
+      raise ValueError(
+          f"axes_dims_rope={tuple(self.axes_dims_rope)} must sum to attention_head_dim="
+          f"{self.attention_head_dim}.")
+    if any(d % 2 for d in self.axes_dims_rope):
+      raise ValueError(f"axes_dims_rope={tuple(self.axes_dims_rope)}: every axis must be even.")
+    object.__setattr__(self, "axes_dims_rope", tuple(int(d) for d in self.axes_dims_rope))
+
+  @property
+  def hidden_size(self) -> int:
+    return self.num_attention_heads * self.attention_head_dim
+
+  @property
+  def mlp_hidden_size(self) -> int:
+    return int(self.hidden_size * self.mlp_ratio)
+
+  @property
+  def output_channels(self) -> int:
+    return self.out_channels or self.in_channels
+
+  @classmethod
+  def from_diffusers_config(cls, config: Mapping[str, Any], source: str = "config") -> "FluxConfig":
+    """Builds a config from a diffusers config.json dict; unknown architecture fields are an error."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    ignorable = {"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"}
+    unknown = sorted(k for k in config if k not in known and k not in ignorable)
+    if unknown:
+      raise ValueError(f"{source}: unsupported FluxTransformer2DModel fields {unknown}.")
+    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items() if k in known})
+
+  def to_diffusers_config(self) -> dict[str, Any]:
+    out = dataclasses.asdict(self)
+    for k in ("rope_theta", "mlp_ratio"):
+      out.pop(k)
+    out["axes_dims_rope"] = list(self.axes_dims_rope)
+    out["_class_name"] = "FluxTransformer2DModel"
+    return out
+
+
+def flux1_dev() -> FluxConfig:
+  """FLUX.1-dev: 19 double + 38 single blocks, hidden 3072, 11.9B parameters."""
+  return FluxConfig()
+
+
+def tiny(num_layers: int = 2, num_single_layers: int = 2) -> FluxConfig:
+  """A small FLUX for tests and demos: 2 heads of 16, same structure as FLUX.1-dev."""
+  return FluxConfig(
+      in_channels=16, num_layers=num_layers, num_single_layers=num_single_layers,
+      attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
+      pooled_projection_dim=12, axes_dims_rope=(4, 6, 6))

@@ -1,0 +1,68 @@
+"""Leaf operations of the DiT: linear (with optional LoRA), norms, activations, modulation.
+
+Parameter leaves: a linear is {"kernel": [in, out], "bias": [out]} (the transpose of torch's
+`weight`), an RMSNorm is {"scale": [d]}. A LoRA for a linear is {"lora_A": [in, r], "lora_B": [r, out]}
+with the alpha/r scale already folded into lora_B (see interop/lora.py).
+
+Precision: matmuls accumulate in float32 and round to the activation dtype, like torch's bf16 linear;
+norms and the modulation arithmetic run in float32 where FLUX does.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def linear(p, x, lora=None):
+  """y = x W + b, plus (x A) B when a LoRA for this module is given."""
+  kernel = p["kernel"]
+  y = jnp.einsum("...i,io->...o", x.astype(kernel.dtype), kernel,
+                 preferred_element_type=jnp.float32)
+  if "bias" in p:
+    y = y + p["bias"].astype(jnp.float32)
+  if lora is not None:
+    # LoRA master weights may be float32 while the base is bf16: compute in the activation dtype.
+    a = lora["lora_A"].astype(kernel.dtype)
+    b = lora["lora_B"].astype(kernel.dtype)
+    h = jnp.einsum("...i,ir->...r", x.astype(kernel.dtype), a, preferred_element_type=jnp.float32)
+    y = y + jnp.einsum("...r,ro->...o", h.astype(kernel.dtype), b, preferred_element_type=jnp.float32)
+  return y.astype(kernel.dtype)
+
+
+def layer_norm(x, eps=1e-6):
+  """LayerNorm without affine parameters, computed in float32."""
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+  return ((xf - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def rms_norm(p, x, eps=1e-6):
+  """QK-RMSNorm over the last axis (head_dim), variance in float32."""
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
+  return (y * p["scale"].astype(jnp.float32)).astype(x.dtype)
+
+
+def gelu_tanh(x):
+  return jax.nn.gelu(x, approximate=True)
+
+
+def modulate(x, shift, scale):
+  """x * (1 + scale) + shift, with [B, D] modulation broadcast over the token axes of x."""
+  extra = x.ndim - shift.ndim
+  shift = shift.reshape(shift.shape[:1] + (1,) * extra + shift.shape[1:])
+  scale = scale.reshape(scale.shape[:1] + (1,) * extra + scale.shape[1:])
+  return (x * (1 + scale) + shift).astype(x.dtype)
+
+
+def gate(g, x):
+  """g * x with a [B, D] gate broadcast over the token axes of x."""
+  extra = x.ndim - g.ndim
+  return (g.reshape(g.shape[:1] + (1,) * extra + g.shape[1:]) * x).astype(x.dtype)
+
+
+def modulation(p, temb, n_chunks, lora=None):
+  """AdaLN modulation: linear(silu(temb)) split into n_chunks vectors of width D."""
+  return jnp.split(linear(p, jax.nn.silu(temb), lora), n_chunks, axis=-1)

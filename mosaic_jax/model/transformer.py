@@ -1,0 +1,268 @@
+"""The FLUX MM-DiT over MOSAIC's packed multi-branch sequence [text | target | ref_1 | ... | ref_R].
+
+Branches are kept as separate arrays (text [B, S, D], target [B, N, D], references [B, R, M, D]) so that
+each gets its own modulation and the LoRA touches reference tokens only:
+
+- text and target use the sample's t and guidance; references use t = 0 and their own guidance;
+- LoRA (the `lora` pytree, or None) is applied to reference tokens in the adapted modules only;
+- attention follows the MOSAIC mask (attention.py); the output is the velocity on target tokens.
+
+Blocks are stacked along a leading layer axis and run with `lax.scan`: one compiled block per kind,
+whatever the depth. With no references this is exactly diffusers' FluxTransformer2DModel.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from mosaic_jax.model import attention as attn_lib
+from mosaic_jax.model.config import FluxConfig
+from mosaic_jax.model.embeddings import apply_rope, conditioning, rope
+from mosaic_jax.model.layers import gate, gelu_tanh, layer_norm, linear, modulate, modulation, rms_norm
+from mosaic_jax.model.lora import get_path
+
+
+class FluxInputs(NamedTuple):
+  """One batch of the packed sequence. Latent tokens are packed 2x2 patches (64 channels for FLUX).
+
+  target:       [B, N, C]     noisy target latent tokens
+  target_ids:   [N, 3]        position ids (embeddings.image_ids)
+  text:         [B, S, 4096]  T5 token embeddings
+  text_ids:     [S, 3]        zeros (embeddings.text_ids)
+  pooled:       [B, 768]      pooled CLIP embedding
+  timestep:     [B]           sigma in [0, 1] of text and target (multiplied by 1000 inside)
+  guidance:     [B]           guidance scale of text and target (1.0 in training, 3.5 sampling)
+  refs:         [B, R, M, C]  clean reference latent tokens, or None (R = 0 is plain FLUX)
+  ref_ids:      [R, M, 3]     reference position ids (embeddings.reference_ids)
+  ref_guidance: [B]           guidance of the references; None means 1.0. Their t is always 0.
+  """
+  target: jax.Array
+  target_ids: jax.Array
+  text: jax.Array
+  text_ids: jax.Array
+  pooled: jax.Array
+  timestep: jax.Array
+  guidance: jax.Array
+  refs: Optional[jax.Array] = None
+  ref_ids: Optional[jax.Array] = None
+  ref_guidance: Optional[jax.Array] = None
+
+
+# ---- parameters ----------------------------------------------------------------------------------
+
+def _linear(fan_in, fan_out):
+  return {"kernel": (fan_in, fan_out), "bias": (fan_out,)}
+
+
+def param_shapes(cfg: FluxConfig) -> dict:
+  """Nested dict of shapes; block parameters carry a leading layer axis. Names follow diffusers."""
+  d, hd, mlp = cfg.hidden_size, cfg.attention_head_dim, cfg.mlp_hidden_size
+  norm = {"scale": (hd,)}
+  double = {
+      "norm1": {"linear": _linear(d, 6 * d)},
+      "norm1_context": {"linear": _linear(d, 6 * d)},
+      "attn": {
+          "to_q": _linear(d, d), "to_k": _linear(d, d), "to_v": _linear(d, d),
+          "norm_q": norm, "norm_k": norm,
+          "add_q_proj": _linear(d, d), "add_k_proj": _linear(d, d), "add_v_proj": _linear(d, d),
+          "norm_added_q": norm, "norm_added_k": norm,
+          "to_out": {"0": _linear(d, d)}, "to_add_out": _linear(d, d),
+      },
+      "ff": {"net": {"0": {"proj": _linear(d, mlp)}, "2": _linear(mlp, d)}},
+      "ff_context": {"net": {"0": {"proj": _linear(d, mlp)}, "2": _linear(mlp, d)}},
+  }
+  single = {
+      "norm": {"linear": _linear(d, 3 * d)},
+      "proj_mlp": _linear(d, mlp),
+      "proj_out": _linear(d + mlp, d),
+      "attn": {"to_q": _linear(d, d), "to_k": _linear(d, d), "to_v": _linear(d, d),
+               "norm_q": norm, "norm_k": norm},
+  }
+  stack = lambda tree, n: jax.tree_util.tree_map(lambda s: (n,) + s, tree,
+                                                 is_leaf=lambda x: isinstance(x, tuple))
+  time_text = {
+      "timestep_embedder": {"linear_1": _linear(256, d), "linear_2": _linear(d, d)},
+      "text_embedder": {"linear_1": _linear(cfg.pooled_projection_dim, d), "linear_2": _linear(d, d)},
+  }
+  if cfg.guidance_embeds:
+    time_text["guidance_embedder"] = {"linear_1": _linear(256, d), "linear_2": _linear(d, d)}
+  shapes = {
+      "x_embedder": _linear(cfg.in_channels, d),
+      "context_embedder": _linear(cfg.joint_attention_dim, d),
+      "time_text_embed": time_text,
+      "norm_out": {"linear": _linear(d, 2 * d)},
+      "proj_out": _linear(d, cfg.output_channels),
+  }
+  if cfg.num_layers:
+    shapes["transformer_blocks"] = stack(double, cfg.num_layers)
+  if cfg.num_single_layers:
+    shapes["single_transformer_blocks"] = stack(single, cfg.num_single_layers)
+  return shapes
+
+
+def init_params(key, cfg: FluxConfig, dtype=jnp.float32) -> dict:
+  """Random weights (fan-in scaled normal; norm scales around 1) for demos and benchmarks."""
+  shapes = param_shapes(cfg)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+  keys = jax.random.split(key, len(flat))
+  arrays = []
+  for k, (path, shape) in zip(keys, flat):
+    name = path[-1].key
+    if name == "kernel":
+      arrays.append(jax.random.normal(k, shape, dtype) * shape[-2] ** -0.5)
+    elif name == "scale":
+      arrays.append((1.0 + 0.1 * jax.random.normal(k, shape)).astype(dtype))
+    else:
+      arrays.append((0.02 * jax.random.normal(k, shape)).astype(dtype))
+  return jax.tree_util.tree_unflatten(treedef, arrays)
+
+
+# ---- blocks ---------------------------------------------------------------------------------------
+
+def _heads(x, cfg):
+  return x.reshape(x.shape[:-1] + (cfg.num_attention_heads, cfg.attention_head_dim))
+
+
+def _merge_heads(x):
+  return x.reshape(x.shape[:-2] + (-1,))
+
+
+def _qkv(p, x, cfg, lora, names=("to_q", "to_k", "to_v"), norms=("norm_q", "norm_k")):
+  q, k, v = (_heads(linear(p[n], x, get_path(lora, n)), cfg) for n in names)
+  return rms_norm(p[norms[0]], q), rms_norm(p[norms[1]], k), v
+
+
+def double_block(p, lp, cfg, txt, img, refs, temb, temb_ref, rope_main, rope_ref, want_map):
+  """One double-stream block. p: this layer's params; lp: this layer's LoRA (or None)."""
+  txt_len = txt.shape[1]
+  s1, c1, g1, s2, c2, g2 = modulation(p["norm1"]["linear"], temb, 6)
+  ts1, tc1, tg1, ts2, tc2, tg2 = modulation(p["norm1_context"]["linear"], temb, 6)
+  pa = p["attn"]
+
+  q_img, k_img, v_img = _qkv(pa, modulate(layer_norm(img), s1, c1), cfg, None)
+  q_txt, k_txt, v_txt = _qkv(pa, modulate(layer_norm(txt), ts1, tc1), cfg, None,
+                             ("add_q_proj", "add_k_proj", "add_v_proj"), ("norm_added_q", "norm_added_k"))
+  q_main = apply_rope(jnp.concatenate([q_txt, q_img], axis=1), rope_main)
+  k_main = apply_rope(jnp.concatenate([k_txt, k_img], axis=1), rope_main)
+  v_main = jnp.concatenate([v_txt, v_img], axis=1)
+
+  q_ref = k_ref = v_ref = None
+  if refs is not None:
+    rs1, rc1, rg1, rs2, rc2, rg2 = modulation(p["norm1"]["linear"], temb_ref, 6,
+                                              get_path(lp, "norm1.linear"))
+    q_ref, k_ref, v_ref = _qkv(pa, modulate(layer_norm(refs), rs1, rc1), cfg, get_path(lp, "attn"))
+    q_ref, k_ref = apply_rope(q_ref, rope_ref), apply_rope(k_ref, rope_ref)
+
+  out_main, out_ref = attn_lib.multi_branch_attention(q_main, k_main, v_main, q_ref, k_ref, v_ref)
+  attn_txt, attn_img = _merge_heads(out_main[:, :txt_len]), _merge_heads(out_main[:, txt_len:])
+
+  img = img + gate(g1, linear(pa["to_out"]["0"], attn_img))
+  img = img + gate(g2, _feed_forward(p["ff"], modulate(layer_norm(img), s2, c2), None))
+  txt = txt + gate(tg1, linear(pa["to_add_out"], attn_txt))
+  txt = txt + gate(tg2, _feed_forward(p["ff_context"], modulate(layer_norm(txt), ts2, tc2), None))
+
+  attention_map = None
+  if refs is not None:
+    refs = refs + gate(rg1, linear(pa["to_out"]["0"], _merge_heads(out_ref), get_path(lp, "attn.to_out.0")))
+    refs = refs + gate(rg2, _feed_forward(p["ff"], modulate(layer_norm(refs), rs2, rc2), get_path(lp, "ff")))
+    if want_map:
+      attention_map = attn_lib.reference_target_attention_map(q_ref, k_main[:, txt_len:])
+  return (txt, img, refs), attention_map
+
+
+def _feed_forward(p, x, lp):
+  """GELU-tanh MLP; only `net.2` is LoRA-adapted (MOSAIC leaves `net.0.proj` alone)."""
+  h = gelu_tanh(linear(p["net"]["0"]["proj"], x))
+  return linear(p["net"]["2"], h, get_path(lp, "net.2"))
+
+
+def single_block(p, lp, cfg, main, refs, temb, temb_ref, rope_main, rope_ref):
+  """One single-stream block: parallel attention and MLP, proj_out over concat[attn, mlp].
+
+  `main` is [text | target]: both use the target's conditioning, so they share one modulation.
+  """
+  shift, scale, g = modulation(p["norm"]["linear"], temb, 3)
+  x = modulate(layer_norm(main), shift, scale)
+  mlp_main = gelu_tanh(linear(p["proj_mlp"], x))
+  q_main, k_main, v_main = _qkv(p["attn"], x, cfg, None)
+  q_main, k_main = apply_rope(q_main, rope_main), apply_rope(k_main, rope_main)
+
+  q_ref = k_ref = v_ref = None
+  if refs is not None:
+    rshift, rscale, rg = modulation(p["norm"]["linear"], temb_ref, 3, get_path(lp, "norm.linear"))
+    xr = modulate(layer_norm(refs), rshift, rscale)
+    mlp_ref = gelu_tanh(linear(p["proj_mlp"], xr, get_path(lp, "proj_mlp")))
+    q_ref, k_ref, v_ref = _qkv(p["attn"], xr, cfg, get_path(lp, "attn"))
+    q_ref, k_ref = apply_rope(q_ref, rope_ref), apply_rope(k_ref, rope_ref)
+
+  out_main, out_ref = attn_lib.multi_branch_attention(q_main, k_main, v_main, q_ref, k_ref, v_ref)
+  main = main + gate(g, linear(p["proj_out"], jnp.concatenate([_merge_heads(out_main), mlp_main], -1)))
+  if refs is not None:
+    refs = refs + gate(rg, linear(p["proj_out"], jnp.concatenate([_merge_heads(out_ref), mlp_ref], -1),
+                                  get_path(lp, "proj_out")))
+  return main, refs
+
+
+# ---- the model ------------------------------------------------------------------------------------
+
+def forward(params, lora, cfg: FluxConfig, inputs: FluxInputs, return_attention_maps: bool = False):
+  """Velocity prediction for the target tokens.
+
+  Returns (pred [B, N, out_channels], aux). With return_attention_maps and references, aux holds
+  "attention_maps": [B, num_layers, R, M, N] float32, each double block's softmax over target keys of
+  every reference query (after LoRA, QK-RMSNorm and RoPE), averaged over heads; DESIGN's A is its mean
+  over axis 1. `lora` is the LoRA pytree (model/lora.py) or None for the base model.
+  """
+  dtype = params["x_embedder"]["kernel"].dtype
+  batch = inputs.target.shape[0]
+  has_refs = inputs.refs is not None and inputs.refs.shape[1] > 0
+
+  temb = conditioning(params["time_text_embed"], cfg, inputs.timestep, inputs.guidance, inputs.pooled)
+  img = linear(params["x_embedder"], inputs.target.astype(dtype))
+  txt = linear(params["context_embedder"], inputs.text.astype(dtype))
+  rope_main = rope(jnp.concatenate([inputs.text_ids, inputs.target_ids], axis=0),
+                   cfg.axes_dims_rope, cfg.rope_theta)
+
+  refs = temb_ref = rope_ref = None
+  if has_refs:
+    ref_guidance = (jnp.ones((batch,), jnp.float32) if inputs.ref_guidance is None
+                    else inputs.ref_guidance)
+    temb_ref = conditioning(params["time_text_embed"], cfg, jnp.zeros((batch,), jnp.float32),
+                            ref_guidance, inputs.pooled)
+    refs = linear(params["x_embedder"], inputs.refs.astype(dtype), get_path(lora, "x_embedder"))
+    rope_ref = rope(inputs.ref_ids, cfg.axes_dims_rope, cfg.rope_theta)
+  want_maps = return_attention_maps and has_refs
+
+  maps = None
+  if cfg.num_layers:
+    def double_step(carry, layer):
+      p, lp = layer
+      carry, attention_map = double_block(p, lp, cfg, *carry, temb, temb_ref, rope_main, rope_ref,
+                                          want_maps)
+      return carry, attention_map
+
+    (txt, img, refs), maps = jax.lax.scan(
+        double_step, (txt, img, refs),
+        (params["transformer_blocks"], get_path(lora, "transformer_blocks")))
+
+  main = jnp.concatenate([txt, img], axis=1)
+  if cfg.num_single_layers:
+    def single_step(carry, layer):
+      p, lp = layer
+      return single_block(p, lp, cfg, *carry, temb, temb_ref, rope_main, rope_ref), None
+
+    (main, refs), _ = jax.lax.scan(
+        single_step, (main, refs),
+        (params["single_transformer_blocks"], get_path(lora, "single_transformer_blocks")))
+  img = main[:, txt.shape[1]:]
+
+  scale, shift = modulation(params["norm_out"]["linear"], temb, 2)  # diffusers order: (scale, shift)
+  pred = linear(params["proj_out"], modulate(layer_norm(img), shift, scale))
+
+  aux = {}
+  if want_maps and maps is not None:
+    aux["attention_maps"] = jnp.moveaxis(maps, 0, 1)
+  return pred, aux

@@ -1,0 +1,137 @@
+"""Properties of the multi-branch model that need no reference implementation: where the LoRA acts,
+what references can see, reference counts 0..8, batch > 1, and bf16 against fp32."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import relative_error
+from mosaic_jax import model
+from mosaic_jax.model import embeddings, transformer
+
+CFG = model.tiny(num_layers=2, num_single_layers=2)
+
+
+@pytest.fixture(scope="module")
+def params_and_lora():
+  params = model.init_params(jax.random.PRNGKey(0), CFG)
+  lora = model.init_lora(jax.random.PRNGKey(1), params, CFG, rank=4)
+  # Non-zero B so the LoRA changes something (init leaves B at zero).
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(lora)
+  keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+  lora = jax.tree_util.tree_unflatten(treedef, [
+      jax.random.normal(k, x.shape) * 0.3 if path[-1].key == "lora_B" else x
+      for k, (path, x) in zip(keys, leaves)])
+  return params, lora
+
+
+def _first_block(params, lora, txt, img, refs, num_refs, ref_hw=(3, 3)):
+  """Outputs of the first double block for the given branch states."""
+  batch = img.shape[0]
+  layer = lambda tree: None if tree is None else jax.tree_util.tree_map(lambda x: x[0], tree)
+  temb = jnp.ones((batch, CFG.hidden_size)) * 0.1
+  temb_ref = jnp.ones((batch, CFG.hidden_size)) * -0.2
+  rope_main = embeddings.rope(jnp.concatenate([model.text_ids(txt.shape[1]), model.image_ids(2, 3)]),
+                              CFG.axes_dims_rope, CFG.rope_theta)
+  rope_ref = embeddings.rope(jnp.asarray(model.reference_ids(num_refs, *ref_hw)), CFG.axes_dims_rope,
+                             CFG.rope_theta)
+  (t, i, r), _ = transformer.double_block(
+      layer(params["transformer_blocks"]), layer(None if lora is None else lora["transformer_blocks"]),
+      CFG, txt, img, refs, temb, temb_ref, rope_main, rope_ref, False)
+  return t, i, r
+
+
+def _branch_states(seed, num_refs=2, batch=2):
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+  d = CFG.hidden_size
+  return (jax.random.normal(k1, (batch, 4, d)), jax.random.normal(k2, (batch, 6, d)),
+          jax.random.normal(k3, (batch, num_refs, 9, d)))
+
+
+def test_lora_changes_reference_tokens_only(params_and_lora):
+  """Text and target tokens never pass through LoRA weights.
+
+  Text and target queries attend to reference keys, which the LoRA does change, so their first-block
+  outputs move with a full LoRA. To isolate the token-wise path we use a LoRA that is non-zero only
+  after the attention (to_out.0, ff.net.2): reference keys and values are then untouched, so text and
+  target outputs must be bit-identical while reference outputs change. And with no references at all,
+  the full LoRA changes nothing anywhere.
+  """
+  params, lora = params_and_lora
+  post_attention = {"attn.to_out.0", "ff.net.2"}
+  lora_post = {"transformer_blocks": {}}
+  for name in model.lora.DOUBLE_TARGETS:
+    module = model.lora.get_path(lora["transformer_blocks"], name)
+    if name not in post_attention:
+      module = jax.tree_util.tree_map(jnp.zeros_like, module)
+    model.lora.set_path(lora_post["transformer_blocks"], name, module)
+  txt, img, refs = _branch_states(0)
+  t0, i0, r0 = _first_block(params, None, txt, img, refs, 2)
+  t1, i1, r1 = _first_block(params, lora_post, txt, img, refs, 2)
+  np.testing.assert_array_equal(t0, t1)
+  np.testing.assert_array_equal(i0, i1)
+  assert float(jnp.abs(r0 - r1).max()) > 1e-2
+
+  no_refs = _inputs(np.random.default_rng(3), 0)
+  np.testing.assert_array_equal(model.forward(params, None, CFG, no_refs)[0],
+                                model.forward(params, lora, CFG, no_refs)[0])
+
+
+def test_references_do_not_see_each_other(params_and_lora):
+  params, lora = params_and_lora
+  txt, img, refs = _branch_states(1, num_refs=3)
+  changed = refs.at[:, 2].set(jax.random.normal(jax.random.PRNGKey(9), refs[:, 2].shape))
+  _, i_a, r_a = _first_block(params, lora, txt, img, refs, 3)
+  _, i_b, r_b = _first_block(params, lora, txt, img, changed, 3)
+  np.testing.assert_array_equal(r_a[:, :2], r_b[:, :2])  # ref_1, ref_2 untouched by ref_3
+  assert float(jnp.abs(r_a[:, 2] - r_b[:, 2]).max()) > 1e-2
+  assert float(jnp.abs(i_a - i_b).max()) > 1e-4  # while the target does attend to ref_3
+
+
+def _inputs(rng, num_refs, batch=2, dtype=np.float32):
+  c = CFG.in_channels
+  return model.FluxInputs(
+      target=rng.standard_normal((batch, 6, c)).astype(dtype), target_ids=model.image_ids(2, 3),
+      text=rng.standard_normal((batch, 4, CFG.joint_attention_dim)).astype(dtype),
+      text_ids=model.text_ids(4), pooled=rng.standard_normal((batch, CFG.pooled_projection_dim)).astype(dtype),
+      timestep=rng.uniform(size=batch).astype(np.float32), guidance=np.full(batch, 3.5, np.float32),
+      refs=rng.standard_normal((batch, num_refs, 4, c)).astype(dtype) if num_refs else None,
+      ref_ids=model.reference_ids(num_refs, 2, 2) if num_refs else None)
+
+
+def test_zero_to_eight_references(params_and_lora):
+  params, lora = params_and_lora
+  forward = jax.jit(model.forward, static_argnums=(2, 4))
+  rng = np.random.default_rng(0)
+  base = _inputs(rng, 8, batch=3)
+  no_refs = base._replace(refs=None, ref_ids=None)
+  pred0, _ = forward(params, lora, CFG, no_refs, False)
+  for num_refs in (1, 8):
+    inputs = base._replace(refs=base.refs[:, :num_refs], ref_ids=base.ref_ids[:num_refs])
+    pred, aux = forward(params, lora, CFG, inputs, True)
+    assert pred.shape == (3, 6, CFG.in_channels) and np.isfinite(np.asarray(pred)).all()
+    assert aux["attention_maps"].shape == (3, CFG.num_layers, num_refs, 4, 6)
+    assert float(jnp.abs(pred - pred0).max()) > 1e-3  # references influence the target
+  # An empty reference axis is plain FLUX, like no references at all.
+  empty = base._replace(refs=base.refs[:, :0], ref_ids=base.ref_ids[:0])
+  np.testing.assert_allclose(forward(params, lora, CFG, empty, False)[0], pred0, rtol=1e-6, atol=1e-6)
+  # Samples of a batch are independent.
+  single = base._replace(
+      target=base.target[1:2], text=base.text[1:2], pooled=base.pooled[1:2], timestep=base.timestep[1:2],
+      guidance=base.guidance[1:2], refs=base.refs[1:2])
+  np.testing.assert_allclose(forward(params, lora, CFG, single, False)[0][0],
+                             forward(params, lora, CFG, base, False)[0][1], rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_forward_is_close_to_float32(params_and_lora):
+  params, lora = params_and_lora
+  forward = jax.jit(model.forward, static_argnums=(2, 4))
+  inputs = _inputs(np.random.default_rng(2), 2)
+  pred32, _ = forward(params, lora, CFG, inputs, False)
+  params16 = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params)
+  pred16, _ = forward(params16, lora, CFG, inputs, False)
+  assert pred16.dtype == jnp.bfloat16
+  assert relative_error(pred16.astype(jnp.float32), pred32) < 0.03
