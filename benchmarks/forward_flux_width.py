@@ -30,15 +30,16 @@ def main():
   parser.add_argument("--text-len", type=int, default=512)
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--attention", default="xla", help="xla | cudnn | splash")
   args = parser.parse_args()
 
-  cfg = dataclasses.replace(model.flux1_dev(), num_layers=2, num_single_layers=2)
+  cfg = dataclasses.replace(model.flux1_dev(), num_layers=2, num_single_layers=2, attention_impl=args.attention)
   params = model.init_params(jax.random.PRNGKey(0), cfg, jnp.dtype(args.dtype))
   grid = args.resolution // 16
   rng = np.random.default_rng(0)
   forward = jax.jit(model.forward, static_argnums=(2, 4))
   print(f"device {jax.devices()[0].device_kind}; FLUX.1-dev width, 2 double + 2 single blocks, "
-        f"{args.dtype}; target {grid * grid} tokens, text {args.text_len}, references {grid * grid} each")
+        f"{args.dtype}, attention {args.attention}; target {grid * grid} tokens, text {args.text_len}, references {grid * grid} each")
   for num_refs in args.refs:
     inputs = model.FluxInputs(
         target=rng.standard_normal((1, grid * grid, 64), np.float32), target_ids=model.image_ids(grid, grid),

@@ -1,5 +1,5 @@
 """mosaic_jax: MOSAIC multi-subject personalization on FLUX.1, in JAX."""
 
-from mosaic_jax import interop, model
+from mosaic_jax import encoders, interop, losses, model, text
 
-__all__ = ["interop", "model"]
+__all__ = ["encoders", "interop", "losses", "model", "text"]

@@ -9,7 +9,6 @@ stacked parameter beyond the memory-mapped files.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Callable
@@ -18,21 +17,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mosaic_jax.interop.param_assembly import Target, assemble, linear_kernel, torch_leaf_name
 from mosaic_jax.interop.safetensors_io import SafetensorsFile
-from mosaic_jax.interop.tensor_table import CheckpointError, Entry, check_entries, folder_entries
+from mosaic_jax.interop.tensor_table import (DIFFUSERS_INDEX, DIFFUSERS_WEIGHTS, CheckpointError, Entry,
+                                             folder_entries, read_config_json, resolve_folder)
 from mosaic_jax.model.config import FluxConfig
 from mosaic_jax.model.transformer import param_shapes
 
 BLOCK_GROUPS = ("transformer_blocks", "single_transformer_blocks")
-DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
-DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
 
 
 # ---- our parameter names <-> diffusers names ------------------------------------------------------
-
-def _torch_leaf(leaf: str) -> str:
-  return {"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf]
-
 
 def expected_diffusers_keys(cfg: FluxConfig):
   """Yields (diffusers key, our leaf path tuple, layer index or None, torch shape)."""
@@ -45,55 +40,21 @@ def expected_diffusers_keys(cfg: FluxConfig):
     torch_shape = shape[::-1] if names[-1] == "kernel" else shape
     for i in layers:
       middle = names[:1] + ((str(i),) if i is not None else ()) + names[1:-1]
-      yield ".".join(middle + (_torch_leaf(names[-1]),)), names, i, tuple(torch_shape)
+      yield ".".join(middle + (torch_leaf_name(names[-1]),)), names, i, tuple(torch_shape)
 
 
-def assemble_params(entries: dict[str, Entry], cfg: FluxConfig, dtype, source: str,
-                    place: Callable | None = None) -> dict:
-  """Checks `entries` against the model, then builds the parameter pytree leaf by leaf."""
-  expected = list(expected_diffusers_keys(cfg))
-  check_entries(entries, {name: shape for name, _, _, shape in expected},
-                f"{source} does not fit the FLUX transformer config {cfg}")
-  dtype = np.dtype(jnp.dtype(dtype))
-  place = place or (lambda path, array: jnp.asarray(array))
-  by_leaf: dict[tuple, list] = {}
-  for name, leaf_path, layer, _ in expected:
-    by_leaf.setdefault(leaf_path, []).append((name, layer))
-  params: dict = {}
-  for leaf_path, parts in by_leaf.items():
-    def torch_to_ours(array, leaf=leaf_path[-1]):
-      return array.T if leaf == "kernel" else array
-    if parts[0][1] is None:
-      array = np.ascontiguousarray(torch_to_ours(entries[parts[0][0]].read(dtype)))
-    else:
-      first = torch_to_ours(entries[parts[0][0]].read(dtype))
-      array = np.empty((len(parts),) + first.shape, dtype)
-      array[0] = first
-      for name, layer in parts[1:]:
-        array[layer] = torch_to_ours(entries[name].read(dtype))
-    node = params
-    for key in leaf_path[:-1]:
-      node = node.setdefault(key, {})
-    node[leaf_path[-1]] = place(".".join(leaf_path), array)
-    del array
-  return params
+def flux_targets(cfg: FluxConfig) -> list[Target]:
+  return [Target(name, leaf_path, layer, shape, linear_kernel if leaf_path[-1] == "kernel" else None)
+          for name, leaf_path, layer, shape in expected_diffusers_keys(cfg)]
 
 
 # ---- diffusers folder ----------------------------------------------------------------------------
 
 def diffusers_folder_entries(folder: str) -> tuple[FluxConfig, dict[str, Entry]]:
-  config_path = os.path.join(folder, "config.json")
-  if not os.path.isfile(config_path):
-    raise CheckpointError(
-        f"{folder}: no config.json; expected a diffusers FluxTransformer2DModel folder "
-        f"(config.json + {DIFFUSERS_WEIGHTS} or {DIFFUSERS_INDEX}).")
-  with open(config_path) as f:
-    try:
-      cfg = FluxConfig.from_diffusers_config(json.load(f), source=config_path)
-    except json.JSONDecodeError as e:
-      raise CheckpointError(f"{config_path}: not valid JSON ({e}).") from e
-  entries = folder_entries(folder, DIFFUSERS_WEIGHTS, DIFFUSERS_INDEX)
-  return cfg, entries
+  what = "diffusers FluxTransformer2DModel"
+  config = read_config_json(folder, what, DIFFUSERS_WEIGHTS, DIFFUSERS_INDEX)
+  cfg = FluxConfig.from_diffusers_config(config, source=os.path.join(folder, "config.json"))
+  return cfg, folder_entries(folder, DIFFUSERS_WEIGHTS, DIFFUSERS_INDEX)
 
 
 # ---- BFL single file (flux1-dev.safetensors names) -----------------------------------------------
@@ -205,14 +166,16 @@ def load_flux_transformer(path: str, dtype=jnp.bfloat16, config: FluxConfig | No
   belongs (e.g. a sharded device_put); by default on the default device."""
   path = os.fspath(path)
   if os.path.isdir(path):
-    if (not os.path.isfile(os.path.join(path, "config.json"))
-        and os.path.isdir(os.path.join(path, "transformer"))):
-      path = os.path.join(path, "transformer")
+    path = resolve_folder(path, "transformer", "diffusers")
     cfg, entries = diffusers_folder_entries(path)
-    if config is not None and config != cfg:
-      raise CheckpointError(f"{path}/config.json describes {cfg}, but config={config} was passed.")
+    if config is not None:
+      if config.to_diffusers_config() != cfg.to_diffusers_config():
+        raise CheckpointError(f"{path}/config.json describes {cfg}, but config={config} was passed.")
+      cfg = config  # keeps the caller's execution options
   elif os.path.isfile(path):
     cfg, entries = bfl_file_entries(path, config)
   else:
     raise CheckpointError(f"{path}: no such file or folder.")
-  return cfg, assemble_params(entries, cfg, dtype, source=path, place=place)
+  params = assemble(entries, flux_targets(cfg), f"{path} does not fit the FLUX transformer config {cfg}",
+                    dtype, place)
+  return cfg, params

@@ -15,6 +15,11 @@ import numpy as np
 
 from mosaic_jax.interop.safetensors_io import SafetensorsFile
 
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+TRANSFORMERS_WEIGHTS = "model.safetensors"
+TRANSFORMERS_INDEX = "model.safetensors.index.json"
+
 
 class CheckpointError(ValueError):
   """A checkpoint that does not fit the model; the message names every offending key."""
@@ -74,3 +79,30 @@ def folder_entries(folder: str, weights_name: str, index_name: str) -> dict[str,
   if os.path.isfile(single_path):
     return file_entries([SafetensorsFile(single_path)])
   raise CheckpointError(f"{folder}: neither {weights_name} nor {index_name} is there.")
+
+
+def resolve_folder(path: str, subfolder: str, what: str) -> str:
+  """The model folder itself (it holds config.json), or a checkpoint root holding `subfolder/`."""
+  folder = os.fspath(path)
+  if not os.path.isdir(folder):
+    raise CheckpointError(f"{folder}: no such folder (expected a {what} `{subfolder}/` folder).")
+  if (not os.path.isfile(os.path.join(folder, "config.json"))
+      and os.path.isdir(os.path.join(folder, subfolder))):
+    folder = os.path.join(folder, subfolder)
+  return folder
+
+
+def read_config_json(folder: str, what: str, weights_name: str, index_name: str) -> dict:
+  """config.json of a diffusers/transformers folder, with errors that say what was expected."""
+  config_path = os.path.join(folder, "config.json")
+  if not os.path.isfile(config_path):
+    raise CheckpointError(f"{folder}: no config.json; expected a {what} folder "
+                          f"(config.json + {weights_name} or {index_name}).")
+  with open(config_path) as f:
+    try:
+      config = json.load(f)
+    except json.JSONDecodeError as e:
+      raise CheckpointError(f"{config_path}: not valid JSON ({e}).") from e
+  if not isinstance(config, dict):
+    raise CheckpointError(f"{config_path}: expected a JSON object.")
+  return config

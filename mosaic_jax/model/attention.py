@@ -4,10 +4,17 @@ The packed sequence is [main | ref_1 | ... | ref_R] where main = [text | target]
 to every key; ref_i queries attend to main keys and ref_i keys only. We compute it as two groups:
 
   main queries  x  [main keys, all reference keys]          (plain attention)
-  ref_i queries x  [main keys, ref_i keys], for all i at once (one joint softmax over two logit blocks)
+  ref_i queries x  [main keys, ref_i keys], for all i at once
 
 so the cost is what the mask allows and nothing more. Layout: q, k, v are [B, T, H, D] for main and
 [B, R, M, H, D] for references. Logits and softmax in float32.
+
+Implementations (FluxConfig.attention_impl):
+  xla     portable einsums; the reference group reads the shared main keys without copying them
+          (one joint softmax over two logit blocks).
+  cudnn   jax.nn.dot_product_attention(implementation="cudnn") on each group (NVIDIA GPUs, bf16/fp16);
+          the reference group is one call over B*R sequences [main keys, ref_i keys].
+  splash  the Pallas TPU splash-attention kernel on the same two groups (splash_attention.py).
 """
 
 from __future__ import annotations
@@ -29,16 +36,15 @@ def _softmax_attend(logit_blocks, value_blocks, value_specs, out_dtype):
   return out.astype(out_dtype)
 
 
-def multi_branch_attention(q_main, k_main, v_main, q_ref=None, k_ref=None, v_ref=None):
-  """Returns (out_main [B, T, H, D], out_ref [B, R, M, H, D] or None)."""
+def _xla_multi_branch(q_main, k_main, v_main, q_ref, k_ref, v_ref):
   scale = q_main.shape[-1] ** -0.5
   dtype = q_main.dtype
   logits_mm = jnp.einsum("bqhd,bkhd->bhqk", q_main, k_main, preferred_element_type=jnp.float32) * scale
   if q_ref is None:
     return _softmax_attend([logits_mm], [v_main], ["bhqk,bkhd->bqhd"], dtype), None
 
-  logits_mr = jnp.einsum("bqhd,brkhd->bhqrk", q_main, k_ref, preferred_element_type=jnp.float32) * scale
   b, h, t = logits_mm.shape[:3]
+  logits_mr = jnp.einsum("bqhd,brkhd->bhqrk", q_main, k_ref, preferred_element_type=jnp.float32) * scale
   logits_mr = logits_mr.reshape(b, h, t, -1)  # main queries see all references' keys as one block
   v_ref_flat = v_ref.reshape(v_ref.shape[0], -1, *v_ref.shape[3:])
   out_main = _softmax_attend([logits_mm, logits_mr], [v_main, v_ref_flat],
@@ -51,11 +57,55 @@ def multi_branch_attention(q_main, k_main, v_main, q_ref=None, k_ref=None, v_ref
   return out_main, out_ref
 
 
+def _grouped_multi_branch(dense, q_main, k_main, v_main, q_ref, k_ref, v_ref):
+  """The two groups as plain dense attentions [B, T, H, D] for kernels without custom masks."""
+  if q_ref is None:
+    return dense(q_main, k_main, v_main), None
+  b, r, m = q_ref.shape[:3]
+  flat = lambda x: x.reshape(b, r * m, *x.shape[3:])
+  out_main = dense(q_main, jnp.concatenate([k_main, flat(k_ref)], 1),
+                   jnp.concatenate([v_main, flat(v_ref)], 1))
+  # Each reference sequence is [main keys, its own keys]: main keys are broadcast, never ref_j's.
+  per_ref = lambda main, own: jnp.concatenate(
+      [jnp.broadcast_to(main[:, None], (b, r) + main.shape[1:]), own], axis=2).reshape(
+          b * r, main.shape[1] + m, *main.shape[2:])
+  out_ref = dense(q_ref.reshape(b * r, m, *q_ref.shape[3:]), per_ref(k_main, k_ref), per_ref(v_main, v_ref))
+  return out_main, out_ref.reshape(q_ref.shape)
+
+
+def _cudnn_dense(q, k, v):
+  return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+
+
+def multi_branch_attention(q_main, k_main, v_main, q_ref=None, k_ref=None, v_ref=None, impl="xla"):
+  """Returns (out_main [B, T, H, D], out_ref [B, R, M, H, D] or None)."""
+  if impl == "xla":
+    return _xla_multi_branch(q_main, k_main, v_main, q_ref, k_ref, v_ref)
+  if impl == "cudnn":
+    return _grouped_multi_branch(_cudnn_dense, q_main, k_main, v_main, q_ref, k_ref, v_ref)
+  if impl == "splash":
+    from mosaic_jax.model.splash_attention import splash_dense
+    return _grouped_multi_branch(splash_dense, q_main, k_main, v_main, q_ref, k_ref, v_ref)
+  raise ValueError(f"attention impl {impl!r}; expected 'xla', 'cudnn' or 'splash'.")
+
+
+def dense_masked_attention(q_main, k_main, v_main, q_ref, k_ref, v_ref):
+  """The naive way, for tests and benchmarks: one packed sequence and a [T, T] mask (all blocks computed)."""
+  b, r, m = q_ref.shape[:3]
+  t = q_main.shape[1]
+  cat = lambda main, ref: jnp.concatenate([main, ref.reshape(b, r * m, *ref.shape[3:])], 1)
+  branch = jnp.concatenate([jnp.zeros(t, jnp.int32), jnp.repeat(jnp.arange(1, r + 1), m)])
+  mask = (branch[:, None] == 0) | (branch[None, :] == 0) | (branch[:, None] == branch[None, :])
+  out = jax.nn.dot_product_attention(cat(q_main, q_ref), cat(k_main, k_ref), cat(v_main, v_ref),
+                                     mask=mask[None, None], implementation="xla")
+  return out[:, :t], out[:, t:].reshape(q_ref.shape)
+
+
 def reference_target_attention_map(q_ref, k_target):
   """DESIGN's per-block map: softmax over target keys of each reference query, averaged over heads.
 
   q_ref [B, R, M, H, D], k_target [B, N, H, D] -> [B, R, M, N] float32. This materializes the full
-  map: it is the plain reference path for tests and inspection, not what training uses.
+  map: it is the plain reference path for tests and inspection; training uses attention_stats.py.
   """
   scale = q_ref.shape[-1] ** -0.5
   logits = jnp.einsum("brqhd,bkhd->brhqk", q_ref, k_target, preferred_element_type=jnp.float32) * scale

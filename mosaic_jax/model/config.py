@@ -9,6 +9,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
+_NOT_IN_DIFFUSERS_CONFIG = ("rope_theta", "mlp_ratio", "attention_impl", "stats_chunk")
+
 
 @dataclasses.dataclass(frozen=True)
 class FluxConfig:
@@ -26,6 +29,9 @@ class FluxConfig:
   # Not in diffusers' config.json: FLUX constants, kept here so tiny test models can vary them.
   rope_theta: float = 10000.0
   mlp_ratio: float = 4.0
+  # Execution, not architecture (never written to config.json):
+  attention_impl: str = "xla"  # "xla" (portable), "cudnn" (NVIDIA GPU, bf16/fp16), "splash" (TPU Pallas)
+  stats_chunk: int = 256  # reference queries per chunk in the attention statistics (attention_stats.py)
 
   def __post_init__(self):
     if self.patch_size != 1:
@@ -34,6 +40,8 @@ class FluxConfig:
       raise ValueError(
           f"axes_dims_rope={tuple(self.axes_dims_rope)} must sum to attention_head_dim="
           f"{self.attention_head_dim}.")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}.")
     if any(d % 2 for d in self.axes_dims_rope):
       raise ValueError(f"axes_dims_rope={tuple(self.axes_dims_rope)}: every axis must be even.")
     object.__setattr__(self, "axes_dims_rope", tuple(int(d) for d in self.axes_dims_rope))
@@ -62,7 +70,7 @@ class FluxConfig:
 
   def to_diffusers_config(self) -> dict[str, Any]:
     out = dataclasses.asdict(self)
-    for k in ("rope_theta", "mlp_ratio"):
+    for k in _NOT_IN_DIFFUSERS_CONFIG:
       out.pop(k)
     out["axes_dims_rope"] = list(self.axes_dims_rope)
     out["_class_name"] = "FluxTransformer2DModel"

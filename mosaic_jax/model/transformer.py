@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from mosaic_jax.model import attention as attn_lib
+from mosaic_jax.model.attention_stats import AttentionStatistics, Correspondences, block_statistics
 from mosaic_jax.model.config import FluxConfig
 from mosaic_jax.model.embeddings import apply_rope, conditioning, rope
 from mosaic_jax.model.layers import gate, gelu_tanh, layer_norm, linear, modulate, modulation, rms_norm
@@ -135,8 +136,13 @@ def _qkv(p, x, cfg, lora, names=("to_q", "to_k", "to_v"), norms=("norm_q", "norm
   return rms_norm(p[norms[0]], q), rms_norm(p[norms[1]], k), v
 
 
-def double_block(p, lp, cfg, txt, img, refs, temb, temb_ref, rope_main, rope_ref, want_map):
-  """One double-stream block. p: this layer's params; lp: this layer's LoRA (or None)."""
+def double_block(p, lp, cfg, txt, img, refs, temb, temb_ref, rope_main, rope_ref, want_map=False,
+                 pairs=None):
+  """One double-stream block. p: this layer's params; lp: this layer's LoRA (or None).
+
+  Returns ((txt, img, refs), extras) where extras holds this block's materialized attention map
+  (want_map) and/or its AttentionStatistics (pairs given), computed from the very q and k it uses.
+  """
   txt_len = txt.shape[1]
   s1, c1, g1, s2, c2, g2 = modulation(p["norm1"]["linear"], temb, 6)
   ts1, tc1, tg1, ts2, tc2, tg2 = modulation(p["norm1_context"]["linear"], temb, 6)
@@ -156,7 +162,8 @@ def double_block(p, lp, cfg, txt, img, refs, temb, temb_ref, rope_main, rope_ref
     q_ref, k_ref, v_ref = _qkv(pa, modulate(layer_norm(refs), rs1, rc1), cfg, get_path(lp, "attn"))
     q_ref, k_ref = apply_rope(q_ref, rope_ref), apply_rope(k_ref, rope_ref)
 
-  out_main, out_ref = attn_lib.multi_branch_attention(q_main, k_main, v_main, q_ref, k_ref, v_ref)
+  out_main, out_ref = attn_lib.multi_branch_attention(q_main, k_main, v_main, q_ref, k_ref, v_ref,
+                                                      cfg.attention_impl)
   attn_txt, attn_img = _merge_heads(out_main[:, :txt_len]), _merge_heads(out_main[:, txt_len:])
 
   img = img + gate(g1, linear(pa["to_out"]["0"], attn_img))
@@ -164,13 +171,16 @@ def double_block(p, lp, cfg, txt, img, refs, temb, temb_ref, rope_main, rope_ref
   txt = txt + gate(tg1, linear(pa["to_add_out"], attn_txt))
   txt = txt + gate(tg2, _feed_forward(p["ff_context"], modulate(layer_norm(txt), ts2, tc2), None))
 
-  attention_map = None
+  extras = {}
   if refs is not None:
     refs = refs + gate(rg1, linear(pa["to_out"]["0"], _merge_heads(out_ref), get_path(lp, "attn.to_out.0")))
     refs = refs + gate(rg2, _feed_forward(p["ff"], modulate(layer_norm(refs), rs2, rc2), get_path(lp, "ff")))
+    k_target = k_main[:, txt_len:]
     if want_map:
-      attention_map = attn_lib.reference_target_attention_map(q_ref, k_main[:, txt_len:])
-  return (txt, img, refs), attention_map
+      extras["attention_maps"] = attn_lib.reference_target_attention_map(q_ref, k_target)
+    if pairs is not None:
+      extras["attention_statistics"] = block_statistics(q_ref, k_target, pairs, cfg.stats_chunk)
+  return (txt, img, refs), extras
 
 
 def _feed_forward(p, x, lp):
@@ -198,7 +208,8 @@ def single_block(p, lp, cfg, main, refs, temb, temb_ref, rope_main, rope_ref):
     q_ref, k_ref, v_ref = _qkv(p["attn"], xr, cfg, get_path(lp, "attn"))
     q_ref, k_ref = apply_rope(q_ref, rope_ref), apply_rope(k_ref, rope_ref)
 
-  out_main, out_ref = attn_lib.multi_branch_attention(q_main, k_main, v_main, q_ref, k_ref, v_ref)
+  out_main, out_ref = attn_lib.multi_branch_attention(q_main, k_main, v_main, q_ref, k_ref, v_ref,
+                                                      cfg.attention_impl)
   main = main + gate(g, linear(p["proj_out"], jnp.concatenate([_merge_heads(out_main), mlp_main], -1)))
   if refs is not None:
     refs = refs + gate(rg, linear(p["proj_out"], jnp.concatenate([_merge_heads(out_ref), mlp_ref], -1),
@@ -208,13 +219,18 @@ def single_block(p, lp, cfg, main, refs, temb, temb_ref, rope_main, rope_ref):
 
 # ---- the model ------------------------------------------------------------------------------------
 
-def forward(params, lora, cfg: FluxConfig, inputs: FluxInputs, return_attention_maps: bool = False):
+def forward(params, lora, cfg: FluxConfig, inputs: FluxInputs, return_attention_maps: bool = False,
+            correspondences: Correspondences | None = None):
   """Velocity prediction for the target tokens.
 
-  Returns (pred [B, N, out_channels], aux). With return_attention_maps and references, aux holds
-  "attention_maps": [B, num_layers, R, M, N] float32, each double block's softmax over target keys of
-  every reference query (after LoRA, QK-RMSNorm and RoPE), averaged over heads; DESIGN's A is its mean
-  over axis 1. `lora` is the LoRA pytree (model/lora.py) or None for the base model.
+  Returns (pred [B, N, out_channels], aux). `lora` is the LoRA pytree (model/lora.py) or None for the
+  base model. With references:
+  - return_attention_maps: aux["attention_maps"] is [B, num_layers, R, M, N] float32, each double
+    block's softmax over target keys of every reference query (after LoRA, QK-RMSNorm and RoPE),
+    averaged over heads; DESIGN's A is its mean over axis 1. Materialized: for tests and inspection.
+  - correspondences: aux["attention_statistics"] is an AttentionStatistics (pair attention [B, K],
+    reference attention [B, R, N]) averaged over heads and double blocks, computed in O(tokens) extra
+    memory; what SCAL and MDL consume. Without it nothing extra is computed.
   """
   dtype = params["x_embedder"]["kernel"].dtype
   batch = inputs.target.shape[0]
@@ -235,16 +251,15 @@ def forward(params, lora, cfg: FluxConfig, inputs: FluxInputs, return_attention_
     refs = linear(params["x_embedder"], inputs.refs.astype(dtype), get_path(lora, "x_embedder"))
     rope_ref = rope(inputs.ref_ids, cfg.axes_dims_rope, cfg.rope_theta)
   want_maps = return_attention_maps and has_refs
+  pairs = correspondences if has_refs else None
 
-  maps = None
+  extras = {}
   if cfg.num_layers:
     def double_step(carry, layer):
       p, lp = layer
-      carry, attention_map = double_block(p, lp, cfg, *carry, temb, temb_ref, rope_main, rope_ref,
-                                          want_maps)
-      return carry, attention_map
+      return double_block(p, lp, cfg, *carry, temb, temb_ref, rope_main, rope_ref, want_maps, pairs)
 
-    (txt, img, refs), maps = jax.lax.scan(
+    (txt, img, refs), extras = jax.lax.scan(
         double_step, (txt, img, refs),
         (params["transformer_blocks"], get_path(lora, "transformer_blocks")))
 
@@ -263,6 +278,9 @@ def forward(params, lora, cfg: FluxConfig, inputs: FluxInputs, return_attention_
   pred = linear(params["proj_out"], modulate(layer_norm(img), shift, scale))
 
   aux = {}
-  if want_maps and maps is not None:
-    aux["attention_maps"] = jnp.moveaxis(maps, 0, 1)
+  if "attention_maps" in extras:
+    aux["attention_maps"] = jnp.moveaxis(extras["attention_maps"], 0, 1)
+  if "attention_statistics" in extras:  # DESIGN's A: mean over double blocks of the head means
+    aux["attention_statistics"] = AttentionStatistics(
+        *(jnp.mean(x, axis=0) for x in extras["attention_statistics"]))
   return pred, aux

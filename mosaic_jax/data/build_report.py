@@ -1,0 +1,69 @@
+"""Counts what a dataset build kept, skipped and patched, by reason, and prints it at the end.
+
+Bad input never fails silently: an example that cannot be used is skipped and counted under a
+reason; a released-layout example whose mask or coordinate file is missing is kept with the official
+behaviour (full mask / no pairs) and counted too. The report is also stored in the dataset's
+`metadata.json` (key `build_report`), so it survives the build.
+"""
+
+from __future__ import annotations
+
+import collections
+
+# Skipped examples.
+CORRUPT_IMAGE = "skipped_corrupt_image"
+MISSING_IMAGE = "skipped_missing_image"
+MISSING_REFERENCE = "skipped_missing_reference"
+BAD_COORD_SHAPE = "skipped_coord_wrong_shape"
+BAD_COORD_VALUES = "skipped_coord_out_of_range"
+UNREADABLE_COORD = "skipped_coord_unreadable"
+BAD_MANIFEST_LINE = "skipped_bad_manifest_line"
+CORRUPT_MASK = "skipped_corrupt_mask"
+# Kept, with the official fallback.
+MISSING_MASK = "kept_missing_mask_full_mask_used"
+MISSING_COORDS = "kept_missing_coords_no_pairs"
+# Not errors: rows that the official filter drops.
+FILTERED = "filtered_by_official_rule"
+WRITTEN = "written"
+
+
+class SkipExample(Exception):
+  """Raised by readers for an example that must be skipped; `reason` is one of the constants."""
+
+  def __init__(self, reason: str, detail: str):
+    super().__init__(f"{reason}: {detail}")
+    self.reason = reason
+    self.detail = detail
+
+
+class BuildReport:
+  """Per-split counters plus the first few details of each reason."""
+
+  def __init__(self, split: str, max_details: int = 5):
+    self.split = split
+    self.counts: collections.Counter[str] = collections.Counter()
+    self.details: dict[str, list[str]] = collections.defaultdict(list)
+    self._max_details = max_details
+
+  def count(self, reason: str, detail: str = "") -> None:
+    self.counts[reason] += 1
+    if detail and len(self.details[reason]) < self._max_details:
+      self.details[reason].append(detail)
+
+  def skipped(self) -> int:
+    return sum(n for reason, n in self.counts.items() if reason.startswith("skipped_"))
+
+  def as_dict(self) -> dict:
+    return {"counts": dict(sorted(self.counts.items())),
+            "examples": {k: list(v) for k, v in sorted(self.details.items())}}
+
+  def format(self) -> str:
+    lines = [f"build report for split '{self.split}': {self.counts[WRITTEN]} written, "
+             f"{self.skipped()} skipped"]
+    for reason, number in sorted(self.counts.items()):
+      if reason == WRITTEN:
+        continue
+      lines.append(f"  {reason}: {number}")
+      for detail in self.details.get(reason, []):
+        lines.append(f"    e.g. {detail}")
+    return "\n".join(lines)
