@@ -17,13 +17,17 @@ def _qkv(seed, b, t, r, m, h, d, dtype=jnp.float32):
   return (*main, *refs)
 
 
-@pytest.mark.parametrize("num_refs", [1, 3])
-def test_xla_multi_branch_equals_dense_masked(num_refs):
+@pytest.mark.parametrize("num_refs,independent", [(1, False), (3, False), (3, True)])
+def test_xla_multi_branch_equals_dense_masked(num_refs, independent):
   q, k, v, qr, kr, vr = _qkv(0, 2, 11, num_refs, 7, 2, 8)
-  out_main, out_ref = attention.multi_branch_attention(q, k, v, qr, kr, vr, "xla")
-  exp_main, exp_ref = attention.dense_masked_attention(q, k, v, qr, kr, vr)
+  out_main, out_ref = attention.multi_branch_attention(q, k, v, qr, kr, vr, "xla", independent)
+  exp_main, exp_ref = attention.dense_masked_attention(q, k, v, qr, kr, vr, independent)
   np.testing.assert_allclose(out_main, exp_main, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(out_ref, exp_ref, rtol=1e-5, atol=1e-5)
+  # Cached reference keys and values: the main queries' output is the same.
+  cached, none = attention.multi_branch_attention(q, k, v, None, kr, vr, "xla", independent)
+  assert none is None
+  np.testing.assert_allclose(cached, out_main, rtol=1e-6, atol=1e-6)
   # Without references it is plain attention.
   plain, none = attention.multi_branch_attention(q, k, v, impl="xla")
   assert none is None
@@ -38,6 +42,10 @@ def test_splash_groups_equal_dense_masked_in_interpret_mode():
   args = (q, k, v, qr, kr, vr)
   out = attention.multi_branch_attention(*args, "splash")
   exp = attention.dense_masked_attention(*args)
+  for o, e in zip(out, exp):
+    np.testing.assert_allclose(o, e, rtol=2e-5, atol=2e-5)
+  out = attention.multi_branch_attention(*args, "splash", independent_refs=True)
+  exp = attention.dense_masked_attention(*args, independent_refs=True)
   for o, e in zip(out, exp):
     np.testing.assert_allclose(o, e, rtol=2e-5, atol=2e-5)
   grads = jax.grad(loss("splash"), argnums=(0, 3))(*args)

@@ -135,3 +135,31 @@ def test_bfloat16_forward_is_close_to_float32(params_and_lora):
   pred16, _ = forward(params16, lora, CFG, inputs, False)
   assert pred16.dtype == jnp.bfloat16
   assert relative_error(pred16.astype(jnp.float32), pred32) < 0.03
+
+
+def test_reference_kv_cache_is_exact_with_independent_refs(params_and_lora):
+  """With independent_refs, reference keys/values do not depend on the target or t: a cache taken at
+  one step reproduces the uncached prediction at another step."""
+  import dataclasses
+  params, lora = params_and_lora
+  cfg = dataclasses.replace(CFG, independent_refs=True)
+  forward = jax.jit(model.forward, static_argnums=(2, 4, 6))
+  rng = np.random.default_rng(5)
+  step_a = _inputs(rng, 3)
+  step_b = step_a._replace(target=rng.standard_normal(step_a.target.shape).astype(np.float32),
+                           timestep=np.array([0.9, 0.1], np.float32))
+  _, aux = forward(params, lora, cfg, step_a, False, None, True)
+  cache = aux["ref_kv"]
+  assert cache["double"][0].shape == (CFG.num_layers, 2, 3, 4, CFG.num_attention_heads,
+                                      CFG.attention_head_dim)
+  expected, _ = forward(params, lora, cfg, step_b, False)
+  cached, _ = jax.jit(lambda p, l, i, kv: model.forward(p, l, cfg, i, ref_kv=kv))(
+      params, lora, step_b._replace(refs=None, ref_ids=None), cache)
+  np.testing.assert_allclose(cached, expected, rtol=1e-5, atol=1e-5)
+  # Without independent_refs the references see the target, so the same cache is only approximate.
+  plain, _ = forward(params, lora, CFG, step_b, False)
+  approx, _ = jax.jit(lambda p, l, i, kv: model.forward(p, l, CFG, i, ref_kv=kv))(
+      params, lora, step_b._replace(refs=None, ref_ids=None), cache)
+  assert float(jnp.abs(approx - plain).max()) > 1e-3
+  with pytest.raises(ValueError, match="either inputs.refs or a ref_kv cache"):
+    model.forward(params, lora, cfg, step_b, ref_kv=cache)

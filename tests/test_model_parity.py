@@ -82,7 +82,7 @@ def test_single_blocks_match_diffusers(torch_flux, flux_params, batch_np):
   assert relative_error(o_img, e_img.numpy()) <= TOL
   assert relative_error(o_txt, e_txt.numpy()) <= TOL
 
-  main, _ = transformer.single_block(
+  (main, _), _ = transformer.single_block(
       layer(params["single_transformer_blocks"], 1), None, cfg, jnp.concatenate([txt, img], 1), None,
       jnp.asarray(temb), None, rope, None)
   assert relative_error(main[:, 5:], s_img.numpy()) <= TOL

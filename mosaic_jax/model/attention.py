@@ -6,7 +6,9 @@ to every key; ref_i queries attend to main keys and ref_i keys only. We compute 
   main queries  x  [main keys, all reference keys]          (plain attention)
   ref_i queries x  [main keys, ref_i keys], for all i at once
 
-so the cost is what the mask allows and nothing more. Layout: q, k, v are [B, T, H, D] for main and
+so the cost is what the mask allows and nothing more. With `independent_refs` (the OminiControl2 idea)
+ref_i queries see ref_i keys only, so reference keys and values never depend on the target and can be
+cached across sampling steps (main queries then attend to cached reference keys). Layout: q, k, v are [B, T, H, D] for main and
 [B, R, M, H, D] for references. Logits and softmax in float32.
 
 Implementations (FluxConfig.attention_impl):
@@ -36,11 +38,11 @@ def _softmax_attend(logit_blocks, value_blocks, value_specs, out_dtype):
   return out.astype(out_dtype)
 
 
-def _xla_multi_branch(q_main, k_main, v_main, q_ref, k_ref, v_ref):
+def _xla_multi_branch(q_main, k_main, v_main, q_ref, k_ref, v_ref, independent_refs):
   scale = q_main.shape[-1] ** -0.5
   dtype = q_main.dtype
   logits_mm = jnp.einsum("bqhd,bkhd->bhqk", q_main, k_main, preferred_element_type=jnp.float32) * scale
-  if q_ref is None:
+  if k_ref is None:
     return _softmax_attend([logits_mm], [v_main], ["bhqk,bkhd->bqhd"], dtype), None
 
   b, h, t = logits_mm.shape[:3]
@@ -49,27 +51,36 @@ def _xla_multi_branch(q_main, k_main, v_main, q_ref, k_ref, v_ref):
   v_ref_flat = v_ref.reshape(v_ref.shape[0], -1, *v_ref.shape[3:])
   out_main = _softmax_attend([logits_mm, logits_mr], [v_main, v_ref_flat],
                              ["bhqk,bkhd->bqhd", "bhqk,bkhd->bqhd"], dtype)
+  if q_ref is None:  # reference keys and values came from a cache
+    return out_main, None
 
-  logits_rm = jnp.einsum("brqhd,bkhd->brhqk", q_ref, k_main, preferred_element_type=jnp.float32) * scale
   logits_rr = jnp.einsum("brqhd,brkhd->brhqk", q_ref, k_ref, preferred_element_type=jnp.float32) * scale
+  if independent_refs:
+    return out_main, _softmax_attend([logits_rr], [v_ref], ["brhqk,brkhd->brqhd"], dtype)
+  logits_rm = jnp.einsum("brqhd,bkhd->brhqk", q_ref, k_main, preferred_element_type=jnp.float32) * scale
   out_ref = _softmax_attend([logits_rm, logits_rr], [v_main, v_ref],
                             ["brhqk,bkhd->brqhd", "brhqk,brkhd->brqhd"], dtype)
   return out_main, out_ref
 
 
-def _grouped_multi_branch(dense, q_main, k_main, v_main, q_ref, k_ref, v_ref):
+def _grouped_multi_branch(dense, q_main, k_main, v_main, q_ref, k_ref, v_ref, independent_refs):
   """The two groups as plain dense attentions [B, T, H, D] for kernels without custom masks."""
-  if q_ref is None:
+  if k_ref is None:
     return dense(q_main, k_main, v_main), None
-  b, r, m = q_ref.shape[:3]
+  b, r, m = k_ref.shape[:3]
   flat = lambda x: x.reshape(b, r * m, *x.shape[3:])
   out_main = dense(q_main, jnp.concatenate([k_main, flat(k_ref)], 1),
                    jnp.concatenate([v_main, flat(v_ref)], 1))
+  if q_ref is None:
+    return out_main, None
+  per_seq = lambda x: x.reshape(b * r, m, *x.shape[3:])
+  if independent_refs:
+    return out_main, dense(per_seq(q_ref), per_seq(k_ref), per_seq(v_ref)).reshape(q_ref.shape)
   # Each reference sequence is [main keys, its own keys]: main keys are broadcast, never ref_j's.
   per_ref = lambda main, own: jnp.concatenate(
       [jnp.broadcast_to(main[:, None], (b, r) + main.shape[1:]), own], axis=2).reshape(
           b * r, main.shape[1] + m, *main.shape[2:])
-  out_ref = dense(q_ref.reshape(b * r, m, *q_ref.shape[3:]), per_ref(k_main, k_ref), per_ref(v_main, v_ref))
+  out_ref = dense(per_seq(q_ref), per_ref(k_main, k_ref), per_ref(v_main, v_ref))
   return out_main, out_ref.reshape(q_ref.shape)
 
 
@@ -77,25 +88,33 @@ def _cudnn_dense(q, k, v):
   return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
 
 
-def multi_branch_attention(q_main, k_main, v_main, q_ref=None, k_ref=None, v_ref=None, impl="xla"):
-  """Returns (out_main [B, T, H, D], out_ref [B, R, M, H, D] or None)."""
+def multi_branch_attention(q_main, k_main, v_main, q_ref=None, k_ref=None, v_ref=None, impl="xla",
+                           independent_refs=False):
+  """Returns (out_main [B, T, H, D], out_ref [B, R, M, H, D] or None).
+
+  k_ref / v_ref without q_ref: reference keys and values from a cache (main queries only).
+  independent_refs: reference queries see their own reference's keys only (not text or target).
+  """
+  args = (q_main, k_main, v_main, q_ref, k_ref, v_ref, independent_refs)
   if impl == "xla":
-    return _xla_multi_branch(q_main, k_main, v_main, q_ref, k_ref, v_ref)
+    return _xla_multi_branch(*args)
   if impl == "cudnn":
-    return _grouped_multi_branch(_cudnn_dense, q_main, k_main, v_main, q_ref, k_ref, v_ref)
+    return _grouped_multi_branch(_cudnn_dense, *args)
   if impl == "splash":
     from mosaic_jax.model.splash_attention import splash_dense
-    return _grouped_multi_branch(splash_dense, q_main, k_main, v_main, q_ref, k_ref, v_ref)
+    return _grouped_multi_branch(splash_dense, *args)
   raise ValueError(f"attention impl {impl!r}; expected 'xla', 'cudnn' or 'splash'.")
 
 
-def dense_masked_attention(q_main, k_main, v_main, q_ref, k_ref, v_ref):
+def dense_masked_attention(q_main, k_main, v_main, q_ref, k_ref, v_ref, independent_refs=False):
   """The naive way, for tests and benchmarks: one packed sequence and a [T, T] mask (all blocks computed)."""
   b, r, m = q_ref.shape[:3]
   t = q_main.shape[1]
   cat = lambda main, ref: jnp.concatenate([main, ref.reshape(b, r * m, *ref.shape[3:])], 1)
   branch = jnp.concatenate([jnp.zeros(t, jnp.int32), jnp.repeat(jnp.arange(1, r + 1), m)])
-  mask = (branch[:, None] == 0) | (branch[None, :] == 0) | (branch[:, None] == branch[None, :])
+  same = branch[:, None] == branch[None, :]
+  mask = (branch[:, None] == 0) | same if independent_refs else (
+      (branch[:, None] == 0) | (branch[None, :] == 0) | same)
   out = jax.nn.dot_product_attention(cat(q_main, q_ref), cat(k_main, k_ref), cat(v_main, v_ref),
                                      mask=mask[None, None], implementation="xla")
   return out[:, :t], out[:, t:].reshape(q_ref.shape)

@@ -10,7 +10,7 @@ import dataclasses
 from typing import Any, Mapping
 
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
-_NOT_IN_DIFFUSERS_CONFIG = ("rope_theta", "mlp_ratio", "attention_impl", "stats_chunk")
+_NOT_IN_DIFFUSERS_CONFIG = ("rope_theta", "mlp_ratio", "independent_refs", "attention_impl", "stats_chunk")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +29,9 @@ class FluxConfig:
   # Not in diffusers' config.json: FLUX constants, kept here so tiny test models can vary them.
   rope_theta: float = 10000.0
   mlp_ratio: float = 4.0
+  # MOSAIC's mask variant: references attend to themselves only, which makes reference keys and values
+  # cacheable across sampling steps (exact only for a model trained this way).
+  independent_refs: bool = False
   # Execution, not architecture (never written to config.json):
   attention_impl: str = "xla"  # "xla" (portable), "cudnn" (NVIDIA GPU, bf16/fp16), "splash" (TPU Pallas)
   stats_chunk: int = 256  # reference queries per chunk in the attention statistics (attention_stats.py)

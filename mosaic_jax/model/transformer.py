@@ -137,11 +137,13 @@ def _qkv(p, x, cfg, lora, names=("to_q", "to_k", "to_v"), norms=("norm_q", "norm
 
 
 def double_block(p, lp, cfg, txt, img, refs, temb, temb_ref, rope_main, rope_ref, want_map=False,
-                 pairs=None):
+                 pairs=None, ref_kv=None, keep_ref_kv=False):
   """One double-stream block. p: this layer's params; lp: this layer's LoRA (or None).
 
   Returns ((txt, img, refs), extras) where extras holds this block's materialized attention map
-  (want_map) and/or its AttentionStatistics (pairs given), computed from the very q and k it uses.
+  (want_map) and/or its AttentionStatistics (pairs given), computed from the very q and k it uses,
+  and its reference keys and values (keep_ref_kv). With refs None, `ref_kv` (cached reference keys
+  and values) is what text and target attend to.
   """
   txt_len = txt.shape[1]
   s1, c1, g1, s2, c2, g2 = modulation(p["norm1"]["linear"], temb, 6)
@@ -155,7 +157,8 @@ def double_block(p, lp, cfg, txt, img, refs, temb, temb_ref, rope_main, rope_ref
   k_main = apply_rope(jnp.concatenate([k_txt, k_img], axis=1), rope_main)
   v_main = jnp.concatenate([v_txt, v_img], axis=1)
 
-  q_ref = k_ref = v_ref = None
+  q_ref = None
+  k_ref, v_ref = ref_kv if ref_kv is not None else (None, None)
   if refs is not None:
     rs1, rc1, rg1, rs2, rc2, rg2 = modulation(p["norm1"]["linear"], temb_ref, 6,
                                               get_path(lp, "norm1.linear"))
@@ -163,7 +166,7 @@ def double_block(p, lp, cfg, txt, img, refs, temb, temb_ref, rope_main, rope_ref
     q_ref, k_ref = apply_rope(q_ref, rope_ref), apply_rope(k_ref, rope_ref)
 
   out_main, out_ref = attn_lib.multi_branch_attention(q_main, k_main, v_main, q_ref, k_ref, v_ref,
-                                                      cfg.attention_impl)
+                                                      cfg.attention_impl, cfg.independent_refs)
   attn_txt, attn_img = _merge_heads(out_main[:, :txt_len]), _merge_heads(out_main[:, txt_len:])
 
   img = img + gate(g1, linear(pa["to_out"]["0"], attn_img))
@@ -180,6 +183,8 @@ def double_block(p, lp, cfg, txt, img, refs, temb, temb_ref, rope_main, rope_ref
       extras["attention_maps"] = attn_lib.reference_target_attention_map(q_ref, k_target)
     if pairs is not None:
       extras["attention_statistics"] = block_statistics(q_ref, k_target, pairs, cfg.stats_chunk)
+    if keep_ref_kv:
+      extras["ref_kv"] = (k_ref, v_ref)
   return (txt, img, refs), extras
 
 
@@ -189,10 +194,12 @@ def _feed_forward(p, x, lp):
   return linear(p["net"]["2"], h, get_path(lp, "net.2"))
 
 
-def single_block(p, lp, cfg, main, refs, temb, temb_ref, rope_main, rope_ref):
+def single_block(p, lp, cfg, main, refs, temb, temb_ref, rope_main, rope_ref, ref_kv=None,
+                 keep_ref_kv=False):
   """One single-stream block: parallel attention and MLP, proj_out over concat[attn, mlp].
 
   `main` is [text | target]: both use the target's conditioning, so they share one modulation.
+  Returns ((main, refs), extras); `ref_kv` and `keep_ref_kv` as in double_block.
   """
   shift, scale, g = modulation(p["norm"]["linear"], temb, 3)
   x = modulate(layer_norm(main), shift, scale)
@@ -200,7 +207,8 @@ def single_block(p, lp, cfg, main, refs, temb, temb_ref, rope_main, rope_ref):
   q_main, k_main, v_main = _qkv(p["attn"], x, cfg, None)
   q_main, k_main = apply_rope(q_main, rope_main), apply_rope(k_main, rope_main)
 
-  q_ref = k_ref = v_ref = None
+  q_ref = None
+  k_ref, v_ref = ref_kv if ref_kv is not None else (None, None)
   if refs is not None:
     rshift, rscale, rg = modulation(p["norm"]["linear"], temb_ref, 3, get_path(lp, "norm.linear"))
     xr = modulate(layer_norm(refs), rshift, rscale)
@@ -209,18 +217,20 @@ def single_block(p, lp, cfg, main, refs, temb, temb_ref, rope_main, rope_ref):
     q_ref, k_ref = apply_rope(q_ref, rope_ref), apply_rope(k_ref, rope_ref)
 
   out_main, out_ref = attn_lib.multi_branch_attention(q_main, k_main, v_main, q_ref, k_ref, v_ref,
-                                                      cfg.attention_impl)
+                                                      cfg.attention_impl, cfg.independent_refs)
   main = main + gate(g, linear(p["proj_out"], jnp.concatenate([_merge_heads(out_main), mlp_main], -1)))
   if refs is not None:
     refs = refs + gate(rg, linear(p["proj_out"], jnp.concatenate([_merge_heads(out_ref), mlp_ref], -1),
                                   get_path(lp, "proj_out")))
-  return main, refs
+  extras = {"ref_kv": (k_ref, v_ref)} if keep_ref_kv and refs is not None else {}
+  return (main, refs), extras
 
 
 # ---- the model ------------------------------------------------------------------------------------
 
 def forward(params, lora, cfg: FluxConfig, inputs: FluxInputs, return_attention_maps: bool = False,
-            correspondences: Correspondences | None = None):
+            correspondences: Correspondences | None = None, return_ref_kv: bool = False,
+            ref_kv: dict | None = None):
   """Velocity prediction for the target tokens.
 
   Returns (pred [B, N, out_channels], aux). `lora` is the LoRA pytree (model/lora.py) or None for the
@@ -231,6 +241,11 @@ def forward(params, lora, cfg: FluxConfig, inputs: FluxInputs, return_attention_
   - correspondences: aux["attention_statistics"] is an AttentionStatistics (pair attention [B, K],
     reference attention [B, R, N]) averaged over heads and double blocks, computed in O(tokens) extra
     memory; what SCAL and MDL consume. Without it nothing extra is computed.
+  - return_ref_kv: aux["ref_kv"] holds every block's reference keys and values
+    ({"double": (k, v), "single": (k, v)}, each [L, B, R, M, H, D]). Passed back as `ref_kv` (with
+    inputs.refs None) they replace the reference stream: text and target attend to the cached keys.
+    With cfg.independent_refs this is exact, since reference tokens then never see text or target
+    and their keys do not change across sampling steps; without it, it is an approximation.
   """
   dtype = params["x_embedder"]["kernel"].dtype
   batch = inputs.target.shape[0]
@@ -243,6 +258,8 @@ def forward(params, lora, cfg: FluxConfig, inputs: FluxInputs, return_attention_
                    cfg.axes_dims_rope, cfg.rope_theta)
 
   refs = temb_ref = rope_ref = None
+  if has_refs and ref_kv is not None:
+    raise ValueError("forward: pass either inputs.refs or a ref_kv cache, not both.")
   if has_refs:
     ref_guidance = (jnp.ones((batch,), jnp.float32) if inputs.ref_guidance is None
                     else inputs.ref_guidance)
@@ -252,26 +269,31 @@ def forward(params, lora, cfg: FluxConfig, inputs: FluxInputs, return_attention_
     rope_ref = rope(inputs.ref_ids, cfg.axes_dims_rope, cfg.rope_theta)
   want_maps = return_attention_maps and has_refs
   pairs = correspondences if has_refs else None
+  keep_kv = return_ref_kv and has_refs
+  cache = ref_kv or {}
 
   extras = {}
   if cfg.num_layers:
     def double_step(carry, layer):
-      p, lp = layer
-      return double_block(p, lp, cfg, *carry, temb, temb_ref, rope_main, rope_ref, want_maps, pairs)
+      p, lp, kv = layer
+      return double_block(p, lp, cfg, *carry, temb, temb_ref, rope_main, rope_ref, want_maps, pairs, kv,
+                          keep_kv)
 
     (txt, img, refs), extras = jax.lax.scan(
         double_step, (txt, img, refs),
-        (params["transformer_blocks"], get_path(lora, "transformer_blocks")))
+        (params["transformer_blocks"], get_path(lora, "transformer_blocks"), cache.get("double")))
 
   main = jnp.concatenate([txt, img], axis=1)
+  single_extras = {}
   if cfg.num_single_layers:
     def single_step(carry, layer):
-      p, lp = layer
-      return single_block(p, lp, cfg, *carry, temb, temb_ref, rope_main, rope_ref), None
+      p, lp, kv = layer
+      return single_block(p, lp, cfg, *carry, temb, temb_ref, rope_main, rope_ref, kv, keep_kv)
 
-    (main, refs), _ = jax.lax.scan(
+    (main, refs), single_extras = jax.lax.scan(
         single_step, (main, refs),
-        (params["single_transformer_blocks"], get_path(lora, "single_transformer_blocks")))
+        (params["single_transformer_blocks"], get_path(lora, "single_transformer_blocks"),
+         cache.get("single")))
   img = main[:, txt.shape[1]:]
 
   scale, shift = modulation(params["norm_out"]["linear"], temb, 2)  # diffusers order: (scale, shift)
@@ -283,4 +305,7 @@ def forward(params, lora, cfg: FluxConfig, inputs: FluxInputs, return_attention_
   if "attention_statistics" in extras:  # DESIGN's A: mean over double blocks of the head means
     aux["attention_statistics"] = AttentionStatistics(
         *(jnp.mean(x, axis=0) for x in extras["attention_statistics"]))
+  if keep_kv:
+    aux["ref_kv"] = {name: found["ref_kv"] for name, found in (("double", extras), ("single", single_extras))
+                     if "ref_kv" in found}
   return pred, aux
