@@ -120,12 +120,15 @@ class SemalignMs(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split: str, read) -> Iterator[tuple[int, dict]]:
     report = build_report.BuildReport(split)
-    num_refs: list[int] = []
+    # Recorded before each yield, not after the loop: `tfds build --max_examples_per_split` stops
+    # consuming this generator early, and the metadata must still match the records written.
+    num_refs = self.info.metadata.setdefault("num_refs", {}).setdefault(split, [])
+    num_refs.clear()
     for example in read(report):
       key = len(num_refs)  # integer keys in order: record index == key (disable_shuffling)
       num_refs.append(int(example["num_refs"]))
       report.count(build_report.WRITTEN)
+      self.info.metadata.setdefault("build_report", {})[split] = report.as_dict()
       yield key, example
     print(report.format(), flush=True)
-    self.info.metadata.setdefault("num_refs", {})[split] = num_refs
     self.info.metadata.setdefault("build_report", {})[split] = report.as_dict()
