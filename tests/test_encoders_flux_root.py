@@ -17,9 +17,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
 
-from test_encoders_text import randomize_  # noqa: E402  (tests/ is on sys.path under pytest)
-from test_encoders_tokenizers import write_clip_tokenizer, write_t5_tokenizer  # noqa: E402
-from test_encoders_vae import TINY as VAE_TINY  # noqa: E402
+from flux_root_fixtures import build_flux_root  # noqa: E402  (tests/ is on sys.path under pytest)
 
 CAPTIONS = ["a photo of a cat", "", "the dog plays the guitar on a red sofa"]
 
@@ -27,22 +25,7 @@ CAPTIONS = ["a photo of a cat", "", "the dog plays the guitar on a red sofa"]
 @pytest.fixture(scope="module")
 def flux_root(tmp_path_factory):
   root = tmp_path_factory.mktemp("flux_ckpt")
-  clip_vocab = write_clip_tokenizer(root / "tokenizer")
-  write_t5_tokenizer(root / "tokenizer_2")
-  t5_vocab = len(transformers.T5Tokenizer.from_pretrained(str(root / "tokenizer_2")))
-  models = {
-      "text_encoder": transformers.CLIPTextModel(transformers.CLIPTextConfig(
-          vocab_size=len(clip_vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-          num_attention_heads=4, max_position_embeddings=77, eos_token_id=2)),
-      "text_encoder_2": transformers.T5EncoderModel(transformers.T5Config(
-          vocab_size=t5_vocab, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-          feed_forward_proj="gated-gelu", dropout_rate=0.0)),
-      "vae": diffusers.AutoencoderKL(**VAE_TINY),
-  }
-  for seed, (name, module) in enumerate(models.items()):
-    randomize_(module.eval(), seed)
-    module.save_pretrained(str(root / name))
-  return root, models
+  return root, build_flux_root(root)
 
 
 def test_captions_and_images_match_pytorch(flux_root):

@@ -1,0 +1,89 @@
+"""Prompt + reference images -> images with FLUX.1-dev and a MOSAIC LoRA (the work: mosaic_jax/sample.py).
+
+  python launch/sample.py --checkpoint /ckpt/FLUX.1-dev --lora mosaic_lora.safetensors \\
+      --prompt "a cat wearing the hat" --ref cat.png --ref hat.png --output samples/
+  python launch/sample.py --checkpoint /ckpt/FLUX.1-dev --lora /workdirs/run1 --cases cases.json \\
+      --seeds 0 1 2 --batch_size 3 --independent_refs
+
+Each run writes into a new folder `<output>/run-<time>/`: `<index>_seed<seed>.png`, a panel
+`<index>_seed<seed>_panel.png` (references, then the result) and run.json (the settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from mosaic_jax import sample  # noqa: E402
+
+
+def parse_size(text: str) -> tuple[int, int]:
+  """"512" or "WIDTHxHEIGHT" -> (height, width)."""
+  try:
+    parts = [int(p) for p in text.lower().split("x")]
+  except ValueError:
+    parts = []
+  if len(parts) == 1:
+    return parts[0], parts[0]
+  if len(parts) == 2:
+    return parts[1], parts[0]
+  raise argparse.ArgumentTypeError(f"size {text!r}: expected N or WIDTHxHEIGHT, e.g. 512 or 768x512.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  what = p.add_mutually_exclusive_group(required=True)
+  what.add_argument("--cases", help='JSON list of {"index", "prompt", "image_paths"} (the official format)')
+  what.add_argument("--prompt", help="one prompt; its references come from --ref")
+  p.add_argument("--ref", action="append", default=[], help="a reference image (repeat for several)")
+  p.add_argument("--checkpoint", required=True, help="FLUX checkpoint root in diffusers layout")
+  p.add_argument("--lora", default="",
+                 help="MOSAIC LoRA .safetensors file or training workdir (none: base FLUX)")
+  p.add_argument("--output", default="samples", help="folder that receives one new run folder per run")
+  p.add_argument("--size", type=parse_size, default=(sample.DEFAULT_SIZE, sample.DEFAULT_SIZE),
+                 help="target size, N or WIDTHxHEIGHT, multiples of 16 (default 512)")
+  p.add_argument("--ref_size", type=int, default=sample.DEFAULT_SIZE, help="reference size (default 512)")
+  p.add_argument("--steps", type=int, default=sample.DEFAULT_STEPS)
+  p.add_argument("--guidance", type=float, default=sample.DEFAULT_GUIDANCE)
+  p.add_argument("--seeds", type=int, nargs="+", default=[0])
+  p.add_argument("--batch_size", type=int, default=1, help="seeds sampled together (sharded over devices)")
+  p.add_argument("--max_refs", type=int, default=sample.DEFAULT_MAX_REFS)
+  p.add_argument("--independent_refs", action="store_true",
+                 help="the LoRA was trained with independent_refs (references attend only to themselves)")
+  p.add_argument("--ref_cache", choices=("auto", "on", "off"), default="auto",
+                 help="reference KV cache; auto: on exactly when --independent_refs (else approximate)")
+  p.add_argument("--attention", choices=("xla", "cudnn", "splash"), default="xla",
+                 help="attention kernel: cudnn on NVIDIA GPUs (bf16), splash on TPUs")
+  p.add_argument("--dtype", default="bfloat16", help="transformer and text-encoder dtype")
+  p.add_argument("--t5_max_length", type=int, default=512)
+  p.add_argument("--no_progress", action="store_true")
+  return p
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+  args = build_parser().parse_args(argv)
+  if args.cases:
+    if args.ref:
+      raise sample.SampleInputError("--ref goes with --prompt; a cases file lists its own image_paths.")
+    cases = sample.read_cases(args.cases)
+  else:
+    cases = [sample.Case("0", args.prompt, tuple(args.ref))]
+  height, width = args.size
+  options = sample.SampleOptions(
+      height=height, width=width, ref_size=args.ref_size, steps=args.steps, guidance=args.guidance,
+      seeds=tuple(args.seeds), batch_size=args.batch_size, max_refs=args.max_refs,
+      ref_cache={"auto": None, "on": True, "off": False}[args.ref_cache])
+  sample.validate_request(cases, options)  # before any weight is read
+  sampler = sample.load_sampler(args.checkpoint, args.lora or None, options, dtype=args.dtype,
+                                independent_refs=args.independent_refs, t5_max_length=args.t5_max_length,
+                                text_dtype=args.dtype, attention_impl=args.attention)
+  written = sampler.run(cases, args.output, progress=not args.no_progress)
+  print(f"wrote {len(written)} files to {os.path.dirname(written[0])}")
+  return written
+
+
+if __name__ == "__main__":
+  main()

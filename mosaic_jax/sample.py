@@ -1,0 +1,500 @@
+"""The flow-matching sampler of MOSAIC (DESIGN section 3 "Sampling"), with a reference KV cache.
+
+Two layers:
+
+- The jittable core, for anyone who already has embeddings and latents (the trainer logs samples
+  with it): `flow_sigmas` (the shifted schedule) and `denoise` (the whole Euler loop in one jit).
+- The driver behind `launch/sample.py`: cases (prompt + reference image paths) -> PNG files.
+  `validate_request` checks every input before anything is loaded or compiled, `load_reference`
+  does the official reference preprocessing, `Sampler` holds the loaded models and samples cases.
+
+Reference KV cache: with `use_ref_cache`, the first step runs the full model and keeps every block's
+reference keys and values; the remaining steps run only text and target tokens against them. That is
+exact when `cfg.independent_refs` (references attend only to themselves, so their keys and values do
+not depend on the step) and an approximation otherwise (references then see the noisy target).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import functools
+import json
+import logging
+import math
+import os
+import re
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mosaic_jax.model.autoencoder import pack_latents, to_model_latents, unpack_latents
+from mosaic_jax.model.config import FluxConfig
+from mosaic_jax.model.embeddings import image_ids, reference_ids, text_ids
+from mosaic_jax.model.transformer import FluxInputs, forward
+
+# FLUX.1-dev's scheduler config (scheduler/scheduler_config.json): resolution-dependent shift.
+BASE_IMAGE_SEQ_LEN, MAX_IMAGE_SEQ_LEN = 256, 4096
+BASE_SHIFT, MAX_SHIFT = 0.5, 1.15
+
+# Official sampling defaults (DESIGN section 3).
+DEFAULT_STEPS = 28
+DEFAULT_GUIDANCE = 3.5
+DEFAULT_SIZE = 512
+REFERENCE_FILL = 0.9
+# The official recipe trains with up to 6 references; more are allowed only when asked for.
+DEFAULT_MAX_REFS = 6
+
+
+class SampleInputError(ValueError):
+  """Bad sampling input (a path, a size, a count); the message names the value and what was expected."""
+
+
+# ---- the jittable core -----------------------------------------------------------------------------
+
+def flow_shift_mu(image_seq_len: int) -> float:
+  """mu of FLUX's resolution-dependent shift, linear in the target token count L."""
+  slope = (MAX_SHIFT - BASE_SHIFT) / (MAX_IMAGE_SEQ_LEN - BASE_IMAGE_SEQ_LEN)
+  return BASE_SHIFT + (image_seq_len - BASE_IMAGE_SEQ_LEN) * slope
+
+
+def flow_sigmas(num_steps: int, image_seq_len: int) -> np.ndarray:
+  """The N+1 sigmas of an N-step FLUX sampling run, float32, from 1 down to a final 0.
+
+  `linspace(1, 1/N, N)`, each t shifted to `e^mu / (e^mu + (1/t - 1))` with mu = flow_shift_mu(L),
+  L = target token count, then 0 appended: what diffusers' FlowMatchEulerDiscreteScheduler gives
+  with FLUX.1-dev's config.
+  """
+  if int(num_steps) != num_steps or num_steps < 1:
+    raise SampleInputError(f"num_steps={num_steps!r}: expected a positive integer.")
+  if int(image_seq_len) != image_seq_len or image_seq_len < 1:
+    raise SampleInputError(f"image_seq_len={image_seq_len!r}: expected a positive token count.")
+  # float32 first, as diffusers does, so the shifted values round identically.
+  t = np.linspace(1.0, 1.0 / num_steps, int(num_steps)).astype(np.float32).astype(np.float64)
+  e_mu = math.exp(flow_shift_mu(int(image_seq_len)))
+  shifted = e_mu / (e_mu + (1.0 / t - 1.0))
+  return np.append(shifted, 0.0).astype(np.float32)
+
+
+# Progress of the jitted loop reaches the host through one fixed debug callback (a callable passed
+# into the jit would be a new static argument, hence a recompile, on every call).
+_step_listeners: list[Callable[[int], None]] = []
+
+
+def _report_step(step) -> None:
+  for listener in list(_step_listeners):
+    listener(int(step))
+
+
+@contextlib.contextmanager
+def step_listener(fn: Callable[[int], None]) -> Iterator[None]:
+  """Within the block, `fn(step)` is called on the host after each denoising step of a `denoise`
+  traced with `report_steps=True` (steps may arrive out of order on some backends)."""
+  _step_listeners.append(fn)
+  try:
+    yield
+  finally:
+    _step_listeners.remove(fn)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "use_ref_cache", "report_steps"))
+def denoise(params, lora, cfg: FluxConfig, noise_tokens, text, text_ids, pooled, target_ids, sigmas,
+            guidance, refs=None, ref_ids=None, use_ref_cache: bool = False,
+            report_steps: bool = False):
+  """Runs the Euler flow-matching loop from noise to clean latent tokens; one compile per shape.
+
+  params, lora: the transformer (interop.load_flux_transformer) and MOSAIC LoRA pytree (or None).
+  cfg:          its FluxConfig (static).
+  noise_tokens: [B, N, C] initial noise, packed latent tokens (model.pack_latents of N(0, 1) latents).
+  text:         [B, S, joint_attention_dim] T5 states;  text_ids: [S, 3] (model.text_ids).
+  pooled:       [B, pooled_projection_dim] CLIP pooled;  target_ids: [N, 3] (model.image_ids).
+  sigmas:       [steps + 1] from flow_sigmas(steps, N); traced, so schedules of one length share a compile.
+  guidance:     scalar or [B]: the guidance of text and target (3.5); references always get 1.0 and t=0.
+  refs:         [B, R, M, C] clean reference latent tokens, or None;  ref_ids: [R, M, 3]
+                (model.reference_ids).
+  use_ref_cache: compute the references' keys and values at the first step only (module docstring).
+  report_steps: call the host listeners of `step_listener` after each step.
+
+  Returns the final latent tokens [B, N, C] in float32 (unpack_latents + the VAE decode them). The
+  latents stay float32 between steps whatever the parameter dtype.
+  """
+  batch, num_tokens, channels = noise_tokens.shape
+  if sigmas.ndim != 1 or sigmas.shape[0] < 2:
+    raise ValueError(f"denoise: sigmas must have shape [steps + 1] with steps >= 1, got {sigmas.shape}.")
+  if channels != cfg.in_channels or target_ids.shape != (num_tokens, 3):
+    raise ValueError(f"denoise: noise_tokens {noise_tokens.shape} / target_ids {target_ids.shape} do not "
+                     f"fit the model (expected [B, N, {cfg.in_channels}] and [N, 3]).")
+  has_refs = refs is not None and refs.shape[1] > 0
+  if has_refs and (ref_ids is None or refs.shape[0] != batch or ref_ids.shape != refs.shape[1:3] + (3,)):
+    raise ValueError(f"denoise: refs {refs.shape} need ref_ids [R, M, 3] "
+                     f"(got {None if ref_ids is None else ref_ids.shape}) and batch {batch}.")
+  num_steps = sigmas.shape[0] - 1
+  sigmas = sigmas.astype(jnp.float32)
+  guidance = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), (batch,))
+
+  def inputs_at(x, step, with_refs):
+    return FluxInputs(
+        target=x, target_ids=target_ids, text=text, text_ids=text_ids, pooled=pooled,
+        timestep=jnp.broadcast_to(sigmas[step], (batch,)), guidance=guidance,
+        refs=refs if with_refs else None, ref_ids=ref_ids if with_refs else None)
+
+  def euler(x, step, velocity):
+    if report_steps:
+      jax.debug.callback(_report_step, step)
+    return x + (sigmas[step + 1] - sigmas[step]) * velocity.astype(jnp.float32)
+
+  x = noise_tokens.astype(jnp.float32)
+  if has_refs and use_ref_cache:
+    # Step 0 runs the full model (so it equals the uncached step) and keeps the references' keys/values.
+    velocity, aux = forward(params, lora, cfg, inputs_at(x, 0, True), return_ref_kv=True)
+    cache = aux["ref_kv"]
+    x = euler(x, 0, velocity)
+
+    def cached_step(step, x):
+      velocity, _ = forward(params, lora, cfg, inputs_at(x, step, False), ref_kv=cache)
+      return euler(x, step, velocity)
+
+    return jax.lax.fori_loop(1, num_steps, cached_step, x)
+
+  def full_step(step, x):
+    velocity, _ = forward(params, lora, cfg, inputs_at(x, step, has_refs))
+    return euler(x, step, velocity)
+
+  return jax.lax.fori_loop(0, num_steps, full_step, x)
+
+
+# ---- inputs: cases, options, references ----------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """One prompt and its reference images (the official cases file: {"index", "prompt", "image_paths"})."""
+  index: str
+  prompt: str
+  image_paths: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOptions:
+  """What to sample. ref_cache: True, False, or None for "when exact" (cfg.independent_refs)."""
+  height: int = DEFAULT_SIZE
+  width: int = DEFAULT_SIZE
+  ref_size: int = DEFAULT_SIZE
+  steps: int = DEFAULT_STEPS
+  guidance: float = DEFAULT_GUIDANCE
+  seeds: tuple[int, ...] = (0,)
+  batch_size: int = 1
+  ref_cache: Optional[bool] = None
+  max_refs: int = DEFAULT_MAX_REFS
+
+
+def read_cases(path: str) -> list[Case]:
+  """Cases from an official-format JSON file: a list of {"index", "prompt", "image_paths"}.
+
+  Relative image paths are taken from the current folder or, failing that, from the file's folder.
+  """
+  path = os.fspath(path)
+  try:
+    with open(path, encoding="utf-8") as f:
+      entries = json.load(f)
+  except OSError as e:
+    raise SampleInputError(f"{path}: cannot read the cases file ({e.strerror or e}).") from e
+  except json.JSONDecodeError as e:
+    raise SampleInputError(f"{path}: not valid JSON ({e}).") from e
+  if not isinstance(entries, list):
+    raise SampleInputError(f"{path}: expected a JSON list of {{\"index\", \"prompt\", \"image_paths\"}} "
+                           f"objects, got {type(entries).__name__}.")
+  base = os.path.dirname(os.path.abspath(path))
+  cases = []
+  for position, entry in enumerate(entries):
+    where = f"{path}: entry {position}"
+    if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
+      raise SampleInputError(f"{where}: expected an object with a string \"prompt\", got {entry!r}.")
+    image_paths = entry.get("image_paths", [])
+    if not isinstance(image_paths, list) or not all(isinstance(p, str) for p in image_paths):
+      raise SampleInputError(f"{where}: \"image_paths\" must be a list of strings, got {image_paths!r}.")
+    resolved = []
+    for p in image_paths:
+      beside_file = os.path.join(base, p)
+      resolved.append(beside_file if not os.path.isabs(p) and not os.path.exists(p)
+                      and os.path.exists(beside_file) else p)
+    cases.append(Case(str(entry.get("index", position)), entry["prompt"], tuple(resolved)))
+  return cases
+
+
+def validate_request(cases: Sequence[Case], options: SampleOptions, size_multiple: int = 16) -> None:
+  """Every check that needs no model: raised before anything is loaded or compiled.
+
+  size_multiple: pixels per packed latent token (16 for FLUX: VAE downsample 8, then 2x2 packing).
+  """
+  if not cases:
+    raise SampleInputError("no cases to sample: the prompt list is empty (give --prompt or a cases file "
+                           "with at least one entry).")
+  for name in ("height", "width", "ref_size"):
+    value = getattr(options, name)
+    if not isinstance(value, int) or value <= 0 or value % size_multiple:
+      raise SampleInputError(f"{name}={value!r}: expected a positive multiple of {size_multiple} pixels "
+                             f"(the VAE downsamples by {size_multiple // 2}, then 2x2 patches are packed).")
+  if options.steps < 1:
+    raise SampleInputError(f"steps={options.steps!r}: expected at least 1.")
+  if options.batch_size < 1:
+    raise SampleInputError(f"batch_size={options.batch_size!r}: expected at least 1.")
+  if not options.seeds:
+    raise SampleInputError("seeds: expected at least one seed.")
+  if len(set(options.seeds)) != len(options.seeds):
+    raise SampleInputError(f"seeds={list(options.seeds)}: repeated seeds would give identical images.")
+  indices = [c.index for c in cases]
+  duplicated = sorted({i for i in indices if indices.count(i) > 1})
+  if duplicated:
+    raise SampleInputError(f"case indices {duplicated} repeat; each case needs its own index (file names).")
+  for case in cases:
+    if len(case.image_paths) > options.max_refs:
+      raise SampleInputError(
+          f"case {case.index}: {len(case.image_paths)} references, but the model supports at most "
+          f"{options.max_refs} (MOSAIC trains with up to {DEFAULT_MAX_REFS}; raise max_refs to try more).")
+    for path in case.image_paths:
+      _read_rgb(path, f"case {case.index}")
+
+
+def _read_rgb(path: str, what: str):
+  from mosaic_jax.data.image_ops import ImageDecodeError, decode_rgb
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    raise SampleInputError(f"{what}: reference image {path}: cannot read it ({e.strerror or e}).") from e
+  try:
+    return decode_rgb(data, path)
+  except ImageDecodeError as e:
+    raise SampleInputError(f"{what}: reference image {path}: not a readable image ({e}).") from e
+
+
+def load_reference(path: str, size: int) -> np.ndarray:
+  """A reference image as the official sampler prepares it: RGB with transparency on white, cropped to
+  its non-white box, Lanczos-scaled so the long side is int(0.9 * size), centred on a white square.
+  Returns float32 [size, size, 3] in [-1, 1]. A missing or unreadable file is an error naming it."""
+  from mosaic_jax.data.image_ops import pad_to_square_on_white
+  image = _read_rgb(path, "load_reference")
+  square, _ = pad_to_square_on_white(image, size, REFERENCE_FILL)
+  return np.asarray(square, np.float32) * np.float32(1 / 127.5) - np.float32(1.0)
+
+
+def resolve_lora_file(path: str) -> str:
+  """A LoRA file, or the LoRA inside a training workdir (the trainer writes `lora/<step>/lora.safetensors`
+  and `lora_ema.safetensors`): the highest step number in the path, the EMA at equal steps, then the
+  newest file."""
+  path = os.fspath(path)
+  if os.path.isfile(path):
+    return path
+  if not os.path.isdir(path):
+    raise SampleInputError(f"LoRA {path}: no such file or folder (expected a diffusers-format LoRA "
+                           ".safetensors file or a training workdir holding one).")
+  found = [os.path.join(d, f) for d, _, files in os.walk(path) for f in files if f.endswith(".safetensors")]
+  if not found:
+    raise SampleInputError(f"LoRA {path}: the folder holds no .safetensors LoRA file.")
+
+  def preference(file):
+    steps = [int(n) for n in re.findall(r"\d+", os.path.relpath(file, path))]
+    return (max(steps, default=-1), "ema" in os.path.basename(file).lower(), os.path.getmtime(file))
+
+  return max(found, key=preference)
+
+
+# ---- the driver: models in, PNG files out --------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("latent_height", "latent_width"))
+def _decode_tokens(autoencoder, tokens, latent_height: int, latent_width: int):
+  """Latent tokens [B, N, C] -> uint8 images [B, H, W, 3]."""
+  images = autoencoder.decode_model_latents(unpack_latents(tokens, latent_height, latent_width))
+  return jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
+
+
+@functools.partial(jax.jit, static_argnames=("scaling_factor", "shift_factor"))
+def _encode_references(autoencoder, images, scaling_factor: float, shift_factor: float):
+  """Images [R, S, S, 3] -> packed reference tokens [R, M, C] from the posterior mean."""
+  return pack_latents(to_model_latents(autoencoder.encode(images).mean, scaling_factor, shift_factor))
+
+
+def _initial_noise(seed: int, latent_height: int, latent_width: int, channels: int) -> np.ndarray:
+  """N(0, 1) latents of one seed, packed to tokens [N, 4C]; independent of how seeds are batched."""
+  z = jax.random.normal(jax.random.PRNGKey(seed), (1, latent_height, latent_width, channels), jnp.float32)
+  return np.asarray(pack_latents(z))[0]
+
+
+class Sampler:
+  """The loaded transformer, LoRA and encoders, and the sampling loop over cases.
+
+  encoders: an encoders.FluxEncoders with text encoders (captions -> T5 and pooled CLIP).
+  """
+
+  def __init__(self, cfg: FluxConfig, params, lora, encoders, options: SampleOptions):
+    self.cfg, self.params, self.lora, self.encoders, self.options = cfg, params, lora, encoders, options
+    ae = encoders.autoencoder
+    self.size_multiple = 2 * ae.downsample_factor
+    if cfg.in_channels != 4 * ae.latent_channels:
+      raise SampleInputError(f"the transformer takes {cfg.in_channels} channels per token, but the "
+                             f"autoencoder gives {ae.latent_channels} latent channels (x4 after packing).")
+    widths = (
+        ("T5 width", cfg.joint_attention_dim, getattr(encoders.t5_config, "d_model", None)),
+        ("CLIP pooled width", cfg.pooled_projection_dim, getattr(encoders.clip_config, "hidden_size", None)))
+    for what, ours, theirs in widths:
+      if theirs is not None and ours != theirs:
+        raise SampleInputError(f"the transformer expects {what} {ours}, the text encoder gives {theirs}.")
+    self.use_ref_cache = cfg.independent_refs if options.ref_cache is None else bool(options.ref_cache)
+    if self.use_ref_cache and not cfg.independent_refs:
+      logging.warning(
+          "Reference KV cache on a model without independent_refs: references are computed once, at the "
+          "first step, although in this model they attend to the (changing) target. The result is an "
+          "approximation of full sampling; turn the cache off for exact results.")
+    self._mesh = None
+    if jax.device_count() > 1:
+      if options.batch_size % jax.device_count():
+        logging.warning("batch_size %d is not a multiple of the %d devices: the batch is not sharded.",
+                        options.batch_size, jax.device_count())
+      else:
+        from jax.sharding import NamedSharding, PartitionSpec
+        # Auto axes: XLA propagates the batch sharding through the model (no sharding-in-types rules).
+        self._mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                                   axis_types=(jax.sharding.AxisType.Auto,))
+        replicated = NamedSharding(self._mesh, PartitionSpec())
+        self.params, self.lora = jax.device_put((self.params, self.lora), replicated)
+
+  def _shard_batch(self, array):
+    """Puts a [B, ...] array on the data axis of the mesh (several devices), as is otherwise."""
+    if self._mesh is None:
+      return array
+    from jax.sharding import NamedSharding, PartitionSpec
+    return jax.device_put(array, NamedSharding(self._mesh, PartitionSpec("data")))
+
+  def check(self, cases: Sequence[Case]) -> None:
+    validate_request(cases, self.options, self.size_multiple)
+
+  def encode_references(self, paths: Sequence[str]) -> np.ndarray | None:
+    """Packed reference tokens [R, M, C] (posterior mean), or None without references."""
+    if not paths:
+      return None
+    images = np.stack([load_reference(p, self.options.ref_size) for p in paths])
+    cfg = self.encoders.autoencoder.config
+    return np.asarray(_encode_references(self.encoders.autoencoder, images, float(cfg.scaling_factor),
+                                         float(cfg.shift_factor)))
+
+  def generate(self, case: Case, seeds: Sequence[int] | None = None,
+               on_step: Callable[[int], None] | None = None) -> np.ndarray:
+    """uint8 images [len(seeds), H, W, 3] of one case; references and prompt encoded once."""
+    opts = self.options
+    seeds = list(opts.seeds if seeds is None else seeds)
+    validate_request([case], dataclasses.replace(opts, seeds=tuple(seeds)), self.size_multiple)
+    latent_h, latent_w = opts.height // (self.size_multiple // 2), opts.width // (self.size_multiple // 2)
+    grid_h, grid_w, ref_grid = latent_h // 2, latent_w // 2, opts.ref_size // self.size_multiple
+    t5_states, pooled = self.encoders.encode_captions([case.prompt], batch_size=1)
+    refs = self.encode_references(case.image_paths)
+    ref_ids = None if refs is None else reference_ids(len(refs), ref_grid, ref_grid)
+    sigmas = flow_sigmas(opts.steps, grid_h * grid_w)
+    b = opts.batch_size
+    images = []
+    for start in range(0, len(seeds), b):
+      chunk = seeds[start:start + b]
+      padded = chunk + [chunk[-1]] * (b - len(chunk))  # one compiled shape for every chunk
+      noise = np.stack([_initial_noise(s, latent_h, latent_w, self.encoders.autoencoder.latent_channels)
+                        for s in padded])
+      batch_refs = None if refs is None else self._shard_batch(np.repeat(refs[None], b, axis=0))
+      with step_listener(on_step) if on_step else contextlib.nullcontext():
+        tokens = denoise(
+            self.params, self.lora, self.cfg, self._shard_batch(noise),
+            self._shard_batch(np.repeat(t5_states, b, axis=0)), text_ids(t5_states.shape[1]),
+            self._shard_batch(np.repeat(pooled, b, axis=0)), image_ids(grid_h, grid_w), sigmas,
+            np.float32(opts.guidance), batch_refs, ref_ids, use_ref_cache=self.use_ref_cache,
+            report_steps=on_step is not None)
+        decoded = np.asarray(_decode_tokens(self.encoders.autoencoder, tokens, latent_h, latent_w))
+      images.append(decoded[:len(chunk)])
+    return np.concatenate(images)
+
+  def run(self, cases: Sequence[Case], output_dir: str, progress: bool = True) -> list[str]:
+    """Samples every case and seed into a fresh run folder under output_dir; returns the files written:
+    `<index>_seed<seed>.png` and `<index>_seed<seed>_panel.png` (references, then the result)."""
+    from PIL import Image
+    from tqdm.auto import tqdm
+    self.check(cases)
+    run_dir = new_run_dir(output_dir)
+    with open(os.path.join(run_dir, "run.json"), "w", encoding="utf-8") as f:
+      json.dump({"options": dataclasses.asdict(self.options), "ref_cache": self.use_ref_cache,
+                 "independent_refs": self.cfg.independent_refs,
+                 "cases": [dataclasses.asdict(c) for c in cases]}, f, indent=2)
+    written = []
+    case_bar = tqdm(cases, desc="cases", unit="case", disable=not progress)
+    for case in case_bar:
+      case_bar.set_postfix_str(f"{case.index}")
+      runs = math.ceil(len(self.options.seeds) / self.options.batch_size)
+      step_bar = tqdm(total=runs * self.options.steps, desc="  steps", unit="step", leave=False,
+                      disable=not progress)
+      images = self.generate(case, on_step=lambda _: step_bar.update(1))
+      step_bar.close()
+      refs = [Image.fromarray(_to_uint8(load_reference(p, self.options.ref_size))) for p in case.image_paths]
+      name = _safe_name(case.index)
+      for seed, image in zip(self.options.seeds, images):
+        result = Image.fromarray(image)
+        for suffix, picture in (("", result), ("_panel", side_by_side(refs + [result]))):
+          file = os.path.join(run_dir, f"{name}_seed{seed}{suffix}.png")
+          picture.save(file)
+          written.append(file)
+    return written
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+  return np.round((np.clip(image, -1, 1) + 1) * 127.5).astype(np.uint8)
+
+
+def _safe_name(index: str) -> str:
+  return re.sub(r"[^A-Za-z0-9._-]+", "_", index).strip("._") or "case"
+
+
+def side_by_side(images, gap: int = 8):
+  """A white panel holding the images left to right, each scaled to the tallest height."""
+  from PIL import Image
+  height = max(i.height for i in images)
+  scaled = [i if i.height == height else i.resize((max(1, round(i.width * height / i.height)), height),
+                                                  Image.LANCZOS) for i in images]
+  panel = Image.new("RGB", (sum(i.width for i in scaled) + gap * (len(scaled) - 1), height), "white")
+  x = 0
+  for image in scaled:
+    panel.paste(image, (x, 0))
+    x += image.width + gap
+  return panel
+
+
+def new_run_dir(output_dir: str) -> str:
+  """A folder that did not exist before, `<output_dir>/run-<UTC time>[-k]`: reruns never overwrite."""
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("run-%Y%m%d-%H%M%S")
+  os.makedirs(output_dir, exist_ok=True)
+  for k in range(1, 10_000):
+    candidate = os.path.join(output_dir, stamp if k == 1 else f"{stamp}-{k}")
+    try:
+      os.makedirs(candidate)
+      return candidate
+    except FileExistsError:
+      continue
+  raise SampleInputError(f"{output_dir}: could not create a fresh run folder.")
+
+
+def load_sampler(checkpoint: str, lora: str | None, options: SampleOptions, dtype=jnp.bfloat16,
+                 independent_refs: bool = False, t5_max_length: int = 512,
+                 text_dtype=jnp.bfloat16, attention_impl: str = "xla") -> Sampler:
+  """Reads a FLUX checkpoint root (transformer/, vae/, text_encoder(_2)/, tokenizer(_2)/) and a LoRA file
+  or training workdir. Nothing is compiled here: a LoRA that does not fit fails first.
+
+  independent_refs: the LoRA was trained with references attending to themselves only (then the
+  reference KV cache is exact). attention_impl: "xla", "cudnn" (NVIDIA, bf16; it never holds the
+  [queries, keys] logits, which is what makes the cache pay off) or "splash" (TPU)."""
+  from mosaic_jax.encoders import load_flux_encoders
+  from mosaic_jax.interop import load_flux_transformer, load_lora
+  if not os.path.isdir(checkpoint):
+    raise SampleInputError(f"checkpoint {checkpoint}: no such folder (expected a FLUX checkpoint root with "
+                           "transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/).")
+  cfg, params = load_flux_transformer(checkpoint, dtype=dtype)
+  cfg = dataclasses.replace(cfg, independent_refs=independent_refs, attention_impl=attention_impl)
+  lora_tree = load_lora(resolve_lora_file(lora), cfg, dtype=dtype) if lora else None
+  encoders = load_flux_encoders(checkpoint, t5_dtype=text_dtype, clip_dtype=text_dtype,
+                                t5_max_length=t5_max_length)
+  return Sampler(cfg, params, lora_tree, encoders, options)

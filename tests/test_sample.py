@@ -1,0 +1,120 @@
+"""The sampler's core against diffusers: the shifted sigma schedule (FlowMatchEulerDiscreteScheduler with
+FLUX.1-dev's config), the whole denoising loop (FluxPipeline, output_type="latent"), and the reference
+KV cache (bit-exact in independent_refs mode, an approximation otherwise)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from mosaic_jax import model, sample
+from mosaic_jax.model.lora import init_lora
+
+from conftest import relative_error
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+# FLUX.1-dev's scheduler/scheduler_config.json.
+FLUX_DEV_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+                          max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+
+
+def diffusers_sigmas(num_steps, image_seq_len):
+  """What FluxPipeline hands the scheduler (its own calculate_shift), and what the scheduler makes of it."""
+  from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+  scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)
+  mu = calculate_shift(image_seq_len, 256, 4096, 0.5, 1.15)
+  scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=mu)
+  return scheduler.sigmas.numpy()
+
+
+@pytest.mark.parametrize("num_steps", [1, 4, 28, 50])
+@pytest.mark.parametrize("image_seq_len", [24, 256, 1024, 4096, 6144])
+def test_sigmas_equal_the_flux_dev_scheduler(num_steps, image_seq_len):
+  ours = sample.flow_sigmas(num_steps, image_seq_len)
+  ref = diffusers_sigmas(num_steps, image_seq_len)
+  assert ours.shape == (num_steps + 1,) and ours.dtype == np.float32
+  np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-6)
+  assert ours[0] == 1.0 and ours[-1] == 0.0 and np.all(np.diff(ours) < 0)
+
+
+def test_sigma_schedule_rejects_bad_counts():
+  with pytest.raises(sample.SampleInputError, match="num_steps=0"):
+    sample.flow_sigmas(0, 1024)
+  with pytest.raises(sample.SampleInputError, match="image_seq_len=0"):
+    sample.flow_sigmas(28, 0)
+
+
+def test_no_reference_sampling_equals_diffusers_flux_pipeline(torch_flux, flux_params):
+  """Same tiny weights, prompt embeddings and initial noise: FluxPipeline's latents are ours."""
+  cfg, params = flux_params
+  grid_h, grid_w, steps, guidance = 4, 6, 4, 3.5
+  rng = np.random.default_rng(1)
+  noise = rng.standard_normal((2, grid_h * grid_w, cfg.in_channels), np.float32)
+  text = rng.standard_normal((2, 7, cfg.joint_attention_dim), np.float32)
+  pooled = rng.standard_normal((2, cfg.pooled_projection_dim), np.float32)
+
+  pipe = diffusers.FluxPipeline(
+      scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER), vae=None, text_encoder=None,
+      tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=torch_flux)
+  with torch.no_grad():  # without a VAE the pipeline assumes downsample 8: 16 px per packed token
+    ref = pipe(prompt_embeds=torch.from_numpy(text), pooled_prompt_embeds=torch.from_numpy(pooled),
+               latents=torch.from_numpy(noise), height=16 * grid_h, width=16 * grid_w,
+               num_inference_steps=steps, guidance_scale=guidance, output_type="latent").images.numpy()
+
+  ours = sample.denoise(params, None, cfg, noise, text, model.text_ids(7), pooled,
+                        model.image_ids(grid_h, grid_w), sample.flow_sigmas(steps, grid_h * grid_w), guidance)
+  assert ours.shape == ref.shape and ours.dtype == np.float32
+  assert relative_error(ours, ref) < 2e-5, relative_error(ours, ref)
+
+
+@pytest.fixture(scope="module")
+def mosaic_inputs(flux_params):
+  """A MOSAIC batch for the tiny model: 2 references, a random LoRA with non-zero B (so it acts)."""
+  cfg, params = flux_params
+  lora = init_lora(jax.random.PRNGKey(0), params, cfg, rank=4)
+  lora = jax.tree_util.tree_map(lambda a: a + 0.1 * jax.random.normal(jax.random.PRNGKey(1), a.shape), lora)
+  rng = np.random.default_rng(2)
+  n_refs, ref_grid, grid_h, grid_w = 2, 3, 4, 6
+  inputs = dict(
+      noise_tokens=rng.standard_normal((2, grid_h * grid_w, cfg.in_channels), np.float32),
+      text=rng.standard_normal((2, 5, cfg.joint_attention_dim), np.float32), text_ids=model.text_ids(5),
+      pooled=rng.standard_normal((2, cfg.pooled_projection_dim), np.float32),
+      target_ids=model.image_ids(grid_h, grid_w), sigmas=sample.flow_sigmas(5, grid_h * grid_w),
+      guidance=np.float32(3.5),
+      refs=rng.standard_normal((2, n_refs, ref_grid * ref_grid, cfg.in_channels), np.float32),
+      ref_ids=model.reference_ids(n_refs, ref_grid, ref_grid))
+  return params, lora, cfg, inputs
+
+
+def test_reference_cache_is_exact_in_independent_refs_mode(mosaic_inputs):
+  params, lora, cfg, inputs = mosaic_inputs
+  independent = dataclasses.replace(cfg, independent_refs=True)
+  full = np.asarray(sample.denoise(params, lora, independent, **inputs))
+  cached = np.asarray(sample.denoise(params, lora, independent, **inputs, use_ref_cache=True))
+  np.testing.assert_array_equal(cached, full)
+  # Not vacuous: the references change the result.
+  no_refs = np.asarray(sample.denoise(params, lora, independent, **dict(inputs, refs=None, ref_ids=None)))
+  assert relative_error(no_refs, full) > 1e-3
+
+
+def test_reference_cache_is_an_approximation_without_independent_refs(mosaic_inputs):
+  """References that attend to the noisy target change across steps; the cache freezes them at step 0."""
+  params, lora, cfg, inputs = mosaic_inputs
+  assert not cfg.independent_refs
+  full = np.asarray(sample.denoise(params, lora, cfg, **inputs))
+  cached = np.asarray(sample.denoise(params, lora, cfg, **inputs, use_ref_cache=True))
+  assert 1e-5 < relative_error(cached, full) < 0.5
+
+
+def test_denoise_reports_each_step_to_the_host(mosaic_inputs):
+  params, lora, cfg, inputs = mosaic_inputs
+  seen = []
+  with sample.step_listener(seen.append):
+    sample.denoise(params, lora, cfg, **dict(inputs, refs=None, ref_ids=None), report_steps=True)
+    jax.effects_barrier()
+  assert sorted(seen) == list(range(5))
