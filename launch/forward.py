@@ -5,6 +5,7 @@
       --config.lora=/ckpt/mosaic_lora.safetensors
 """
 
+import dataclasses
 import os
 import sys
 import time
@@ -24,10 +25,12 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/flux_ms.py[:v
 
 def build_model(config):
   dtype = jnp.dtype(config.dtype)
+  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in config.model_overrides.items()}
   if config.checkpoint:
     cfg, params = interop.load_flux_transformer(config.checkpoint, dtype=dtype)
+    cfg = dataclasses.replace(cfg, **overrides)
   else:
-    cfg = getattr(model.config, config.model)()
+    cfg = dataclasses.replace(getattr(model.config, config.model)(), **overrides)
     params = model.init_params(jax.random.PRNGKey(config.seed), cfg, dtype)
   lora = interop.load_lora(config.lora, cfg) if config.lora else None
   return cfg, params, lora

@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import re
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp

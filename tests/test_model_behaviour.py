@@ -163,3 +163,18 @@ def test_reference_kv_cache_is_exact_with_independent_refs(params_and_lora):
   assert float(jnp.abs(approx - plain).max()) > 1e-3
   with pytest.raises(ValueError, match="either inputs.refs or a ref_kv cache"):
     model.forward(params, lora, cfg, step_b, ref_kv=cache)
+
+
+def test_per_block_remat_gives_the_same_gradients(params_and_lora):
+  import dataclasses
+  params, lora = params_and_lora
+  inputs = _inputs(np.random.default_rng(7), 2)
+  grads = {}
+  for policy in ("none", "full"):
+    cfg = dataclasses.replace(CFG, remat_policy=policy)
+    loss = lambda l, cfg=cfg: jnp.sum(jnp.square(model.forward(params, l, cfg, inputs)[0]))
+    grads[policy] = jax.jit(jax.grad(loss))(lora)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                         grads["none"], grads["full"])
+  with pytest.raises(ValueError, match="remat_policy"):
+    dataclasses.replace(CFG, remat_policy="sometimes")

@@ -10,7 +10,10 @@ import dataclasses
 from typing import Any, Mapping
 
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
-_NOT_IN_DIFFUSERS_CONFIG = ("rope_theta", "mlp_ratio", "independent_refs", "attention_impl", "stats_chunk")
+# Per-block rematerialization (jax.checkpoint of each scanned block): what the backward pass keeps.
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+_NOT_IN_DIFFUSERS_CONFIG = ("rope_theta", "mlp_ratio", "independent_refs", "attention_impl", "stats_chunk",
+                            "remat_policy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +38,7 @@ class FluxConfig:
   # Execution, not architecture (never written to config.json):
   attention_impl: str = "xla"  # "xla" (portable), "cudnn" (NVIDIA GPU, bf16/fp16), "splash" (TPU Pallas)
   stats_chunk: int = 256  # reference queries per chunk in the attention statistics (attention_stats.py)
+  remat_policy: str = "none"  # one of REMAT_POLICIES; "full" recomputes each block in the backward pass
 
   def __post_init__(self):
     if self.patch_size != 1:
@@ -43,6 +47,8 @@ class FluxConfig:
       raise ValueError(
           f"axes_dims_rope={tuple(self.axes_dims_rope)} must sum to attention_head_dim="
           f"{self.attention_head_dim}.")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}.")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}.")
     if any(d % 2 for d in self.axes_dims_rope):

@@ -228,6 +228,18 @@ def single_block(p, lp, cfg, main, refs, temb, temb_ref, rope_main, rope_ref, re
 
 # ---- the model ------------------------------------------------------------------------------------
 
+_REMAT = {"full": jax.checkpoint_policies.nothing_saveable,
+          "dots_saveable": jax.checkpoint_policies.dots_saveable,
+          "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def _remat(step_fn, cfg: FluxConfig):
+  """Each scanned block under jax.checkpoint with cfg.remat_policy (prevent_cse is moot inside scan)."""
+  if cfg.remat_policy == "none":
+    return step_fn
+  return jax.checkpoint(step_fn, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
+
+
 def forward(params, lora, cfg: FluxConfig, inputs: FluxInputs, return_attention_maps: bool = False,
             correspondences: Correspondences | None = None, return_ref_kv: bool = False,
             ref_kv: dict | None = None):
@@ -280,7 +292,7 @@ def forward(params, lora, cfg: FluxConfig, inputs: FluxInputs, return_attention_
                           keep_kv)
 
     (txt, img, refs), extras = jax.lax.scan(
-        double_step, (txt, img, refs),
+        _remat(double_step, cfg), (txt, img, refs),
         (params["transformer_blocks"], get_path(lora, "transformer_blocks"), cache.get("double")))
 
   main = jnp.concatenate([txt, img], axis=1)
@@ -291,7 +303,7 @@ def forward(params, lora, cfg: FluxConfig, inputs: FluxInputs, return_attention_
       return single_block(p, lp, cfg, *carry, temb, temb_ref, rope_main, rope_ref, kv, keep_kv)
 
     (main, refs), single_extras = jax.lax.scan(
-        single_step, (main, refs),
+        _remat(single_step, cfg), (main, refs),
         (params["single_transformer_blocks"], get_path(lora, "single_transformer_blocks"),
          cache.get("single")))
   img = main[:, txt.shape[1]:]

@@ -1,0 +1,128 @@
+"""Train-step time against the number of references on this machine, and the step's FLOP count and
+MFU formula for FLUX.1-dev at 6 references.
+
+  python benchmarks/train_step.py                        # demo + scaled configs, CPU-sized
+  python benchmarks/train_step.py --scaled_refs 1,2,4,6 --scaled_layers 2,2 --steps 3
+
+Configs: `demo` (configs/flux_ms.py:demo: tiny DiT, 128 px, base + LoRA trained) and `scaled`
+(hidden 768 = 6 heads x 128, 512 px target and references (32x32 tokens each), LoRA rank 64 on a
+frozen float32 base, `--scaled_layers` double,single blocks, 64 text tokens, batch 1). Random
+features stand in for the encoders: the step is what is timed. FLOPs are metrics.train_step_flops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import sys
+import time
+import types
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import flux_ms  # noqa: E402
+from mosaic_jax import model  # noqa: E402
+from mosaic_jax.train import metrics as metrics_lib  # noqa: E402
+from mosaic_jax.train import step as step_lib  # noqa: E402
+
+
+def _settings(config):
+  return types.SimpleNamespace(seed=0, latent_scaling=1.0, latent_shift=0.0, ema_decay=config.ema_decay,
+                               losses=types.SimpleNamespace(**config.losses.to_dict()),
+                               optimizer=types.SimpleNamespace(**config.optimizer.to_dict()))
+
+
+def _batch(rng, batch, grid, ref_grid, num_refs, text_len, cfg, pairs):
+  latent_c = cfg.in_channels // 4
+  lat = lambda *s: rng.standard_normal(s).astype(np.float32)
+  ref_token = rng.integers(0, ref_grid * ref_grid, (batch, pairs))
+  return {"target_mean": lat(batch, 2 * grid, 2 * grid, latent_c),
+          "target_std": np.zeros((batch, 2 * grid, 2 * grid, latent_c), np.float32),
+          "ref_means": lat(batch, num_refs, 2 * ref_grid, 2 * ref_grid, latent_c),
+          "t5": lat(batch, text_len, cfg.joint_attention_dim), "pooled": lat(batch, cfg.pooled_projection_dim),
+          "pair_ref": rng.integers(0, num_refs, (batch, pairs)).astype(np.int32),
+          "pair_ref_token": ref_token.astype(np.int32),
+          "pair_target_token": rng.integers(0, grid * grid, (batch, pairs)).astype(np.int32),
+          "pair_valid": np.ones((batch, pairs), bool), "drop_refs": np.zeros((batch,), bool)}
+
+
+def time_step(cfg, config, batch_size, grid, num_refs, text_len, trains_base, lora_rank, steps, pairs):
+  params = model.init_params(jax.random.PRNGKey(0), cfg, jnp.float32)
+  lora = model.init_lora(jax.random.PRNGKey(1), params, cfg, lora_rank)
+  trainable = {"base": params, "lora": lora} if trains_base else {"lora": lora}
+  base = {} if trains_base else params
+  settings = _settings(config)
+  optimizer = step_lib.make_optimizer(settings.optimizer)
+  state = step_lib.init_state(trainable, optimizer)
+  batch = _batch(np.random.default_rng(0), batch_size, grid, grid, num_refs, text_len, cfg, pairs)
+  fn = jax.jit(functools.partial(step_lib.train_step, cfg=cfg, config=settings, optimizer=optimizer),
+               donate_argnums=(0,))
+  start = time.perf_counter()
+  compiled = fn.lower(state, base, batch).compile()
+  compile_s = time.perf_counter() - start
+  state, metrics = compiled(state, base, batch)
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = compiled(state, base, batch)
+  jax.block_until_ready(metrics)
+  step_s = (time.perf_counter() - start) / steps
+  flops = metrics_lib.train_step_flops(
+      cfg, metrics_lib.StepShape(batch_size, text_len, grid * grid, num_refs, grid * grid), lora_rank, trains_base)
+  return compile_s, step_s, flops
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--demo_refs", default="2,3")
+  parser.add_argument("--scaled_refs", default="1,2,4,6")
+  parser.add_argument("--scaled_layers", default="1,1", help="double,single blocks of the scaled config")
+  parser.add_argument("--steps", type=int, default=2)
+  args = parser.parse_args()
+  device = jax.devices()[0]
+  print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}")
+
+  demo = flux_ms.get_config("demo")
+  overrides = demo.model_overrides.to_dict()
+  overrides["axes_dims_rope"] = tuple(overrides["axes_dims_rope"])
+  demo_cfg = dataclasses.replace(model.tiny(), **overrides)
+  print(f"\n{'config':<8} {'R':>2} {'tokens':>7} {'compile s':>10} {'step s':>8} {'GFLOP/step':>11} {'GFLOP/s':>8}")
+  for r in (int(x) for x in args.demo_refs.split(",")):
+    grid = demo.resolution // 16
+    c, s, f = time_step(demo_cfg, demo, demo.batch_size, grid, r, demo.text_len, True, demo.lora_rank,
+                        args.steps, demo.dataset.max_pairs)
+    print(f"{'demo':<8} {r:>2} {demo.text_len + grid * grid * (r + 1):>7} {c:>10.1f} {s:>8.3f} {f / 1e9:>11.1f} "
+          f"{f / s / 1e9:>8.1f}", flush=True)
+
+  double, single = (int(x) for x in args.scaled_layers.split(","))
+  scaled_cfg = dataclasses.replace(model.tiny(), in_channels=64, num_layers=double, num_single_layers=single,
+                                   attention_head_dim=128, num_attention_heads=6, joint_attention_dim=256,
+                                   pooled_projection_dim=64, axes_dims_rope=(16, 56, 56))
+  base_time = None
+  for r in (int(x) for x in args.scaled_refs.split(",")):
+    c, s, f = time_step(scaled_cfg, demo, 1, 32, r, 64, False, 64, args.steps, 1024)
+    base_time = base_time or s
+    print(f"{'scaled':<8} {r:>2} {64 + 1024 * (r + 1):>7} {c:>10.1f} {s:>8.3f} {f / 1e9:>11.1f} "
+          f"{f / s / 1e9:>8.1f}   ({s / base_time:.2f}x the first)", flush=True)
+
+  dev = model.flux1_dev()
+  shape = metrics_lib.StepShape(batch=1, text_tokens=512, target_tokens=1024, num_refs=6, ref_tokens=1024)
+  base, lora, stats = metrics_lib.forward_flops(dev, shape, lora_rank=512)
+  step = metrics_lib.train_step_flops(dev, shape, 512, trains_base=False)
+  print("\nFLUX.1-dev, 512 px, 6 references, 512 T5 tokens, LoRA rank 512, batch 1 per device:")
+  print(f"  forward: base {base / 1e12:.1f} TFLOP + LoRA {lora / 1e12:.2f} TFLOP + SCAL/MDL statistics "
+        f"{stats / 1e12:.2f} TFLOP")
+  print(f"  train step = 2 x base + 3 x LoRA + 4 x statistics = {step / 1e12:.1f} TFLOP")
+  print("  MFU = step FLOPs / (step seconds x devices x peak FLOP/s per device); e.g. one H100 (989 "
+        f"dense bf16 TFLOP/s) at 50% MFU takes {step / (0.5 * 989e12):.2f} s per step")
+
+
+if __name__ == "__main__":
+  main()

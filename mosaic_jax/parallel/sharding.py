@@ -1,0 +1,140 @@
+"""Mesh from the config, logical axis names, and shardings of whole pytrees.
+
+Three steps, each a small table in the config (`config.mesh`, `config.sharding`):
+
+1. Mesh: axes (data, fsdp, tensor) with sizes from `config.mesh` (one -1 takes the remaining
+   devices) and explicit `axis_types` (Auto: the compiler propagates shardings inside the step).
+2. Parameter -> logical axes: `param_rules`, a list of (regex, logical axes) matched in order against
+   a leaf's key path ("transformer_blocks/attn/to_q/kernel", "opt/0/mu/.../lora_A"). A leaf with one
+   more dimension than the rule names gets the leading "layers" axis (blocks are stacked for scan).
+   Because the regexes look at the path's tail, optimizer moments and EMA copies inherit the
+   sharding of the parameter they mirror.
+3. Logical -> mesh axes: `logical_rules`, e.g. embed -> fsdp, mlp -> tensor, batch -> (data, fsdp).
+   A dimension not divisible by its mesh axes is left replicated rather than failing: tiny models
+   must run on any mesh, and a replicated small tensor costs nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# The default tables (configs/flux_ms.py copies them into the config, where they can be changed).
+# Linear layers that write back into the residual stream are "row parallel": their input is the
+# tensor-sharded dimension, so (mlp, embed); every other kernel is "column parallel" (embed, mlp).
+DEFAULT_PARAM_RULES = (
+    (r"(to_out/0|to_add_out|net/2|proj_out)/kernel$", ("mlp", "embed")),
+    (r"kernel$", ("embed", "mlp")),
+    (r"(to_out/0|to_add_out|net/2|proj_out)/lora_A$", ("mlp", "lora_rank")),
+    (r"(to_out/0|to_add_out|net/2|proj_out)/lora_B$", ("lora_rank", "embed")),
+    (r"lora_A$", ("embed", "lora_rank")),
+    (r"lora_B$", ("lora_rank", "mlp")),
+    (r"(bias|scale|embedding)$", (None,)),
+)
+DEFAULT_LOGICAL_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("lora_rank", None),
+    ("layers", None),
+)
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Mesh over (data, fsdp, tensor); one size may be -1 (all remaining devices)."""
+  devices = list(devices if devices is not None else jax.devices())
+  unknown = sorted(set(shape) - set(MESH_AXES))
+  if unknown:
+    raise ValueError(f"config.mesh has unknown axes {unknown}; the mesh axes are {MESH_AXES}.")
+  sizes = [int(shape.get(axis, 1)) for axis in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"config.mesh {dict(shape)}: at most one axis may be -1.")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"config.mesh {dict(shape)}: {len(devices)} devices are not divisible by {known}.")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(f"config.mesh {dict(shape)} needs {int(np.prod(sizes))} devices; there are {len(devices)}.")
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, logical_rules: Iterable = DEFAULT_LOGICAL_RULES) -> NamedSharding:
+  """Leading (batch) axis over the data-parallel mesh axes, everything else replicated."""
+  return NamedSharding(mesh, logical_to_spec(("batch",), logical_rules))
+
+
+def _path_string(path) -> str:
+  parts = []
+  for entry in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(entry, attr):
+        parts.append(str(getattr(entry, attr)))
+        break
+    else:
+      parts.append(str(entry))
+  return "/".join(parts)
+
+
+def param_logical_axes(path: str, ndim: int, param_rules: Iterable = DEFAULT_PARAM_RULES
+                       ) -> tuple[str | None, ...]:
+  """Logical axis names of one leaf; unmatched leaves and scalars are replicated."""
+  for pattern, axes in param_rules:
+    if re.search(pattern, path):
+      axes = tuple(axes)
+      if ndim == len(axes) + 1:
+        axes = ("layers",) + axes
+      if ndim == len(axes):
+        return axes
+      if axes == (None,):
+        return (None,) * ndim
+  return (None,) * ndim
+
+
+def logical_to_spec(axes: Sequence[str | None], logical_rules: Iterable = DEFAULT_LOGICAL_RULES
+                    ) -> PartitionSpec:
+  table = {name: mesh_axes for name, mesh_axes in logical_rules}
+  spec = []
+  for name in axes:
+    if name is not None and name not in table:
+      raise ValueError(f"logical axis {name!r} has no entry in config.sharding.logical_rules {sorted(table)}")
+    spec.append(None if name is None else table[name])
+  return PartitionSpec(*spec)
+
+
+def _fit_to_shape(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+  """Drops the mesh axes of any dimension they do not divide (that dimension stays replicated)."""
+  fitted = []
+  for dim, mesh_axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+    size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+    fitted.append(mesh_axes if names and dim % size == 0 and size > 1 else None)
+  return PartitionSpec(*fitted)
+
+
+def sharding_for(path: str, shape: Sequence[int], mesh: Mesh, param_rules: Iterable = DEFAULT_PARAM_RULES,
+                 logical_rules: Iterable = DEFAULT_LOGICAL_RULES) -> NamedSharding:
+  """The NamedSharding of one leaf given its "/"-joined key path and shape."""
+  axes = param_logical_axes(path, len(shape), param_rules)
+  return NamedSharding(mesh, _fit_to_shape(logical_to_spec(axes, logical_rules), tuple(shape), mesh))
+
+
+def tree_shardings(tree: Any, mesh: Mesh, param_rules: Iterable = DEFAULT_PARAM_RULES,
+                   logical_rules: Iterable = DEFAULT_LOGICAL_RULES) -> Any:
+  """NamedSharding for every leaf of a pytree of arrays or ShapeDtypeStructs."""
+  param_rules, logical_rules = tuple(param_rules), tuple(logical_rules)
+
+  def one(path, leaf):
+    return sharding_for(_path_string(path), tuple(getattr(leaf, "shape", ())), mesh, param_rules, logical_rules)
+  return jax.tree_util.tree_map_with_path(one, tree)

@@ -1,0 +1,128 @@
+"""What the demo measures on held-out samples, and the sample panels.
+
+Correspondence accuracy: for every valid pair (reference r, reference token i, target token j*),
+whether argmax_j A(i, j) lies on j* or one of its 8 grid neighbours, where A is DESIGN's attention
+(each double block's softmax over target keys, averaged over heads and blocks) of the model under
+evaluation at a noised target. Chance level: the same hit region's share of the N target tokens
+(what a uniformly random argmax scores). Separation: mean over reference pairs r < s of
+JSD(a_r, a_s), a_r(j) = mean_i A(i, j) (what MDL maximizes; ln 2 = 0.693 is the maximum).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from mosaic_jax import losses
+from mosaic_jax import sample as sampler
+from mosaic_jax.model import FluxInputs, forward, image_ids, pack_latents, reference_ids, text_ids
+from mosaic_jax.model.autoencoder import unpack_latents
+from mosaic_jax.train.step import pack_references
+
+
+def _neighbourhood_hits(pred_token, true_token, grid: int):
+  dy = jnp.abs(pred_token // grid - true_token // grid)
+  dx = jnp.abs(pred_token % grid - true_token % grid)
+  return (dy <= 1) & (dx <= 1)
+
+
+def _neighbourhood_size(true_token, grid: int):
+  row, col = true_token // grid, true_token % grid
+  rows = jnp.minimum(row + 1, grid - 1) - jnp.maximum(row - 1, 0) + 1
+  cols = jnp.minimum(col + 1, grid - 1) - jnp.maximum(col - 1, 0) + 1
+  return rows * cols
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def attention_measures(params, lora, cfg, batch, t, noise):
+  """Per batch: (hits, chance, pair count, JSD sum, JSD pair count) at noise level t."""
+  x0 = pack_latents(batch["target"])
+  refs = pack_references(batch["refs"])
+  b, n = x0.shape[:2]
+  num_refs, m = refs.shape[1], refs.shape[2]
+  grid, ref_grid = int(round(n ** 0.5)), int(round(m ** 0.5))
+  x_t = (1.0 - t) * x0 + t * noise
+  inputs = FluxInputs(target=x_t, target_ids=image_ids(grid, grid), text=batch["text"],
+                      text_ids=text_ids(batch["text"].shape[1]), pooled=batch["pooled"],
+                      timestep=jnp.full((b,), t, jnp.float32), guidance=jnp.ones((b,), jnp.float32),
+                      refs=refs, ref_ids=reference_ids(num_refs, ref_grid, ref_grid))
+  _, aux = forward(params, lora, cfg, inputs, return_attention_maps=True)
+  attention = jnp.mean(aux["attention_maps"], axis=1)  # [B, R, M, N]: DESIGN's A
+  rows = attention[jnp.arange(b)[:, None], batch["pair_ref"], batch["pair_ref_token"]]  # [B, K, N]
+  predicted = jnp.argmax(rows, axis=-1)
+  valid = batch["pair_valid"]
+  hits = jnp.sum(_neighbourhood_hits(predicted, batch["pair_target_token"], grid) & valid)
+  chance = jnp.sum(jnp.where(valid, _neighbourhood_size(batch["pair_target_token"], grid) / n, 0.0))
+  per_ref = jnp.mean(attention, axis=2)  # [B, R, N]
+  jsd = losses.jensen_shannon(per_ref[:, :, None], per_ref[:, None, :])
+  upper = jnp.triu(jnp.ones((num_refs, num_refs), bool), k=1)
+  return hits, chance, jnp.sum(valid), jnp.sum(jnp.where(upper, jsd, 0.0)), b * jnp.sum(upper)
+
+
+def evaluate_attention(params, lora, cfg, batches, timesteps, seed: int = 0) -> dict:
+  """Accuracy, chance and JSD over the given model-latent batches, averaged over `timesteps`."""
+  totals = np.zeros(5)
+  for index, batch in enumerate(batches):
+    for t in timesteps:
+      key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
+      x0 = pack_latents(batch["target"])
+      noise = jax.random.normal(key, x0.shape, jnp.float32)
+      totals += np.asarray([float(v) for v in attention_measures(params, lora, cfg, batch, jnp.float32(t), noise)])
+  hits, chance, pairs, jsd, jsd_pairs = totals
+  return {"correspondence_accuracy": hits / max(pairs, 1), "chance": chance / max(pairs, 1),
+          "mean_pairwise_jsd": jsd / max(jsd_pairs, 1), "pairs": int(pairs / max(len(timesteps), 1))}
+
+
+def format_table(rows: dict[str, dict]) -> str:
+  lines = [f"{'run':<22} {'corr. accuracy':>15} {'chance':>8} {'mean pairwise JSD':>18} {'pairs':>7}"]
+  for name, r in rows.items():
+    lines.append(f"{name:<22} {r['correspondence_accuracy']:>15.3f} {r['chance']:>8.3f} "
+                 f"{r['mean_pairwise_jsd']:>18.4f} {r['pairs']:>7d}")
+  return "\n".join(lines)
+
+
+# ---- sampling -------------------------------------------------------------------------------------
+
+def sample_targets(params, lora, cfg, batch, num_steps: int, guidance: float, seed: int = 0):
+  """Target latent tokens [B, N, C] generated from the batch's text and references by the sampler."""
+  x0 = pack_latents(batch["target"])
+  refs = pack_references(batch["refs"])
+  noise = jax.random.normal(jax.random.PRNGKey(seed), x0.shape, jnp.float32)
+  grid, ref_grid = int(round(x0.shape[1] ** 0.5)), int(round(refs.shape[2] ** 0.5))
+  b = x0.shape[0]
+  return sampler.denoise(params, lora, cfg, noise, batch["text"], text_ids(batch["text"].shape[1]),
+                         batch["pooled"], image_ids(grid, grid),
+                         jnp.asarray(sampler.flow_sigmas(num_steps, x0.shape[1])),
+                         jnp.full((b,), guidance, jnp.float32), refs=refs,
+                         ref_ids=reference_ids(refs.shape[1], ref_grid, ref_grid))
+
+
+def sample_panel(autoencoder, batch, generated_tokens, max_rows: int = 4) -> np.ndarray:
+  """uint8 [rows * S, (R + 2) * S, 3]: per example its references, the sample, then the real target."""
+  target = batch["target"]
+  h, w = target.shape[1:3]
+  decode = lambda latents: np.asarray(autoencoder.decode_model_latents(latents))
+  generated = decode(unpack_latents(generated_tokens, h, w))
+  real = decode(target)
+  refs = np.asarray(batch["refs"])
+  rows = []
+  for row in range(min(max_rows, target.shape[0])):
+    tiles = [decode(refs[row])[i] for i in range(refs.shape[1])] + [generated[row], real[row]]
+    size = tiles[-1].shape[0]
+    tiles = [np.asarray(Image.fromarray(_to_uint8(t)).resize((size, size))) for t in tiles]
+    rows.append(np.concatenate(tiles, axis=1))
+  return np.concatenate(rows, axis=0)
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+  return np.clip((np.asarray(image) + 1.0) * 127.5, 0, 255).astype(np.uint8)
+
+
+def write_png(path: str, image: np.ndarray) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  Image.fromarray(image).save(path)

@@ -1,0 +1,125 @@
+"""The MOSAIC training step: timesteps, noising, velocity MSE + SCAL + MDL, AdamW on the trainable part.
+
+State (a dict pytree, what is checkpointed and donated to every step):
+  step       int32 scalar
+  trainable  {"lora": LoRA pytree (float32)} in the recipe; {"base": ..., "lora": ...} for the demo's
+             from-scratch tiny DiT. The frozen base is *not* here: it is a separate, never-donated
+             argument, so it is never in the optimizer, the gradient or the checkpoint.
+  opt_state  optax state of grad-norm clipping + AdamW over `trainable` only
+  ema        exponential moving average of `trainable` (decay config.ema_decay, every step)
+
+The step is a pure function of (state, frozen base, batch); its randomness (timesteps, noise, the
+target's posterior sample) comes from fold_in(seed, step), so a resumed run draws exactly what an
+uninterrupted one draws.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mosaic_jax import losses
+from mosaic_jax.sample import flow_shift_mu
+from mosaic_jax.encoders import training_latents
+from mosaic_jax.model import Correspondences, FluxConfig, FluxInputs, forward, image_ids, pack_latents
+from mosaic_jax.model import reference_ids, text_ids
+
+# What the step reads from a batch (encoder features + the pipeline's pairs and dropout flags).
+BATCH_KEYS = ("target_mean", "target_std", "ref_means", "t5", "pooled", "pair_ref", "pair_ref_token",
+              "pair_target_token", "pair_valid", "drop_refs")
+
+def make_optimizer(opt_config) -> optax.GradientTransformation:
+  """Grad-norm clipping then AdamW, constant learning rate (the official recipe)."""
+  return optax.chain(
+      optax.clip_by_global_norm(opt_config.grad_clip_norm),
+      optax.adamw(opt_config.learning_rate, b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps,
+                  weight_decay=opt_config.weight_decay))
+
+
+def init_state(trainable: dict, optimizer: optax.GradientTransformation) -> dict:
+  return {"step": jnp.zeros((), jnp.int32), "trainable": trainable,
+          "opt_state": optimizer.init(trainable),
+          "ema": jax.tree_util.tree_map(jnp.copy, trainable)}
+
+
+def sample_timesteps(key, batch: int, image_seq_len: int):
+  """t = sigmoid(n), n ~ N(0, 1), then shifted: t = e^mu / (e^mu + (1/t - 1))."""
+  t = jax.nn.sigmoid(jax.random.normal(key, (batch,), jnp.float32))
+  mu = flow_shift_mu(image_seq_len)  # the sampler's resolution shift, same formula in training
+  return jnp.exp(mu) / (jnp.exp(mu) + (1.0 / t - 1.0))
+
+
+def pack_references(refs):
+  """[B, R, h, w, C] model latents -> [B, R, (h/2)(w/2), 4C] tokens."""
+  b, r = refs.shape[:2]
+  return pack_latents(refs.reshape((b * r,) + refs.shape[2:])).reshape((b, r) + (-1, refs.shape[-1] * 4))
+
+
+def loss_terms(trainable: dict, frozen_base: Any, batch: dict, key, step, cfg: FluxConfig, config):
+  """(total loss, metrics) of one batch: DESIGN section 3's recipe, each term averaged over samples."""
+  params = trainable["base"] if "base" in trainable else frozen_base
+  lora = trainable.get("lora")
+  posterior_key, time_key, noise_key = jax.random.split(key, 3)
+  latents = training_latents(batch, config.latent_scaling, config.latent_shift, posterior_key)
+  x0 = pack_latents(latents["target"])
+  refs = pack_references(latents["refs"])
+  b, n = x0.shape[:2]
+  num_refs, ref_tokens = refs.shape[1], refs.shape[2]
+  drop_refs = batch["drop_refs"]
+  # Classifier-free dropout of the references: their latents are zeroed (the official recipe); such
+  # a sample has no meaningful reference attention, so its pairs and references leave SCAL and MDL.
+  refs = jnp.where(drop_refs[:, None, None, None], 0.0, refs)
+
+  t = sample_timesteps(time_key, b, n)
+  noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
+  x_t = (1.0 - t[:, None, None]) * x0 + t[:, None, None] * noise
+  grid, ref_grid = int(round(n ** 0.5)), int(round(ref_tokens ** 0.5))
+  inputs = FluxInputs(
+      target=x_t, target_ids=image_ids(grid, grid), text=latents["text"],
+      text_ids=text_ids(latents["text"].shape[1]), pooled=latents["pooled"], timestep=t,
+      guidance=jnp.ones((b,), jnp.float32), refs=refs,
+      ref_ids=reference_ids(num_refs, ref_grid, ref_grid))
+  pair_valid = batch["pair_valid"] & ~drop_refs[:, None]
+  pairs = Correspondences(batch["pair_ref"], batch["pair_ref_token"], batch["pair_target_token"], pair_valid)
+
+  pred, aux = forward(params, lora, cfg, inputs, correspondences=pairs)
+  stats = aux["attention_statistics"]
+  mse = losses.flow_matching_loss(pred, noise, x0)
+  scal = losses.scal_loss(stats.pair_attention, pair_valid)
+  ref_valid = jnp.broadcast_to(~drop_refs[:, None], (b, num_refs))
+  mdl = losses.mdl_loss(stats.reference_attention, ref_valid)
+  scal_weight = jnp.float32(config.losses.scal_weight)
+  mdl_weight = losses.ramp_weight(step, config.losses.mdl_ramp_start, config.losses.mdl_ramp_end,
+                                  config.losses.mdl_weight)
+  total = jnp.mean(mse) + scal_weight * jnp.mean(scal) + mdl_weight * jnp.mean(mdl)
+  metrics = {"loss": total, "loss_mse": jnp.mean(mse), "loss_scal": jnp.mean(scal),
+             "loss_mdl": jnp.mean(mdl), "weight_scal": scal_weight, "weight_mdl": mdl_weight,
+             "mean_t": jnp.mean(t), "pairs_per_sample": jnp.mean(jnp.sum(pair_valid, -1))}
+  return total, metrics
+
+
+def train_step(state: dict, frozen_base: Any, batch: dict, *, cfg: FluxConfig, config,
+               optimizer: optax.GradientTransformation):
+  """One optimizer step; a non-finite loss or gradient leaves the state untouched (metrics say so)."""
+  step = state["step"]
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), step)
+  compute = functools.partial(loss_terms, cfg=cfg, config=config)  # remat: per block, cfg.remat_policy
+  (loss, metrics), grads = jax.value_and_grad(compute, has_aux=True)(
+      state["trainable"], frozen_base, batch, key, step)
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = optimizer.update(grads, state["opt_state"], state["trainable"])
+  trainable = optax.apply_updates(state["trainable"], updates)
+  decay = config.ema_decay
+  ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], trainable)
+  new_state = {"step": step + 1, "trainable": trainable, "opt_state": opt_state, "ema": ema}
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # The NaN guard: keep the previous state (the state buffers are donated, so this select is what
+  # preserves the last good values); the host stops the run on `finite == False`.
+  new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  metrics.update(grad_norm=grad_norm, finite=finite,
+                 learning_rate=jnp.float32(config.optimizer.learning_rate))
+  return new_state, metrics

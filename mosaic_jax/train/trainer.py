@@ -1,0 +1,389 @@
+"""`train_and_evaluate(config, workdir)`: MOSAIC training, end to end, resumable.
+
+Read top to bottom:
+  1. check the config (unknown fields, missing paths) before anything is built or compiled;
+  2. mesh; model (base frozen in config.dtype, or trained for the demo) and LoRA;
+  3. data iterator and encoders;
+  4. train state, its shardings, and automatic resumption from the workdir's latest checkpoint;
+  5. AOT compilation of the step for every reference count the data holds, with a memory report;
+  6. the loop: step, NaN guard, logs, samples, checkpoints (every N steps, at the end, on SIGTERM);
+  7. the evaluation table on held-out samples and the sample panels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import json
+import os
+import time
+import types
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mosaic_jax import interop, model, parallel
+from mosaic_jax.data import make_iterator, to_global_arrays
+from mosaic_jax.data.pipeline import PipelineConfig
+from mosaic_jax.encoders import training_latents
+from mosaic_jax.model.config import REMAT_POLICIES
+from mosaic_jax.train import checkpoint as checkpoint_lib
+from mosaic_jax.train import evaluate as evaluate_lib
+from mosaic_jax.train import inputs as inputs_lib
+from mosaic_jax.train import metrics as metrics_lib
+from mosaic_jax.train import step as step_lib
+from mosaic_jax.train.inputs import ConfigError
+
+TRAINABLE_CHOICES = ("lora", "base+lora", "base")
+
+
+# ---- 1. the config --------------------------------------------------------------------------------
+
+def _reference_configs() -> list[ml_collections.ConfigDict]:
+  """The field sets a config may have: configs/flux_ms.py's default and demo variants."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                      "configs", "flux_ms.py")
+  if not os.path.exists(path):
+    return []
+  spec = importlib.util.spec_from_file_location("_flux_ms_reference", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return [module.get_config("default"), module.get_config("demo")]
+
+
+def _fields(config, prefix="") -> set[str]:
+  out = set()
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    out.add(name)
+    if isinstance(value, ml_collections.ConfigDict) and key != "model_overrides":
+      out |= _fields(value, name + ".")
+  return out
+
+
+def check_config(config) -> None:
+  """Every problem a user can fix from the command line, reported before anything is compiled."""
+  references = _reference_configs()
+  if references:
+    known = set().union(*(_fields(c) for c in references))
+    unknown = sorted(_fields(config) - known)
+    if unknown:
+      raise ConfigError(f"unknown config field(s) {unknown}: not a field of configs/flux_ms.py "
+                        "(misspelt override?).")
+  override_fields = {f.name for f in dataclasses.fields(model.FluxConfig)}
+  bad = sorted(set(config.model_overrides) - override_fields)
+  if bad:
+    raise ConfigError(f"config.model_overrides has unknown FluxConfig field(s) {bad}.")
+  if config.trainable not in TRAINABLE_CHOICES:
+    raise ConfigError(f"config.trainable={config.trainable!r}: expected one of {TRAINABLE_CHOICES}.")
+  if config.remat_policy not in REMAT_POLICIES:
+    raise ConfigError(f"config.remat_policy={config.remat_policy!r}: expected one of {REMAT_POLICIES}.")
+  needs_checkpoint = config.encoders == "checkpoint" or config.trainable == "lora"
+  if needs_checkpoint and not config.checkpoint:
+    raise ConfigError("config.checkpoint is empty: pass --config.checkpoint=/path/to/FLUX.1-dev (a FLUX "
+                      "checkpoint root with transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, "
+                      "tokenizer_2/), or use --config configs/flux_ms.py:demo.")
+  if config.checkpoint and not os.path.exists(os.path.expanduser(config.checkpoint)):
+    raise ConfigError(f"config.checkpoint={config.checkpoint!r} does not exist: pass "
+                      "--config.checkpoint=/path/to/FLUX.1-dev.")
+  if config.lora and not os.path.exists(os.path.expanduser(config.lora)):
+    raise ConfigError(f"config.lora={config.lora!r} does not exist: pass --config.lora=FILE or --config.lora=''.")
+  if not config.dataset.data_dir:
+    raise ConfigError("config.dataset.data_dir is empty: pass --config.dataset.data_dir=DIR (where "
+                      "launch/build_dataset.py built semalign_ms).")
+  if config.total_steps < 1 or config.batch_size < 1:
+    raise ConfigError(f"config.total_steps={config.total_steps} and config.batch_size={config.batch_size} "
+                      "must be positive.")
+
+
+def _step_settings(config, autoencoder) -> types.SimpleNamespace:
+  """The plain values the jitted step closes over (a ConfigDict is not a jit-friendly constant)."""
+  return types.SimpleNamespace(
+      seed=int(config.seed), latent_scaling=float(autoencoder.config.scaling_factor),
+      latent_shift=float(autoencoder.config.shift_factor), ema_decay=float(config.ema_decay),
+      losses=types.SimpleNamespace(**config.losses.to_dict()),
+      optimizer=types.SimpleNamespace(**config.optimizer.to_dict()))
+
+
+# ---- 2. model -------------------------------------------------------------------------------------
+
+def build_model(config, mesh, param_rules, logical_rules):
+  """(FluxConfig, base params placed with their shardings, initial LoRA or None)."""
+  dtype = jnp.float32 if config.trainable != "lora" else jnp.dtype(config.dtype)
+  overrides = config.model_overrides.to_dict()
+  overrides.setdefault("remat_policy", config.remat_policy)  # per-block jax.checkpoint in the model
+  if "axes_dims_rope" in overrides:
+    overrides["axes_dims_rope"] = tuple(overrides["axes_dims_rope"])
+  if config.checkpoint:
+    transformer = os.path.expanduser(config.checkpoint)
+    if os.path.isdir(os.path.join(transformer, "transformer")):
+      transformer = os.path.join(transformer, "transformer")
+
+    def place(name, array):  # each tensor goes straight to its sharding, never all on one device
+      return jax.device_put(array, parallel.sharding_for(name.replace(".", "/"), array.shape, mesh,
+                                                         param_rules, logical_rules))
+    cfg, params = interop.load_flux_transformer(transformer, dtype=dtype, place=place)
+    cfg = dataclasses.replace(cfg, **overrides)
+  else:
+    cfg = dataclasses.replace(getattr(model.config, config.model)(), **overrides)
+    params = model.init_params(jax.random.PRNGKey(config.seed), cfg, dtype)
+  params = jax.device_put(params, parallel.tree_shardings(params, mesh, param_rules, logical_rules))
+  lora = None
+  if "lora" in config.trainable:
+    if config.lora:
+      lora = interop.load_lora(os.path.expanduser(config.lora), cfg)
+    else:
+      lora = model.init_lora(jax.random.PRNGKey(config.seed + 1), params, cfg, config.lora_rank)
+  return cfg, params, lora
+
+
+# ---- 5. compilation -------------------------------------------------------------------------------
+
+def abstract_batch(config, encoders, num_refs: int) -> dict:
+  """ShapeDtypeStructs of a step batch with R = num_refs (the step is compiled once per R)."""
+  b, k = config.batch_size, config.dataset.max_pairs
+  f, c = encoders.autoencoder.downsample_factor, encoders.autoencoder.latent_channels
+  h, hr = config.resolution // f, config.ref_resolution // f
+  f32 = jnp.float32
+  return {
+      "target_mean": jax.ShapeDtypeStruct((b, h, h, c), f32), "target_std": jax.ShapeDtypeStruct((b, h, h, c), f32),
+      "ref_means": jax.ShapeDtypeStruct((b, num_refs, hr, hr, c), f32),
+      "t5": jax.ShapeDtypeStruct((b, config.text_len, encoders.t5_config.d_model), f32),
+      "pooled": jax.ShapeDtypeStruct((b, encoders.clip_config.hidden_size), f32),
+      "pair_ref": jax.ShapeDtypeStruct((b, k), jnp.int32), "pair_ref_token": jax.ShapeDtypeStruct((b, k), jnp.int32),
+      "pair_target_token": jax.ShapeDtypeStruct((b, k), jnp.int32), "pair_valid": jax.ShapeDtypeStruct((b, k), bool),
+      "drop_refs": jax.ShapeDtypeStruct((b,), bool),
+  }
+
+
+def _memory_report(compiled) -> str:
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except  # not every backend reports
+    return "memory analysis unavailable"
+  if stats is None:
+    return "memory analysis unavailable"
+  mib = lambda v: f"{v / 2 ** 20:.1f} MiB"
+  return (f"arguments {mib(stats.argument_size_in_bytes)}, outputs {mib(stats.output_size_in_bytes)}, "
+          f"temporaries {mib(stats.temp_size_in_bytes)}, aliased (donated) {mib(stats.alias_size_in_bytes)}, "
+          f"code {mib(stats.generated_code_size_in_bytes)}")
+
+
+def compile_steps(step_fn, state, base, state_shardings, base_shardings, batch_shardings, metric_sharding,
+                  config, encoders, reference_counts) -> dict[int, Any]:
+  """{R: compiled step}, ahead of time, each with its memory report printed."""
+  jitted = jax.jit(step_fn, in_shardings=(state_shardings, base_shardings, batch_shardings),
+                   out_shardings=(state_shardings, metric_sharding), donate_argnums=(0,))
+  compiled = {}
+  abstract = lambda tree: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  for r in reference_counts:
+    start = time.perf_counter()
+    compiled[r] = jitted.lower(abstract(state), abstract(base), abstract_batch(config, encoders, r)).compile()
+    print(f"compiled the train step for {r} reference(s) in {time.perf_counter() - start:.1f} s: "
+          f"{_memory_report(compiled[r])}", flush=True)
+  return compiled
+
+
+# ---- 7. evaluation --------------------------------------------------------------------------------
+
+def _model_latents(host_batch, encoders, scaling, shift):
+  """Pipeline batch -> deterministic model latents (posterior means) and text features."""
+  features = inputs_lib.step_batch(host_batch, encoders)
+  latents = training_latents({**features, "target_std": np.zeros_like(features["target_std"])},
+                             scaling, shift, jax.random.PRNGKey(0))
+  return {"target": latents["target"], "refs": latents["refs"], "text": latents["text"],
+          "pooled": latents["pooled"], **{k: jnp.asarray(features[k]) for k in
+                                          ("pair_ref", "pair_ref_token", "pair_target_token", "pair_valid")}}
+
+
+def evaluation_batches(config, encoders, settings) -> list[dict]:
+  source, num_refs = inputs_lib.open_dataset(config.dataset, config.dataset.eval_split)
+  batch_size = min(config.batch_size, 8)
+  iterator = make_iterator(source, num_refs, PipelineConfig(
+      target_size=config.resolution, ref_size=config.ref_resolution, global_batch_size=batch_size,
+      max_pairs=config.dataset.max_pairs, seed=config.seed, shuffle=False, dropout=False, num_epochs=1,
+      read_threads=config.dataset.read_threads))
+  batches = []
+  for host_batch in iterator:
+    if len(batches) * batch_size >= config.eval_examples:
+      break
+    batches.append(_model_latents(host_batch, encoders, settings.latent_scaling, settings.latent_shift))
+  return batches
+
+
+def write_samples(path, params, lora, cfg, encoders, batch, config, logger=None, step=0):
+  guidance = config.guidance if config.trainable == "lora" else 1.0  # the demo DiT only saw 1.0
+  tokens = evaluate_lib.sample_targets(params, lora, cfg, batch, config.sample_steps, guidance, config.seed)
+  panel = evaluate_lib.sample_panel(encoders.autoencoder, batch, tokens)
+  evaluate_lib.write_png(path, panel)
+  if logger is not None:
+    logger.image(step, "samples", panel)
+  return path
+
+
+# ---- the run --------------------------------------------------------------------------------------
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       on_step: Callable[[int, dict], None] | None = None) -> dict:
+  """Trains (resuming from `workdir` if it holds a checkpoint), then evaluates.
+
+  Returns {"status": "done" | "preempted", "step", "losses": {step: loss of this process's steps},
+  "eval": the evaluation table row or None}. `on_step(step, metrics)` runs after every step (tests).
+  """
+  # 1. config
+  check_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+  # 2. mesh and model
+  mesh = parallel.make_mesh(config.mesh.to_dict())
+  param_rules, logical_rules = tuple(config.sharding.param_rules), tuple(config.sharding.logical_rules)
+  shard = functools.partial(parallel.tree_shardings, mesh=mesh, param_rules=param_rules,
+                            logical_rules=logical_rules)
+
+  # 3. data (opened before the model, so a wrong path fails in seconds) and encoders
+  source, num_refs = inputs_lib.open_dataset(config.dataset, config.dataset.train_split)
+  try:
+    iterator = make_iterator(source, num_refs, PipelineConfig(
+        target_size=config.resolution, ref_size=config.ref_resolution, global_batch_size=config.batch_size,
+        max_pairs=config.dataset.max_pairs, seed=config.seed, read_threads=config.dataset.read_threads,
+        worker_processes=config.dataset.worker_processes),
+        process_index=jax.process_index(), process_count=jax.process_count())
+  except ValueError as error:  # e.g. no reference count with a full batch of examples
+    raise ConfigError(f"dataset {config.dataset.name} split {config.dataset.train_split!r} gives no "
+                      f"training batch: {error} (--config.batch_size={config.batch_size})") from error
+  encoders = inputs_lib.make_encoders(config)
+  settings = _step_settings(config, encoders.autoencoder)
+  cfg, params, lora = build_model(config, mesh, param_rules, logical_rules)
+
+  # 4. state, shardings, resumption
+  optimizer = step_lib.make_optimizer(settings.optimizer)
+  trainable = {}
+  if "base" in config.trainable:
+    trainable["base"] = params
+  if lora is not None:
+    trainable["lora"] = lora
+  base = {} if "base" in trainable else params
+  state = step_lib.init_state(trainable, optimizer)
+  state_shardings = shard(state)
+  state = jax.device_put(state, state_shardings)
+  base_shardings = shard(base)
+  batch_shardings = parallel.batch_sharding(mesh, logical_rules)
+  metric_sharding = parallel.replicated(mesh)
+
+  checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
+  start_step = 0
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    abstract_state = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
+    state, data_state = checkpointer.restore(latest, abstract_state)
+    iterator.set_state(data_state)
+    start_step = int(state["step"])
+    print(f"resumed from {checkpointer.directory} at step {start_step}", flush=True)
+
+  n_trainable = sum(x.size for x in jax.tree_util.tree_leaves(state["trainable"]))
+  n_base = sum(x.size for x in jax.tree_util.tree_leaves(params))
+  print(f"model {cfg}\nbase parameters {n_base:,} ({'trained' if 'base' in trainable else 'frozen, ' + config.dtype}); "
+        f"trainable {n_trainable:,}; mesh {dict(mesh.shape)} over {jax.device_count()} "
+        f"{jax.devices()[0].platform} device(s)", flush=True)
+
+  # 5. compile for every reference count before step 0
+  step_fn = functools.partial(step_lib.train_step, cfg=cfg, config=settings, optimizer=optimizer)
+  compiled = compile_steps(step_fn, state, base, state_shardings, base_shardings, batch_shardings,
+                           metric_sharding, config, encoders, iterator.reference_counts)
+
+  # 6. the loop
+  logger = metrics_lib.Logger(workdir, config.total_steps, enabled=jax.process_index() == 0)
+  peak = metrics_lib.peak_tflops(jax.devices()[0].device_kind, config.peak_tflops_per_device)
+  grid, ref_grid = config.resolution // 16, config.ref_resolution // 16
+  losses_by_step: dict[int, float] = {}
+  status = "done"
+  step = start_step
+  sample_batch = None
+  pending = None  # (step, metrics) of the last dispatched step: checked one step late, so the host
+  window_start, window_steps = time.perf_counter(), 0  # prepares the next batch while the device works
+
+  def finish(pending_step, metrics, num_refs_of_step):
+    nonlocal window_start, window_steps
+    metrics = jax.device_get(metrics)
+    if not bool(metrics["finite"]):
+      raise FloatingPointError(
+          f"non-finite loss or gradient at step {pending_step} (loss {metrics['loss']}, grad norm "
+          f"{metrics['grad_norm']}): stopped; the last good checkpoint in {checkpointer.directory} "
+          "is intact (lower the learning rate, or check the data).")
+    losses_by_step[pending_step] = float(metrics["loss"])
+    window_steps += 1
+    if on_step is not None:
+      on_step(pending_step, metrics)
+    if pending_step % config.log_every == 0 or pending_step == config.total_steps:
+      step_time = (time.perf_counter() - window_start) / window_steps
+      flops = metrics_lib.train_step_flops(
+          cfg, metrics_lib.StepShape(config.batch_size, config.text_len, grid * grid, num_refs_of_step,
+                                     ref_grid * ref_grid), config.lora_rank if lora is not None else 0,
+          "base" in trainable)
+      tflops = flops / step_time / jax.device_count() / 1e12
+      values = {k: v for k, v in metrics.items() if k != "finite"}
+      values.update(step_time_s=step_time, examples_per_s=config.batch_size / step_time,
+                    tflops_per_device=tflops, num_refs=num_refs_of_step)
+      if peak:
+        values["mfu"] = tflops / peak
+      logger.scalars(pending_step, values)
+      logger.console(pending_step, values, step_time)
+      window_start, window_steps = time.perf_counter(), 0
+
+  with checkpoint_lib.PreemptionFlag() as preempted:
+    while step < config.total_steps:
+      host_batch = next(iterator)
+      r = host_batch["refs"].shape[1]
+      batch = to_global_arrays(inputs_lib.step_batch(host_batch, encoders), batch_shardings)
+      state, metrics = compiled[r](state, base, batch)
+      step += 1
+      if pending is not None:
+        finish(*pending)
+      pending = (step, metrics, r)
+      if step % config.checkpoint_every == 0 or step == config.total_steps or preempted.is_set():
+        finish(*pending)
+        pending = None
+        checkpointer.save(step, state, iterator.get_state(), cfg)
+      if config.sample_every and step % config.sample_every == 0 and step < config.total_steps:
+        if sample_batch is None:
+          sample_batch = evaluation_batches(config, encoders, settings)[:1]
+        if sample_batch:
+          current = state["trainable"]
+          write_samples(os.path.join(workdir, "samples", f"step_{step}.png"),
+                        current.get("base", base), current.get("lora"), cfg, encoders, sample_batch[0],
+                        config, logger, step)
+      if preempted.is_set():
+        print(f"SIGTERM: saved step {step} to {checkpointer.directory}; exiting", flush=True)
+        status = "preempted"
+        break
+    if pending is not None:
+      finish(*pending)
+  checkpointer.close()
+
+  # 7. evaluation
+  table = None
+  if status == "done" and config.eval_examples > 0:
+    batches = evaluation_batches(config, encoders, settings)
+    current = state["trainable"]
+    eval_params, eval_lora = current.get("base", base), current.get("lora")
+    table = evaluate_lib.evaluate_attention(eval_params, eval_lora, cfg, batches, tuple(config.eval_timesteps),
+                                            config.seed)
+    table["step"] = step
+    print("evaluation on held-out samples (trained weights, t in "
+          f"{tuple(config.eval_timesteps)}):\n" + evaluate_lib.format_table({os.path.basename(workdir.rstrip('/')): table}),
+          flush=True)
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+      json.dump(table, f, indent=2)
+    if batches:
+      path = write_samples(os.path.join(workdir, "samples", "final.png"), eval_params, eval_lora, cfg, encoders,
+                           batches[0], config, logger, step)
+      print(f"sample panels (references | sample | real target): {path}", flush=True)
+  logger.close()
+  return {"status": status, "step": step, "losses": losses_by_step, "eval": table}
