@@ -14,7 +14,6 @@
 import dataclasses
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,6 +22,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mosaic_jax import losses, model  # noqa: E402
+from timing import best_time  # noqa: E402
 from mosaic_jax.model import attention  # noqa: E402
 from mosaic_jax.model.attention_stats import Correspondences, block_statistics, statistics_from_maps  # noqa: E402
 
@@ -78,15 +78,8 @@ def memory_at_flux_shapes(chunk=256):
         f" {(mib['materialized'] - floor) / (mib['statistics'] - floor):.1f}x (aim >= 20x)")
 
 
-def _time(fn, *args, repeats=5):
-  compiled = jax.jit(fn).lower(*args).compile()
-  jax.block_until_ready(compiled(*args))
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    best = min(best, time.perf_counter() - start)
-  return best
+def _time(fn, *args):
+  return best_time(jax.jit(fn).lower(*args).compile(), *args)
 
 
 def block_time_with_statistics(num_layers=3, grid=16, num_refs=6, text_len=64):

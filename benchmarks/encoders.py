@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from timing import best_time  # noqa: E402
 
 from mosaic_jax.model import clip, t5, vae  # noqa: E402
 
@@ -46,13 +47,7 @@ def configs(size):
 
 def time_per_example(fn, args, batch, repeats):
   """Seconds per example: best of `repeats` calls after one warm-up (compile) call."""
-  jax.block_until_ready(fn(*args))
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - start)
-  return best / batch
+  return best_time(fn, *args, repeats=repeats) / batch
 
 
 def cached_read_cost(latent_hw, t5_shape, pooled_dim, num_refs, repeats=200):
