@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from mosaic_jax.model.layers import gelu_tanh, linear
+from mosaic_jax.model.layers import gelu_tanh, linear, random_params
 
 _ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -94,20 +94,7 @@ def param_shapes(cfg: ClipTextConfig) -> dict:
 
 def init_params(key, cfg: ClipTextConfig, dtype=jnp.float32) -> dict:
   """Random weights for demos and benchmarks; LayerNorm parameters (float32) around (1, 0)."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
-  arrays = []
-  for k, (path, shape) in zip(jax.random.split(key, len(flat)), flat):
-    name = path[-1].key
-    in_norm = "norm" in path[-2].key
-    if name == "kernel":
-      arrays.append(jax.random.normal(k, shape, dtype) * shape[-2] ** -0.5)
-    elif name == "scale":
-      arrays.append(1.0 + 0.1 * jax.random.normal(k, shape, jnp.float32))
-    elif name == "embedding":
-      arrays.append(0.02 * jax.random.normal(k, shape, dtype))
-    else:
-      arrays.append((0.02 * jax.random.normal(k, shape)).astype(jnp.float32 if in_norm else dtype))
-  return jax.tree_util.tree_unflatten(treedef, arrays)
+  return random_params(key, param_shapes(cfg), dtype, norm_dtype=jnp.float32)
 
 
 # ---- the model -----------------------------------------------------------------------------------

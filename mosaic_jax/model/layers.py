@@ -10,6 +10,8 @@ norms and the modulation arithmetic run in float32 where FLUX does.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -66,3 +68,32 @@ def gate(g, x):
 def modulation(p, temb, n_chunks, lora=None):
   """AdaLN modulation: linear(silu(temb)) split into n_chunks vectors of width D."""
   return jnp.split(linear(p, jax.nn.silu(temb), lora), n_chunks, axis=-1)
+
+
+def random_params(key, shapes: dict, dtype=jnp.float32, norm_dtype=None, embedding_std: float = 0.02):
+  """Random weights for demos, benchmarks and tests, from a nested dict of shape tuples.
+
+  Kernels: normal scaled by fan-in (all but the output axis for 4-D conv kernels [kh, kw, in, out],
+  the input axis otherwise, so stacked [L, in, out] linears work); norm scales around 1; embeddings
+  normal * embedding_std; biases 0.02 * normal. Leaves of norm modules (a "scale" leaf, or a module
+  named like a norm) are in `norm_dtype` (default: dtype). One key per leaf, in flattening order.
+  """
+  norm_dtype = norm_dtype or dtype
+  flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
+  module_leaves: dict = {}
+  for path, _ in flat:
+    module_leaves.setdefault(tuple(p.key for p in path[:-1]), set()).add(path[-1].key)
+  arrays = []
+  for k, (path, shape) in zip(jax.random.split(key, len(flat)), flat):
+    name, module = path[-1].key, tuple(p.key for p in path[:-1])
+    in_norm = "scale" in module_leaves[module] or (module and "norm" in module[-1])
+    if name == "kernel":
+      fan_in = math.prod(shape[:-1]) if len(shape) == 4 else shape[-2]
+      arrays.append((jax.random.normal(k, shape) * fan_in ** -0.5).astype(dtype))
+    elif name == "scale":
+      arrays.append((1.0 + 0.1 * jax.random.normal(k, shape)).astype(norm_dtype))
+    elif name == "embedding":
+      arrays.append((embedding_std * jax.random.normal(k, shape)).astype(dtype))
+    else:
+      arrays.append((0.02 * jax.random.normal(k, shape)).astype(norm_dtype if in_norm else dtype))
+  return jax.tree_util.tree_unflatten(treedef, arrays)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mosaic_jax.model.layers import gelu_tanh, linear, rms_norm
+from mosaic_jax.model.layers import gelu_tanh, linear, random_params, rms_norm
 
 _ACTIVATIONS = {
     "gelu_new": gelu_tanh, "gelu_pytorch_tanh": gelu_tanh,
@@ -107,17 +107,7 @@ def param_shapes(cfg: T5Config) -> dict:
 
 def init_params(key, cfg: T5Config, dtype=jnp.float32) -> dict:
   """Random weights for demos and benchmarks; norm scales (float32) around 1."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
-  arrays = []
-  for k, (path, shape) in zip(jax.random.split(key, len(flat)), flat):
-    name = path[-1].key
-    if name == "kernel":
-      arrays.append(jax.random.normal(k, shape, dtype) * shape[-2] ** -0.5)
-    elif name == "scale":
-      arrays.append(1.0 + 0.1 * jax.random.normal(k, shape, jnp.float32))
-    else:
-      arrays.append(jax.random.normal(k, shape, dtype))
-  return jax.tree_util.tree_unflatten(treedef, arrays)
+  return random_params(key, param_shapes(cfg), dtype, norm_dtype=jnp.float32, embedding_std=1.0)
 
 
 # ---- relative position bias ------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from mosaic_jax.model import attention as attn_lib
 from mosaic_jax.model.attention_stats import AttentionStatistics, Correspondences, block_statistics
 from mosaic_jax.model.config import FluxConfig
 from mosaic_jax.model.embeddings import apply_rope, conditioning, rope
-from mosaic_jax.model.layers import gate, gelu_tanh, layer_norm, linear, modulate, modulation, rms_norm
+from mosaic_jax.model.layers import (gate, gelu_tanh, layer_norm, linear, modulate, modulation, random_params,
+                                     rms_norm)
 from mosaic_jax.model.lora import get_path
 
 
@@ -106,19 +107,7 @@ def param_shapes(cfg: FluxConfig) -> dict:
 
 def init_params(key, cfg: FluxConfig, dtype=jnp.float32) -> dict:
   """Random weights (fan-in scaled normal; norm scales around 1) for demos and benchmarks."""
-  shapes = param_shapes(cfg)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))
-  keys = jax.random.split(key, len(flat))
-  arrays = []
-  for k, (path, shape) in zip(keys, flat):
-    name = path[-1].key
-    if name == "kernel":
-      arrays.append(jax.random.normal(k, shape, dtype) * shape[-2] ** -0.5)
-    elif name == "scale":
-      arrays.append((1.0 + 0.1 * jax.random.normal(k, shape)).astype(dtype))
-    else:
-      arrays.append((0.02 * jax.random.normal(k, shape)).astype(dtype))
-  return jax.tree_util.tree_unflatten(treedef, arrays)
+  return random_params(key, param_shapes(cfg), dtype)
 
 
 # ---- blocks ---------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from mosaic_jax.model.autoencoder import Posterior
-from mosaic_jax.model.layers import linear
+from mosaic_jax.model.layers import linear, random_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,21 +141,8 @@ def param_shapes(cfg: VaeConfig) -> dict:
 
 
 def init_params(key, cfg: VaeConfig, dtype=jnp.float32) -> dict:
-  """Random weights (fan-in scaled normal; norm scales around 1) for demos and benchmarks."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple))
-  arrays = []
-  for k, (path, shape) in zip(jax.random.split(key, len(flat)), flat):
-    name = path[-1].key
-    if name == "kernel":
-      fan_in = 1
-      for d in shape[:-1]:
-        fan_in *= d
-      arrays.append(jax.random.normal(k, shape, dtype) * fan_in ** -0.5)
-    elif name == "scale":
-      arrays.append((1.0 + 0.1 * jax.random.normal(k, shape)).astype(jnp.float32))
-    else:
-      arrays.append((0.02 * jax.random.normal(k, shape)).astype(dtype))
-  return jax.tree_util.tree_unflatten(treedef, arrays)
+  """Random weights (fan-in scaled normal; norm parameters float32, scales around 1)."""
+  return random_params(key, param_shapes(cfg), dtype, norm_dtype=jnp.float32)
 
 
 # ---- leaves --------------------------------------------------------------------------------------
