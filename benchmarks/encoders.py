@@ -1,15 +1,14 @@
 """Per-example cost of FLUX's encoders, and the training input cost with cached vs on-the-fly features.
 
 Random weights (costs do not depend on values). Per example: one caption through T5 (max length
-tokens) and CLIP (77 tokens), one image through the VAE encoder. A MOSAIC training example needs
-the target and R references encoded plus one caption, so:
+tokens) and CLIP (77 tokens), one image through the VAE encoder.
 
-  on the fly = VAE(1 + R images) + T5 + CLIP          (what the official loop runs every step)
-  cached     = read the stored features of one example (target mean+std, R reference means, T5 states,
-               pooled CLIP) from .npy memory maps at a random index, and draw the target sample
-
-The cached side is measured with numpy memory maps standing in for the cached TFDS dataset (the data
-pipeline is not in this repository yet); tokenization is left out of both sides.
+Then the real input pipeline, both ways, on a synthetic SemAlign-MS dataset built in a temporary folder
+(`--examples` scenes with `--refs` references at the VAE resolution): batches of the training iterator
+turned into what the train step reads (`train.inputs.step_batch`),
+  on the fly = decode images, derive pairs, VAE(1 + R images) + T5 + CLIP   (the official loop)
+  cached     = read the features launch/encode_dataset.py stored (data/cached_features.py)
+timed over the same batches after one warm-up batch. The ratio is the training input cost saved.
 
   python benchmarks/encoders.py                       # small config (CPU-friendly)
   python benchmarks/encoders.py --size flux --batch 8 # FLUX.1 sizes: VAE 512 px, T5-XXL, CLIP-L
@@ -30,7 +29,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from timing import best_time  # noqa: E402
 
+from mosaic_jax.data import cached_features, make_iterator  # noqa: E402
+from mosaic_jax.data.pipeline import RAW_IMAGE_DECODERS, PipelineConfig  # noqa: E402
+from mosaic_jax.data.semalign_ms import SemalignMs, SemalignMsConfig  # noqa: E402
+from mosaic_jax.encoders import FluxEncoders  # noqa: E402
 from mosaic_jax.model import clip, t5, vae  # noqa: E402
+from mosaic_jax.model.autoencoder import Autoencoder  # noqa: E402
+from mosaic_jax.train.inputs import ByteTokenizers, step_batch  # noqa: E402
 
 
 def configs(size):
@@ -50,32 +55,41 @@ def time_per_example(fn, args, batch, repeats):
   return best_time(fn, *args, repeats=repeats) / batch
 
 
-def cached_read_cost(latent_hw, t5_shape, pooled_dim, num_refs, repeats=200):
-  """Seconds to read one example's cached features from memory-mapped .npy files and draw the sample."""
-  n = 64
-  rng = np.random.default_rng(0)
+def input_cost(encoders, resolution: int, refs: int, examples: int, batch: int) -> tuple[float, float, float]:
+  """(on-the-fly s/example, cached s/example, cached MiB/example) through the real input pipeline."""
+
   with tempfile.TemporaryDirectory() as folder:
-    shapes = {"target_mean": (n, *latent_hw, 16), "target_std": (n, *latent_hw, 16),
-              "ref_means": (n, num_refs, *latent_hw, 16), "t5": (n, *t5_shape), "pooled": (n, pooled_dim)}
-    for name, shape in shapes.items():
-      dtype = np.float16 if name == "t5" else np.float32  # T5 states stored in 16 bits (bf16 in practice)
-      np.save(os.path.join(folder, name + ".npy"), np.ones(shape, dtype))
-    maps = {name: np.load(os.path.join(folder, name + ".npy"), mmap_mode="r") for name in shapes}
-    bytes_per_example = sum(m[0].nbytes for m in maps.values())
-    start = time.perf_counter()
-    for _ in range(repeats):
-      i = int(rng.integers(n))
-      example = {name: np.array(m[i]) for name, m in maps.items()}
-      example["target"] = example["target_mean"] + example["target_std"] * rng.standard_normal(
-          example["target_mean"].shape, np.float32)
-    return (time.perf_counter() - start) / repeats, bytes_per_example
+    builder = SemalignMs(config=SemalignMsConfig(
+        name=f"bench_{resolution}_{refs}", source="synthetic", image_size=resolution, min_refs=refs,
+        max_refs=refs, num_train=examples, num_validation=1), data_dir=folder)
+    builder.download_and_prepare()
+    raw = builder.as_data_source("train", decoders=RAW_IMAGE_DECODERS)
+    num_refs = np.full(examples, refs)
+    pipeline = PipelineConfig(target_size=resolution, ref_size=resolution, global_batch_size=batch, num_epochs=1)
+    cache = os.path.join(folder, "cache")
+    cached_features.encode_dataset({"train": (raw, num_refs)}, cache, encoders, pipeline, {}, batch_size=batch)
+    cached, _ = cached_features.open_split(cache, "train")
+
+    def seconds_per_example(source):
+      iterator = make_iterator(source, num_refs, pipeline)
+      step_batch(next(iterator), encoders)  # warm-up: compiles, fills caches
+      start, seen = time.perf_counter(), 0
+      for host_batch in iterator:
+        jax.block_until_ready(step_batch(host_batch, encoders))
+        seen += batch
+      return (time.perf_counter() - start) / seen
+
+    fly_s, cached_s = seconds_per_example(raw), seconds_per_example(cached)
+    stored = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(cache) for f in files)
+    return fly_s, cached_s, stored / examples / 2 ** 20
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--size", choices=["small", "flux"], default="small")
   parser.add_argument("--batch", type=int, default=4)
-  parser.add_argument("--refs", type=int, default=1, help="references per training example")
+  parser.add_argument("--refs", type=int, default=2, help="references per training example")
+  parser.add_argument("--examples", type=int, default=32, help="synthetic examples in the pipeline comparison")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--dtype", default=None, help="text encoder dtype (default bf16 on GPU/TPU, fp32 on CPU)")
   args = parser.parse_args()
@@ -91,24 +105,23 @@ def main():
   vae_params = vae.init_params(key, vae_cfg)  # eager, leaf by leaf: no whole-model program
   images = jax.random.uniform(key, (b, resolution, resolution, 3), minval=-1, maxval=1)
   vae_s = time_per_example(jax.jit(lambda p, x: vae.encode(p, vae_cfg, x)), (vae_params, images), b, args.repeats)
-  del vae_params
 
   t5_params = t5.init_params(key, t5_cfg, text_dtype)
   ids = jax.random.randint(key, (b, t5_len), 0, t5_cfg.vocab_size)
   t5_s = time_per_example(jax.jit(lambda p, i: t5.encode(p, t5_cfg, i)), (t5_params, ids), b, args.repeats)
-  del t5_params
 
   clip_params = clip.init_params(key, clip_cfg, text_dtype)
   ids = jax.random.randint(key, (b, 77), 0, clip_cfg.vocab_size)
   clip_s = time_per_example(jax.jit(lambda p, i: clip.encode(p, clip_cfg, i)[1]), (clip_params, ids), b,
                             args.repeats)
 
-  latent_hw = (resolution // vae_cfg.downsample_factor,) * 2
-  cached_s, cached_bytes = cached_read_cost(latent_hw, (t5_len, t5_cfg.d_model), clip_cfg.hidden_size, args.refs)
-  fly_s = vae_s * (1 + args.refs) + t5_s + clip_s
   print(f"per example: VAE encode {vae_s * 1e3:.1f} ms, T5 {t5_s * 1e3:.1f} ms, CLIP {clip_s * 1e3:.2f} ms")
-  print(f"training input, {args.refs} reference(s): on the fly {fly_s * 1e3:.1f} ms, cached "
-        f"{cached_s * 1e3:.3f} ms ({cached_bytes / 2**20:.2f} MiB read): ratio {fly_s / cached_s:.0f}x")
+  encoders = FluxEncoders(Autoencoder("vae", vae_cfg, vae_params), t5_cfg, t5_params, clip_cfg, clip_params,
+                          ByteTokenizers(t5_cfg.vocab_size, t5_len, 77))
+  fly_s, cached_s, mib = input_cost(encoders, resolution, args.refs, args.examples, b)
+  print(f"training input, {args.refs} reference(s), batch {b}, real pipeline: on the fly {fly_s * 1e3:.1f} "
+        f"ms/example, cached {cached_s * 1e3:.2f} ms/example ({mib:.2f} MiB stored per example): "
+        f"ratio {fly_s / cached_s:.1f}x")
 
 
 if __name__ == "__main__":

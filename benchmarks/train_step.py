@@ -4,7 +4,7 @@ MFU formula for FLUX.1-dev at 6 references.
   python benchmarks/train_step.py                        # demo + scaled configs, CPU-sized
   python benchmarks/train_step.py --scaled_refs 1,2,4,6 --scaled_layers 2,2 --steps 3
 
-Configs: `demo` (configs/flux_ms.py:demo: tiny DiT, 128 px, base + LoRA trained) and `scaled`
+Configs: `demo` (configs/flux_ms.py:demo: tiny DiT, its resolution, base + LoRA trained) and `scaled`
 (hidden 768 = 6 heads x 128, 512 px target and references (32x32 tokens each), LoRA rank 64 on a
 frozen float32 base, `--scaled_layers` double,single blocks, 64 text tokens, batch 1). Random
 features stand in for the encoders: the step is what is timed. FLOPs are metrics.train_step_flops.
@@ -31,6 +31,7 @@ import flux_ms  # noqa: E402
 from mosaic_jax import model  # noqa: E402
 from mosaic_jax.train import metrics as metrics_lib  # noqa: E402
 from mosaic_jax.train import step as step_lib  # noqa: E402
+from mosaic_jax.train.inputs import token_pixels  # noqa: E402
 
 
 def _settings(config):
@@ -95,7 +96,7 @@ def main():
   demo_cfg = dataclasses.replace(model.tiny(), **overrides)
   print(f"\n{'config':<8} {'R':>2} {'tokens':>7} {'compile s':>10} {'step s':>8} {'GFLOP/step':>11} {'GFLOP/s':>8}")
   for r in (int(x) for x in args.demo_refs.split(",")):
-    grid = demo.resolution // 16
+    grid = demo.resolution // token_pixels(demo)
     c, s, f = time_step(demo_cfg, demo, demo.batch_size, grid, r, demo.text_len, True, demo.lora_rank,
                         args.steps, demo.dataset.max_pairs)
     print(f"{'demo':<8} {r:>2} {demo.text_len + grid * grid * (r + 1):>7} {c:>10.1f} {s:>8.3f} {f / 1e9:>11.1f} "

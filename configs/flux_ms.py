@@ -71,6 +71,9 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   config.dataset.max_pairs = 2048
   config.dataset.read_threads = 2
   config.dataset.worker_processes = 0
+  # A directory of precomputed encoder features (launch/encode_dataset.py with this config): training
+  # reads it instead of running the VAE, T5 and CLIP every step, and does not load the text encoders.
+  config.dataset.cached_features = ""
   # A synthetic config built on first use when the dataset is missing (0 train examples: never build).
   config.dataset.build = ml_collections.ConfigDict(dict(
       image_size=512, min_refs=1, max_refs=6, num_train=0, num_validation=0, seed=0))

@@ -19,6 +19,7 @@ from absl import app  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from mosaic_jax import interop, model  # noqa: E402
+from mosaic_jax.train.inputs import token_pixels  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/flux_ms.py[:variant]", lock_config=True)
 
@@ -38,7 +39,8 @@ def build_model(config):
 
 def random_inputs(config, cfg) -> model.FluxInputs:
   rng = np.random.default_rng(config.seed)
-  grid, ref_grid = config.resolution // 16, config.ref_resolution // 16
+  pixels = token_pixels(config)  # 16 for FLUX's VAE, 2 x the patch for the demo's pixel autoencoder
+  grid, ref_grid = config.resolution // pixels, config.ref_resolution // pixels
   b, r = config.batch_size, config.num_refs
   return model.FluxInputs(
       target=rng.standard_normal((b, grid * grid, cfg.in_channels), np.float32),

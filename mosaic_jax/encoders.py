@@ -23,8 +23,9 @@ from mosaic_jax.interop.vae_checkpoint import load_vae
 from mosaic_jax.model import clip, t5
 from mosaic_jax.model.autoencoder import Autoencoder, Posterior, sample_posterior, to_model_latents
 
-# What a cached dataset stores per example (raw posterior statistics, so that every step can draw a
-# fresh target sample, as the official recipe does), and what the encoders compute on the fly.
+# The encoder outputs a train step needs, whether computed on the fly or read from a cache
+# (data/cached_features.py): raw posterior statistics, so that every step can draw a fresh target
+# sample as the official recipe does, and the text features.
 FEATURE_KEYS = ("target_mean", "target_std", "ref_means", "t5", "pooled")
 
 

@@ -99,3 +99,11 @@ def test_token_grid_rejects_sizes_that_are_not_whole_tokens():
   assert correspondence.token_grid(512) == 32
   with pytest.raises(ValueError, match="multiple of 16"):
     correspondence.token_grid(500)
+
+
+def test_token_grid_follows_the_pixels_per_token():
+  # The demo's pixel autoencoder with patch 4 gives 8 px per token; FLUX's 16 stays the default.
+  assert correspondence.token_grid(64, token_pixels=8) == 8
+  assert correspondence.token_grid(64) == 4
+  with pytest.raises(ValueError, match="multiple of 8"):
+    correspondence.token_grid(60, token_pixels=8)

@@ -157,6 +157,32 @@ def test_padding_references_to_square_moves_pairs_with_the_image(split):
   assert np.median(matched) < 0.5 * np.median(shuffled)
 
 
+def test_pairs_follow_the_token_size(split):
+  """8 px per token (the demo's pixel autoencoder, patch 4): 64 px images have 8x8 token grids and
+  paired 8x8 px reference and target patches show the same colours."""
+  source, _ = split
+  config = pipeline.PipelineConfig(target_size=64, ref_size=64, max_pairs=256, dropout=False, token_pixels=8)
+  rng = np.random.default_rng(0)
+  matched, shuffled = [], []
+  for record in range(6):
+    example = pipeline.prepare_example(source[record], config, np.random.default_rng(0))
+    valid = example["pair_valid"]
+    assert (example["pair_ref_token"][valid] < 8 * 8).all() and (example["pair_target_token"][valid] < 8 * 8).all()
+
+    def patch_mean(image, token):
+      row, col = divmod(int(token), 8)
+      return image[8 * row:8 * row + 8, 8 * col:8 * col + 8].mean((0, 1))
+
+    ref_means = np.stack([patch_mean(example["refs"][ref], token) for ref, token in zip(
+        example["pair_ref"][valid], example["pair_ref_token"][valid])])
+    target_means = np.stack([patch_mean(example["target"], token)
+                             for token in example["pair_target_token"][valid]])
+    matched.append(np.abs(ref_means - target_means).mean(1))
+    shuffled.append(np.abs(ref_means[rng.permutation(len(ref_means))] - target_means).mean(1))
+  matched, shuffled = np.concatenate(matched), np.concatenate(shuffled)
+  assert len(matched) > 30
+  assert np.median(matched) < 0.5 * np.median(shuffled)
+
 def test_global_arrays_carry_the_sharding_and_values(split):
   source, num_refs = split
   batch = next(pipeline.make_iterator(source, num_refs, CONFIG))

@@ -8,10 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mosaic_jax.interop.safetensors_io import SafetensorsFile, save_safetensors
+import data_fixtures  # tests/ is on sys.path under pytest
+from mosaic_jax.data import cached_features, make_iterator, open_split
+from mosaic_jax.data.pipeline import PipelineConfig
 from mosaic_jax.encoders import FEATURE_KEYS, load_flux_encoders, run_in_batches, training_latents
+from mosaic_jax.interop.safetensors_io import SafetensorsFile
 from mosaic_jax.model import pixel_autoencoder
-from mosaic_jax.model.autoencoder import sample_posterior, to_model_latents
+from mosaic_jax.train.inputs import step_batch
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -52,39 +55,37 @@ def test_captions_and_images_match_pytorch(flux_root):
   assert np.max(np.abs(posterior.mean - ref_mean)) <= 1e-4 * np.max(np.abs(ref_mean))
 
 
-def test_stored_features_give_the_training_inputs_of_on_the_fly_encoding(flux_root, tmp_path):
-  """A stand-in for the cached dataset: features written to a file and read back give the same latents
-  and embeddings (same key, so the same target sample) as encoding the batch on the fly. (safetensors,
-  not .npz: numpy's format cannot hold the bf16 T5 states.)"""
+def test_cached_dataset_gives_the_training_inputs_of_on_the_fly_encoding(flux_root, tmp_path):
+  """The FLUX VAE (a real posterior std) and bf16 T5/CLIP with the real tokenizers: a cached split
+  (data/cached_features.py) yields the same step batches, and so the same training latents for a given
+  key, as encoding each pipeline batch on the fly."""
   root, _ = flux_root
   encoders = load_flux_encoders(str(root), t5_max_length=32)  # bf16 text encoders, as in training
-  rng = np.random.default_rng(2)
-  batch = {"target": rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32),
-           "refs": rng.uniform(-1, 1, (2, 3, 8, 8, 3)).astype(np.float32),
-           "caption": np.array(["a photo of a cat", ""], object)}
-  features = encoders.batch_features(batch, batch_size=4)
-  assert set(features) == set(FEATURE_KEYS)
-  assert features["ref_means"].shape == (2, 3, 1, 1, 16) and features["t5"].shape == (2, 32, 32)
-  assert features["t5"].dtype == jnp.bfloat16
-  save_safetensors(str(tmp_path / "cache.safetensors"), features)
-  with SafetensorsFile(str(tmp_path / "cache.safetensors")) as f:
-    cached = {name: np.array(f.read(name)) for name in f.keys()}
-  key = jax.random.PRNGKey(7)
+  data_dir = data_fixtures.tiny_synthetic()[0]
+  raw = open_split("semalign_ms/synthetic_tiny", "train", data_dir=data_dir)
+  config = PipelineConfig(target_size=64, ref_size=32, global_batch_size=2, max_pairs=8, seed=1,
+                          read_threads=1, num_epochs=1)
+  cached_features.encode_dataset({"train": raw}, str(tmp_path / "cache"), encoders, config, {}, batch_size=4)
+  with SafetensorsFile(str(tmp_path / "cache" / "captions" / "t5.safetensors")) as f:
+    assert f.dtype("t5") == jnp.bfloat16  # stored as the encoder made it: no float32 copy
+  cached = cached_features.open_split(str(tmp_path / "cache"), "train")
   cfg = encoders.autoencoder.config
-  from_cache = training_latents(cached, cfg.scaling_factor, cfg.shift_factor, key)
-
-  # On the fly, piece by piece: each reference encoded alone, captions through the encoders.
-  target_post = encoders.encode_images(batch["target"], batch_size=4)
-  ref_means = [encoders.encode_images(batch["refs"][:, r], batch_size=4).mean for r in range(3)]
-  on_the_fly = {
-      "target": to_model_latents(sample_posterior(target_post, key), cfg.scaling_factor, cfg.shift_factor),
-      "refs": to_model_latents(np.stack(ref_means, 1), cfg.scaling_factor, cfg.shift_factor),
-  }
-  on_the_fly["text"], on_the_fly["pooled"] = encoders.encode_captions(list(batch["caption"]))
-  for name in ("target", "refs", "text", "pooled"):
-    ours, ref = np.asarray(from_cache[name], np.float32), np.asarray(on_the_fly[name], np.float32)
-    assert ours.shape == ref.shape, name
-    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5 * np.max(np.abs(ref)), err_msg=name)
+  batches = 0
+  for raw_batch, cached_batch in zip(make_iterator(*raw, config), make_iterator(*cached, config), strict=True):
+    expected, got = step_batch(raw_batch, encoders), step_batch(cached_batch, encoders)
+    assert set(FEATURE_KEYS) <= set(got) and sorted(got) == sorted(expected)
+    assert np.all(got["target_std"] > 0)
+    key = jax.random.PRNGKey(batches)
+    from_cache = training_latents(got, cfg.scaling_factor, cfg.shift_factor, key)
+    on_the_fly = training_latents(expected, cfg.scaling_factor, cfg.shift_factor, key)
+    for name in ("target", "refs", "text", "pooled"):
+      ref = np.asarray(on_the_fly[name])
+      np.testing.assert_allclose(np.asarray(from_cache[name]), ref, rtol=1e-5, atol=1e-5 * np.max(np.abs(ref)),
+                                 err_msg=name)
+    for name in ("pair_ref", "pair_ref_token", "pair_target_token", "pair_valid", "drop_refs"):
+      np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    batches += 1
+  assert batches >= 3
 
 
 def test_pixel_autoencoder_needs_no_vae_folder(tmp_path):

@@ -26,8 +26,8 @@ def test_mesh_from_config_has_explicit_axis_types_and_fills_minus_one():
 def test_rules_give_column_and_row_parallel_kernels_with_a_layer_axis():
   assert parallel.param_logical_axes("transformer_blocks/attn/to_q/kernel", 3) == ("layers", "embed", "mlp")
   assert parallel.param_logical_axes("transformer_blocks/attn/to_out/0/kernel", 3) == ("layers", "mlp", "embed")
-  assert parallel.param_logical_axes("single_transformer_blocks/proj_out/lora_A", 3) == ("layers", "mlp", "lora_rank")
-  assert parallel.param_logical_axes("x_embedder/lora_B", 2) == ("lora_rank", "mlp")
+  assert parallel.param_logical_axes("single_transformer_blocks/proj_out/lora_A", 3) == ("layers", "mlp", "lora_rank_split")
+  assert parallel.param_logical_axes("x_embedder/lora_B", 2) == ("lora_rank_split", "mlp")
   assert parallel.param_logical_axes("x_embedder/bias", 1) == (None,)
   assert parallel.logical_to_spec(("layers", "embed", "mlp")) == PartitionSpec(None, "fsdp", "tensor")
   with pytest.raises(ValueError, match="no entry"):
@@ -55,3 +55,16 @@ def test_optimizer_moments_and_ema_follow_their_parameters():
   assert {specs[k] for k in q_a} == {PartitionSpec(None, "fsdp", None)}
   full = parallel.tree_shardings(params, mesh)
   assert full["transformer_blocks"]["ff"]["net"]["2"]["kernel"].spec == PartitionSpec(None, "tensor", "fsdp")
+
+
+def test_every_lora_factor_is_split_over_fsdp():
+  """Both factors (and so their Adam moments and EMA copies) divide over fsdp alone: one by its embed
+  dimension, the other by its rank dimension."""
+  cfg = model.tiny()
+  params = jax.eval_shape(lambda: model.init_params(jax.random.PRNGKey(0), cfg))
+  lora = jax.eval_shape(lambda: model.init_lora(jax.random.PRNGKey(1), params, cfg, 4))
+  mesh = AbstractMesh((1, 4, 1), ("data", "fsdp", "tensor"))
+  specs = jax.tree_util.tree_flatten_with_path(parallel.tree_shardings(lora, mesh))[0]
+  assert specs
+  for path, leaf_sharding in specs:
+    assert "fsdp" in tuple(leaf_sharding.spec), jax.tree_util.keystr(path)

@@ -1,12 +1,15 @@
 """The trainer end to end on a tiny config and a tiny synthetic dataset (64 px, 2 references):
 checkpoints, LoRA exports, logs, automatic resumption, SIGTERM + resume reproducing the uninterrupted
-losses, and the configuration errors that must come before any compilation."""
+losses, the NaN guard, multi-device meshes (in a 4-CPU-device child process), and the configuration
+errors that must come before any compilation."""
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
+import subprocess
 import sys
 
 import jax
@@ -17,6 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import flux_ms  # noqa: E402
 from mosaic_jax.train import ConfigError, train_and_evaluate  # noqa: E402
+from mosaic_jax.train import inputs as inputs_lib  # noqa: E402
 from mosaic_jax.train import trainer  # noqa: E402
 
 
@@ -173,3 +177,164 @@ def test_unknown_config_field_is_one_clear_error(data_dir, tmp_path, no_compilat
   config.optimizer.learnig_rate = 1e-3
   with pytest.raises(ConfigError, match=r"unknown config field\(s\) \['optimizer.learnig_rate'\]"):
     train_and_evaluate(config, str(tmp_path))
+
+
+def test_resolution_of_a_fraction_of_a_token_is_one_clear_error(data_dir, tmp_path, no_compilation):
+  # The demo's pixel autoencoder with patch 4: 2 x 4 = 8 px per token.
+  config = tiny_config(data_dir, pixel_patch_size=4, resolution=60)
+  with pytest.raises(ConfigError, match=r"config\.resolution=60: expected a positive multiple of 8 px"):
+    train_and_evaluate(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("patch", [2, 4])
+def test_pairs_index_the_token_grid_of_the_autoencoder(data_dir, patch):
+  """Pairs are derived on the grid the model sees: 64 px / (2 x patch) tokens a side, not FLUX's 16 px."""
+  config = tiny_config(data_dir, pixel_patch_size=patch, eval_examples=4)
+  encoders = inputs_lib.make_encoders(config)
+  grid = 64 // (2 * patch)
+  batches = trainer.evaluation_batches(config, encoders, trainer._step_settings(config, encoders.autoencoder))
+  rows = []
+  for batch in batches:
+    assert batch["target"].shape[1] == 2 * grid  # latent side; 2x2 packing gives grid x grid tokens
+    valid = np.asarray(batch["pair_valid"])
+    for key in ("pair_target_token", "pair_ref_token"):
+      tokens = np.asarray(batch[key])[valid]
+      assert (tokens < grid * grid).all()
+      rows.append(tokens // grid)
+  assert np.concatenate(rows).max() >= grid // 2  # pairs cover the grid, not just its first rows
+
+
+# ---- the NaN guard ---------------------------------------------------------------------------------
+
+def _saved_state(workdir: str, step: int) -> dict:
+  """The train state on disk at `step`, read back as it was written (no target tree to cast it into)."""
+  import orbax.checkpoint as ocp
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  try:
+    return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  finally:
+    manager.close()
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the 1e39 learning rate
+def test_nan_guard_stops_at_the_bad_step_and_keeps_the_last_good_checkpoint(first_run, data_dir, tmp_path,
+                                                                             monkeypatch):
+  """Two real ways to go non-finite after the good checkpoint of step 2 (steps 3 and 4 are checkpoint
+  steps too): an inf text feature from step 3 on (NaN loss and gradient), then, resuming, a learning rate
+  that overflows float32 (finite loss and gradient, non-finite weights). Each run stops naming step 3,
+  only step 2 is on disk and finite, and a clean rerun resumes from it with the uninterrupted losses."""
+  _, uninterrupted = first_run
+  workdir = str(tmp_path / "nan")
+  real_step_batch, calls = inputs_lib.step_batch, []
+
+  def inf_from_step_3(host_batch, encoders):
+    batch = real_step_batch(host_batch, encoders)
+    calls.append(1)
+    if len(calls) >= 3:  # one T5 feature of one example: attention spreads it to the whole step
+      batch["t5"][0, 0, 0] = np.inf
+    return batch
+
+  monkeypatch.setattr(inputs_lib, "step_batch", inf_from_step_3)
+  with pytest.raises(FloatingPointError, match=r"at step 3 \(loss nan.*last good checkpoint \(step 2\)"):
+    train_and_evaluate(tiny_config(data_dir), workdir)
+  monkeypatch.undo()
+  assert len(calls) == 4  # step 4 (a checkpoint step) was dispatched before step 3 was checked
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
+  assert os.listdir(os.path.join(workdir, "lora")) == ["2"]
+
+  # checkpoint_every=1: before the guard checked the updated weights, step 3 was saved with NaN weights.
+  with pytest.raises(FloatingPointError, match=r"at step 3 .*last good checkpoint \(step 2\)"):
+    train_and_evaluate(tiny_config(data_dir, checkpoint_every=1, **{"optimizer.learning_rate": 1e39}), workdir)
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
+
+  saved = _saved_state(workdir, 2)
+  assert int(saved["step"]) == 2
+  leaves = jax.tree_util.tree_leaves(saved)
+  assert len(leaves) > 10 and all(np.isfinite(np.asarray(leaf)).all() for leaf in leaves)
+  resumed = train_and_evaluate(tiny_config(data_dir), workdir)
+  assert resumed["status"] == "done" and sorted(resumed["losses"]) == [3, 4]
+  np.testing.assert_allclose([resumed["losses"][s] for s in (3, 4)], [uninterrupted["losses"][s] for s in (3, 4)],
+                             rtol=1e-6)
+
+
+# ---- multi-device meshes ---------------------------------------------------------------------------
+
+MESH_A, MESH_B = dict(data=1, fsdp=2, tensor=2), dict(data=2, fsdp=1, tensor=2)
+
+
+def _multidevice_run(data_dir: str, workdir: str) -> dict:
+  """In the 4-device child: a batch the (data, fsdp) axes cannot split; steps 1-2 on MESH_A; steps 3-4
+  on MESH_B, resumed (resharded) from A's step-2 checkpoint; the shardings the compiled steps take."""
+  jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py, for the 1-device run
+  out = {"devices": jax.device_count(), "runs": []}
+  config = tiny_config(data_dir)
+  config.mesh.update(data=2, fsdp=2, tensor=1)
+  try:
+    train_and_evaluate(config, workdir + "_indivisible")
+  except ConfigError as error:
+    out["indivisible_batch_error"] = str(error)
+
+  real_compile_steps, shardings = trainer.compile_steps, []
+
+  def recording_compile_steps(step_fn, state, *args, **kwargs):
+    compiled = real_compile_steps(step_fn, state, *args, **kwargs)
+    state_in, _, batch_in = next(iter(compiled.values())).input_shardings[0]
+    record = {}
+    for (path, leaf), (_, sharding) in zip(jax.tree_util.tree_flatten_with_path(state)[0],
+                                           jax.tree_util.tree_flatten_with_path(state_in)[0]):
+      name = jax.tree_util.keystr(path)
+      if name.endswith(("['transformer_blocks']['attn']['to_q']['kernel']",
+                        "['transformer_blocks']['attn']['to_q']['lora_A']")):
+        record[name] = dict(shape=list(leaf.shape), shard_shape=list(sharding.shard_shape(leaf.shape)),
+                            devices=len(sharding.device_set))
+    record["batch t5"] = dict(spec=str(batch_in["t5"].spec), devices=len(batch_in["t5"].device_set))
+    shardings.append(record)
+    return compiled
+
+  trainer.compile_steps = recording_compile_steps
+  for mesh, total_steps in ((MESH_A, 2), (MESH_B, 4)):
+    config = tiny_config(data_dir, total_steps=total_steps)
+    config.mesh.update(mesh)
+    result = train_and_evaluate(config, workdir)
+    out["runs"].append(dict(mesh=mesh, losses=result["losses"], shardings=shardings[-1]))
+  return out
+
+
+def test_multi_device_meshes_shard_the_state_and_reproduce_the_one_device_losses(first_run, data_dir, tmp_path):
+  """4 CPU devices in a child process (the device count is fixed when JAX starts): fsdp x tensor and
+  data x tensor meshes, a resume across meshes, against the 1-device run's losses (same seed and data)."""
+  _, one_device = first_run
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  flags = [os.environ.get("XLA_FLAGS"), "--xla_force_host_platform_device_count=4"]  # + conftest's fast compile
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(filter(None, flags)),
+             PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+  child = subprocess.run([sys.executable, os.path.abspath(__file__), "multidevice", data_dir,
+                          str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=600)
+  assert child.returncode == 0 and "RESULT " in child.stdout, child.stdout[-4000:] + child.stderr[-4000:]
+  result = json.loads(child.stdout.rsplit("RESULT ", 1)[1])
+  assert result["devices"] == 4
+  assert "config.batch_size=2 does not split" in result["indivisible_batch_error"]
+
+  (run_a, run_b) = result["runs"]
+  losses = {int(s): v for run in (run_a, run_b) for s, v in run["losses"].items()}
+  assert sorted(run_a["losses"], key=int) == ["1", "2"] and sorted(run_b["losses"], key=int) == ["3", "4"]
+  np.testing.assert_allclose([losses[s] for s in (1, 2, 3, 4)], [one_device["losses"][s] for s in (1, 2, 3, 4)],
+                             rtol=1e-5)
+
+  # The base kernel [1 layer, 64 embed, 64 mlp] with its Adam moments and EMA: (embed, mlp) over
+  # (fsdp, tensor) on A, mlp over tensor on B; the LoRA's A [1, 64, 4]: embed over fsdp on A only.
+  for run, kernel_fraction, lora_fraction in ((run_a, 4, 2), (run_b, 2, 1)):
+    kernels = {k: v for k, v in run["shardings"].items() if k.endswith("['kernel']")}
+    loras = {k: v for k, v in run["shardings"].items() if k.endswith("['lora_A']")}
+    assert len(kernels) == 4 and len(loras) == 4, sorted(run["shardings"])  # weight, mu, nu, EMA
+    for name, leaf in kernels.items():
+      assert leaf["shape"] == [1, 64, 64] and leaf["devices"] == 4, (run["mesh"], name, leaf)
+      assert np.prod(leaf["shape"]) == kernel_fraction * np.prod(leaf["shard_shape"]), (run["mesh"], name, leaf)
+    for name, leaf in loras.items():
+      assert np.prod(leaf["shape"]) == lora_fraction * np.prod(leaf["shard_shape"]), (run["mesh"], name, leaf)
+  assert run_a["shardings"]["batch t5"]["spec"] == "P(('data', 'fsdp'),)"
+
+
+if __name__ == "__main__":  # the child process of the multi-device test
+  if sys.argv[1:2] == ["multidevice"]:
+    print("RESULT " + json.dumps(_multidevice_run(*sys.argv[2:4])), flush=True)

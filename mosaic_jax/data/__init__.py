@@ -9,6 +9,7 @@
   correspondence.py   the official token-pair rule, bit-exact, and fixed-shape packing
   image_ops.py        decoding, resizing, reference padding
   pipeline.py         deterministic, resumable, bucketed grain iterator
+  cached_features.py  a split with the encoders' outputs precomputed (launch/encode_dataset.py)
   global_batch.py     host batches -> global jax arrays with a given sharding
 """
 

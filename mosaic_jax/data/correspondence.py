@@ -5,7 +5,8 @@ uint8 [64, 64, 2]): for each cell (row-major) of a 64x64 grid over the *target*,
 64x64 grid over the *reference* that matches it; and a target mask (the subject's pixels in the
 target). For a training resolution with target token grid G (target_size // 16) and reference token
 grid G_r (reference_size // 16) the official loader derives token pairs as follows, and so do we,
-bit for bit (tests compare against PyTorch):
+bit for bit (tests compare against PyTorch). 16 px per token is FLUX's; other autoencoders (the demo's
+pixel autoencoder) give other token sizes (`token_grid(size, token_pixels)`), and the rule is the same:
 
 1. both coordinate grids are resized from 64x64 to GxG with PyTorch's bilinear interpolation
    (`align_corners=False`, float32) and truncated to integers (`.long()`);
@@ -30,11 +31,14 @@ COORD_GRID = 64  # the released matchers' grid (1024 px images with 16 px patche
 TOKEN_PIXELS = 16  # FLUX: VAE /8 then 2x2 packing
 
 
-def token_grid(image_size: int) -> int:
-  """Token grid side for a square image: 512 px -> 32."""
-  if image_size % TOKEN_PIXELS:
-    raise ValueError(f"image size {image_size} must be a multiple of {TOKEN_PIXELS} px (one token).")
-  return image_size // TOKEN_PIXELS
+def token_grid(image_size: int, token_pixels: int = TOKEN_PIXELS) -> int:
+  """Token grid side for a square image of `token_pixels` px per token: 512 px -> 32 with FLUX's 16.
+
+  token_pixels is twice the autoencoder's downsample factor (2x2 latent patches form a token).
+  """
+  if token_pixels < 1 or image_size % token_pixels:
+    raise ValueError(f"image size {image_size} must be a multiple of {token_pixels} px (one token).")
+  return image_size // token_pixels
 
 
 def _fma32(a, b, c) -> np.ndarray:

@@ -8,7 +8,7 @@
     batches.set_state(state)                  # the next batch is the one after the saved step
 
 Each batch (B = global_batch_size / process_count, this process's share; R = this batch's
-reference count; K = max_pairs; G = target_size // 16, G_r = ref_size // 16):
+reference count; K = max_pairs; G = target_size // token_pixels, G_r = ref_size // token_pixels):
   target             float32 [B, H, W, 3] in [-1, 1]
   refs               float32 [B, R, H_r, W_r, 3] in [-1, 1] (never zeroed here: see drop_refs)
   caption            object [B] of str; "" where drop_caption
@@ -28,6 +28,9 @@ disjoint records that together cover the global batch, and every process holds t
 step (one compiled shape per R). Per-example randomness (dropout, pair subsampling) comes from
 (seed, epoch, record index), so results do not depend on process count, threads or resumption.
 The state is just the step, which is why restoring after N batches yields batch N + 1 exactly.
+A source of cached encoder features (`cached_features.open_split`) goes through the same plan and
+randomness; its batches hold features (target_mean, target_std, ref_means, t5, pooled) instead of
+target, refs (see cached_features.py).
 Decoding runs in grain (threads, or worker processes with `worker_processes`).
 """
 
@@ -55,6 +58,7 @@ class PipelineConfig:
   ref_size: int = 512
   global_batch_size: int = 8
   max_pairs: int = 2048  # K; pairs beyond K are subsampled uniformly (seeded)
+  token_pixels: int = 16  # pixels per token side: 2 x the autoencoder's downsample factor (FLUX: 16)
   seed: int = 0
   shuffle: bool = True
   dropout: bool = True  # classifier-free dropout (training); False for evaluation
@@ -169,16 +173,16 @@ def _padded_reference_tokens(transform: image_ops.PixelTransform, original_hw: t
   return tokens
 
 
-def prepare_example(record: dict, config: PipelineConfig, rng: np.random.Generator) -> dict:
-  """One undecoded record -> fixed-shape numpy arrays (see the module docstring)."""
+def decode_record(record: dict, config: PipelineConfig) -> dict:
+  """One undecoded record -> its deterministic part: images resized to the training sizes and every
+  token pair per reference (before subsampling). This is also what launch/encode_dataset.py encodes."""
   example_id = _text(record["id"])
   refs = record["refs"]
   num_refs = len(refs["image"])
-  target_grid = correspondence.token_grid(config.target_size)
-  ref_grid = correspondence.token_grid(config.ref_size)
+  target_grid = correspondence.token_grid(config.target_size, config.token_pixels)
+  ref_grid = correspondence.token_grid(config.ref_size, config.token_pixels)
   target = image_ops.resize_normalize(
       image_ops.decode_rgb(record["target"], f"{example_id} target"), config.target_size)
-  drop_refs, drop_caption = dropout_flags(rng) if config.dropout else (False, False)
 
   images, pairs = [], []
   for index in range(num_refs):
@@ -201,16 +205,30 @@ def prepare_example(record: dict, config: PipelineConfig, rng: np.random.Generat
     pairs.append(correspondence.derive_token_pairs(
         np.asarray(refs["coord_dift"][index]), np.asarray(refs["coord_geoaware"][index]), cells,
         ref_grid, token_of_cells))
+  return {"target": target, "refs": np.stack(images), "pairs": pairs, "caption": _text(record["caption"]),
+          "example_id": example_id}
 
-  out = correspondence.pack_pairs(pairs, config.max_pairs, rng)
+
+def randomize_example(example: dict, config: PipelineConfig, rng: np.random.Generator) -> dict:
+  """The per-step random part, shared by raw and cached records: classifier-free dropout, then pair
+  subsampling (in this order, so both forms draw the same numbers). Returns the batch fields other
+  than the images or features."""
+  drop_refs, drop_caption = dropout_flags(rng) if config.dropout else (False, False)
+  out = correspondence.pack_pairs(example["pairs"], config.max_pairs, rng)
   out.update({
-      "target": target,
-      "refs": np.stack(images),
-      "caption": "" if drop_caption else _text(record["caption"]),
+      "caption": "" if drop_caption else example["caption"],
       "drop_refs": np.bool_(drop_refs),
       "drop_caption": np.bool_(drop_caption),
-      "example_id": example_id,
+      "example_id": example["example_id"],
   })
+  return out
+
+
+def prepare_example(record: dict, config: PipelineConfig, rng: np.random.Generator) -> dict:
+  """One undecoded record -> fixed-shape numpy arrays (see the module docstring)."""
+  example = decode_record(record, config)
+  out = randomize_example(example, config, rng)
+  out.update({"target": example["target"], "refs": example["refs"]})
   return out
 
 
@@ -235,12 +253,14 @@ class _LoadElement:
     self.config = config
     self.process_index = process_index
     self.local_batch_size = local_batch_size
+    # A source of cached features (cached_features.FeatureSource) prepares its own records.
+    self._prepare = getattr(source, "prepare_example", prepare_example)
 
   def __call__(self, element: int) -> dict:
     step, slot = divmod(int(element), self.local_batch_size)
     record_index = int(self.plan.records(step)[self.process_index * self.local_batch_size + slot])
     rng = np.random.default_rng([self.config.seed, self.plan.epoch_of(step), record_index])
-    example = prepare_example(self.source[record_index], self.config, rng)
+    example = self._prepare(self.source[record_index], self.config, rng)
     example["record_index"] = np.int64(record_index)
     return example
 

@@ -99,6 +99,47 @@ class SafetensorsFile:
     self.close()
 
 
+def _header_blob(header: dict, reserve: int = 0) -> bytes:
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  if reserve:
+    if len(blob) > reserve:
+      raise SafetensorsError(f"safetensors header of {len(blob)} bytes exceeds the {reserve} reserved.")
+    return blob + b" " * (reserve - len(blob))  # the format allows trailing spaces in the header
+  return blob + b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
+
+
+class RowWriter:
+  """One tensor [rows, *row_shape] filled row by row through a memory map, for outputs too large to hold
+  (cached encoder features). Space for `max_rows` is reserved (sparse on disk); `close(rows)` rewrites
+  the header to the rows actually written and truncates, leaving an ordinary safetensors file."""
+
+  _RESERVED = 1024
+
+  def __init__(self, path: str, name: str, dtype, row_shape: tuple[int, ...], max_rows: int):
+    self.path, self.name, self.row_shape = os.fspath(path), name, tuple(int(d) for d in row_shape)
+    self.dtype = np.dtype(dtype)
+    if self.dtype not in _NAMES:
+      raise SafetensorsError(f"{self.path}: cannot store tensor {name!r} of dtype {self.dtype}.")
+    self._row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+    with open(self.path, "wb") as f:
+      f.write(self._header(max_rows))
+      f.truncate(8 + self._RESERVED + max(max_rows, 1) * self._row_bytes)
+    self.rows = np.memmap(self.path, self.dtype, "r+", offset=8 + self._RESERVED,
+                          shape=(max(max_rows, 1),) + self.row_shape)
+
+  def _header(self, rows: int) -> bytes:
+    entry = {"dtype": _NAMES[self.dtype], "shape": [rows, *self.row_shape],
+             "data_offsets": [0, rows * self._row_bytes]}
+    return struct.pack("<Q", self._RESERVED) + _header_blob({self.name: entry}, self._RESERVED)
+
+  def close(self, rows: int) -> None:
+    self.rows.flush()
+    del self.rows
+    with open(self.path, "r+b") as f:
+      f.write(self._header(rows))
+      f.truncate(8 + self._RESERVED + rows * self._row_bytes)
+
+
 def save_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None):
   """Writes tensors (numpy arrays, bf16 via ml_dtypes) in sorted key order, like safetensors does."""
   header: dict = {}
@@ -114,8 +155,7 @@ def save_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[s
                     "data_offsets": [offset, offset + arr.nbytes]}
     offset += arr.nbytes
     arrays.append(arr)
-  blob = json.dumps(header, separators=(",", ":")).encode()
-  blob += b" " * (-len(blob) % 8)  # keep the data 8-byte aligned
+  blob = _header_blob(header)
   tmp = f"{path}.tmp"
   with open(tmp, "wb") as f:
     f.write(struct.pack("<Q", len(blob)))

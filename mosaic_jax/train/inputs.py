@@ -1,5 +1,6 @@
-"""What the trainer feeds on: the dataset (built on first use for synthetic configs), the encoders
-(FLUX's from a checkpoint root, or the demo's file-free ones), and host batches -> step batches.
+"""What the trainer feeds on: the dataset (raw, built on first use for synthetic configs, or its cached
+encoder features), the encoders (FLUX's from a checkpoint root, or the demo's file-free ones), and
+host batches -> step batches.
 
 The demo's text encoders are tiny random T5 and CLIP behind a byte tokenizer: random but fixed (seeded)
 functions of the caption, which is all a conditioning signal needs in a from-scratch demo.
@@ -8,12 +9,13 @@ functions of the caption, which is all a conditioning signal needs in a from-scr
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 
 import jax
 import numpy as np
 
-from mosaic_jax.encoders import FluxEncoders, load_flux_encoders
+from mosaic_jax.encoders import FEATURE_KEYS, FluxEncoders, load_flux_encoders
 from mosaic_jax.model import clip, t5
 from mosaic_jax.model.autoencoder import Autoencoder
 from mosaic_jax.model.pixel_autoencoder import PixelAutoencoderConfig
@@ -41,8 +43,43 @@ def _builder(dataset_config):
       seed=build.seed), data_dir=data_dir)
 
 
-def open_dataset(dataset_config, split: str, build_if_missing: bool = True):
-  """(record source, per-record reference counts) of a split; builds a synthetic dataset on first use."""
+def cache_fingerprint(config) -> dict:
+  """The config fields that determine encoded features (config path -> value): a cache written under
+  one fingerprint is refused by a run with another."""
+  fingerprint = {"dataset.name": config.dataset.name, "resolution": config.resolution,
+                 "ref_resolution": config.ref_resolution, "text_len": config.text_len,
+                 "encoders": config.encoders}
+  if config.encoders == "checkpoint":  # by content, so a checkpoint that moved still matches its cache
+    digest = hashlib.sha256()
+    for folder in ("vae", "text_encoder", "text_encoder_2"):
+      path = os.path.join(os.path.expanduser(config.checkpoint), folder, "config.json")
+      if not os.path.exists(path):
+        raise ConfigError(f"{path} not found: config.checkpoint must be a FLUX checkpoint root "
+                          "(vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/).")
+      with open(path, "rb") as f:
+        digest.update(f.read())
+    fingerprint["checkpoint (its vae and text encoder configs)"] = digest.hexdigest()[:16]
+  else:  # the demo's encoders are functions of these
+    fingerprint.update({"pixel_patch_size": config.pixel_patch_size, "seed": config.seed,
+                        "model_overrides.joint_attention_dim": config.model_overrides.get("joint_attention_dim"),
+                        "model_overrides.pooled_projection_dim": config.model_overrides.get("pooled_projection_dim")})
+  return fingerprint
+
+
+def open_dataset(config, split: str, build_if_missing: bool = True):
+  """(record source, per-record reference counts) of a split: the cached features of
+  config.dataset.cached_features when set, else the raw dataset (a synthetic one is built on first use)."""
+  if config.dataset.cached_features:
+    from mosaic_jax.data import cached_features
+    try:
+      return cached_features.open_split(config.dataset.cached_features, split, cache_fingerprint(config))
+    except cached_features.CacheError as error:
+      raise ConfigError(f"{error} (--config.dataset.cached_features={config.dataset.cached_features})") from error
+  return open_raw_dataset(config.dataset, split, build_if_missing)
+
+
+def open_raw_dataset(dataset_config, split: str, build_if_missing: bool = True):
+  """(record source, per-record reference counts) of a raw split; builds a synthetic dataset on first use."""
   from mosaic_jax.data.pipeline import RAW_IMAGE_DECODERS
   if not dataset_config.data_dir:
     raise ConfigError("config.dataset.data_dir is empty: pass --config.dataset.data_dir=DIR (a directory "
@@ -91,7 +128,7 @@ class ByteTokenizers:
 
 
 def demo_encoders(config, seed: int = 0) -> FluxEncoders:
-  """Pixel autoencoder (16 px per token with patch 8) and tiny random text encoders; no files."""
+  """Pixel autoencoder (2 x pixel_patch_size px per token) and tiny random text encoders; no files."""
   patch = config.pixel_patch_size
   pixel = PixelAutoencoderConfig(patch_size=patch, latent_channels=3 * patch * patch)
   t5_cfg = dataclasses.replace(t5.tiny(), d_model=config.model_overrides.get("joint_attention_dim", 32))
@@ -104,19 +141,59 @@ def demo_encoders(config, seed: int = 0) -> FluxEncoders:
 
 
 def make_encoders(config) -> FluxEncoders:
+  """The encoders of the config. With cached features, FLUX's text encoders are not loaded (T5-XXL alone
+  is 9.5 GB): only the autoencoder is needed, to decode sample images."""
   if config.encoders == "demo":
     return demo_encoders(config, config.seed)
   if config.encoders == "checkpoint":
-    return load_flux_encoders(config.checkpoint, autoencoder="vae", t5_max_length=config.text_len)
+    return load_flux_encoders(config.checkpoint, autoencoder="vae", t5_max_length=config.text_len,
+                              text_encoders=not config.dataset.cached_features)
   raise ConfigError(f"config.encoders={config.encoders!r}: expected 'checkpoint' or 'demo'.")
 
 
+def token_pixels(config) -> int:
+  """Pixels per token side of the config's encoders: 2 x the autoencoder's downsample factor (2x2
+  latent patches form a token). FLUX's VAE: 16; the demo's pixel autoencoder: 2 x its patch size.
+  Known from the config alone, so the data pipeline can be set up before any encoder is loaded."""
+  if config.encoders == "demo":
+    return 2 * int(config.pixel_patch_size)
+  return 16
+
+
+def text_feature_shapes(config, encoders: FluxEncoders, source) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(T5 states [L, D], pooled [P]) of one example: from the cache, or from the text encoders."""
+  spec = getattr(source, "spec", None)
+  if spec is not None:
+    return tuple(spec["text"]["t5"]), tuple(spec["text"]["pooled"])
+  return (config.text_len, encoders.t5_config.d_model), (encoders.clip_config.hidden_size,)
+
+
 def step_batch(host_batch: dict, encoders: FluxEncoders) -> dict:
-  """Pipeline batch (images, captions, pairs) -> the numpy arrays the train step reads (step.BATCH_KEYS)."""
-  features = encoders.batch_features(host_batch, batch_size=len(host_batch["target"]))
+  """Pipeline batch (images and captions, or their cached features; pairs) -> the numpy arrays the
+  train step reads (step.BATCH_KEYS)."""
+  if "target_mean" in host_batch:  # cached features
+    features = {key: host_batch[key] for key in FEATURE_KEYS}
+  else:
+    features = encoders.batch_features(host_batch, batch_size=len(host_batch["target"]))
   out = {key: np.asarray(value, np.float32) for key, value in features.items()}
   for key in ("pair_ref", "pair_ref_token", "pair_target_token"):
     out[key] = np.asarray(host_batch[key], np.int32)
   out["pair_valid"] = np.asarray(host_batch["pair_valid"], bool)
   out["drop_refs"] = np.asarray(host_batch["drop_refs"], bool)
   return out
+
+
+def encode_dataset(config, out: str, splits=None, batch_size: int = 8, dtype: str = "float32") -> dict:
+  """Writes the cached features of `config`'s dataset splits (default: the train and eval splits) into
+  the new directory `out`, with the config's encoders and sizes; returns the cache spec."""
+  from mosaic_jax.data import cached_features
+  from mosaic_jax.data.pipeline import PipelineConfig
+  splits = list(splits or dict.fromkeys([config.dataset.train_split, config.dataset.eval_split]))
+  sources = {split: open_raw_dataset(config.dataset, split) for split in splits}
+  encoders = demo_encoders(config, config.seed) if config.encoders == "demo" else load_flux_encoders(
+      config.checkpoint, autoencoder="vae", t5_max_length=config.text_len)
+  pipeline_config = PipelineConfig(target_size=config.resolution, ref_size=config.ref_resolution,
+                                   token_pixels=token_pixels(config))
+  return cached_features.encode_dataset(sources, out, encoders, pipeline_config, cache_fingerprint(config),
+                                        batch_size=batch_size, read_threads=config.dataset.read_threads,
+                                        dtype=jax.numpy.dtype(dtype))

@@ -104,7 +104,8 @@ def loss_terms(trainable: dict, frozen_base: Any, batch: dict, key, step, cfg: F
 
 def train_step(state: dict, frozen_base: Any, batch: dict, *, cfg: FluxConfig, config,
                optimizer: optax.GradientTransformation):
-  """One optimizer step; a non-finite loss or gradient leaves the state untouched (metrics say so)."""
+  """One optimizer step; a non-finite loss, gradient or updated weight leaves the state untouched
+  (metrics say so)."""
   step = state["step"]
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), step)
   compute = functools.partial(loss_terms, cfg=cfg, config=config)  # remat: per block, cfg.remat_policy
@@ -116,7 +117,11 @@ def train_step(state: dict, frozen_base: Any, batch: dict, *, cfg: FluxConfig, c
   decay = config.ema_decay
   ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p, state["ema"], trainable)
   new_state = {"step": step + 1, "trainable": trainable, "opt_state": opt_state, "ema": ema}
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # A finite gradient can still give non-finite weights (a learning rate that overflows float32), which
+  # would then be committed and checkpointed: the new trainable values are checked too. (The moments
+  # and the EMA need no check: clipped gradients and a convex average of finite weights stay finite.)
+  weights_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(trainable)]))
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & weights_finite
   # The NaN guard: keep the previous state (the state buffers are donated, so this select is what
   # preserves the last good values); the host stops the run on `finite == False`.
   new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)

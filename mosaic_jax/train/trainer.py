@@ -92,12 +92,18 @@ def check_config(config) -> None:
                       "--config.checkpoint=/path/to/FLUX.1-dev.")
   if config.lora and not os.path.exists(os.path.expanduser(config.lora)):
     raise ConfigError(f"config.lora={config.lora!r} does not exist: pass --config.lora=FILE or --config.lora=''.")
-  if not config.dataset.data_dir:
+  if not config.dataset.data_dir and not config.dataset.cached_features:
     raise ConfigError("config.dataset.data_dir is empty: pass --config.dataset.data_dir=DIR (where "
-                      "launch/build_dataset.py built semalign_ms).")
+                      "launch/build_dataset.py built semalign_ms), or --config.dataset.cached_features=DIR "
+                      "(where launch/encode_dataset.py wrote its features).")
   if config.total_steps < 1 or config.batch_size < 1:
     raise ConfigError(f"config.total_steps={config.total_steps} and config.batch_size={config.batch_size} "
                       "must be positive.")
+  token_pixels = inputs_lib.token_pixels(config)
+  for name in ("resolution", "ref_resolution"):
+    if config[name] < 1 or config[name] % token_pixels:
+      raise ConfigError(f"config.{name}={config[name]}: expected a positive multiple of {token_pixels} px "
+                        f"(one token with encoders={config.encoders!r}, pixel_patch_size={config.pixel_patch_size}).")
 
 
 def _step_settings(config, autoencoder) -> types.SimpleNamespace:
@@ -143,8 +149,9 @@ def build_model(config, mesh, param_rules, logical_rules):
 
 # ---- 5. compilation -------------------------------------------------------------------------------
 
-def abstract_batch(config, encoders, num_refs: int) -> dict:
-  """ShapeDtypeStructs of a step batch with R = num_refs (the step is compiled once per R)."""
+def abstract_batch(config, encoders, num_refs: int, text_shapes) -> dict:
+  """ShapeDtypeStructs of a step batch with R = num_refs (the step is compiled once per R);
+  text_shapes: (T5 states [L, D], pooled [P]) per example."""
   b, k = config.batch_size, config.dataset.max_pairs
   f, c = encoders.autoencoder.downsample_factor, encoders.autoencoder.latent_channels
   h, hr = config.resolution // f, config.ref_resolution // f
@@ -152,8 +159,8 @@ def abstract_batch(config, encoders, num_refs: int) -> dict:
   return {
       "target_mean": jax.ShapeDtypeStruct((b, h, h, c), f32), "target_std": jax.ShapeDtypeStruct((b, h, h, c), f32),
       "ref_means": jax.ShapeDtypeStruct((b, num_refs, hr, hr, c), f32),
-      "t5": jax.ShapeDtypeStruct((b, config.text_len, encoders.t5_config.d_model), f32),
-      "pooled": jax.ShapeDtypeStruct((b, encoders.clip_config.hidden_size), f32),
+      "t5": jax.ShapeDtypeStruct((b, *text_shapes[0]), f32),
+      "pooled": jax.ShapeDtypeStruct((b, *text_shapes[1]), f32),
       "pair_ref": jax.ShapeDtypeStruct((b, k), jnp.int32), "pair_ref_token": jax.ShapeDtypeStruct((b, k), jnp.int32),
       "pair_target_token": jax.ShapeDtypeStruct((b, k), jnp.int32), "pair_valid": jax.ShapeDtypeStruct((b, k), bool),
       "drop_refs": jax.ShapeDtypeStruct((b,), bool),
@@ -174,7 +181,7 @@ def _memory_report(compiled) -> str:
 
 
 def compile_steps(step_fn, state, base, state_shardings, base_shardings, batch_shardings, metric_sharding,
-                  config, encoders, reference_counts) -> dict[int, Any]:
+                  config, encoders, reference_counts, text_shapes) -> dict[int, Any]:
   """{R: compiled step}, ahead of time, each with its memory report printed."""
   jitted = jax.jit(step_fn, in_shardings=(state_shardings, base_shardings, batch_shardings),
                    out_shardings=(state_shardings, metric_sharding), donate_argnums=(0,))
@@ -182,7 +189,7 @@ def compile_steps(step_fn, state, base, state_shardings, base_shardings, batch_s
   abstract = lambda tree: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
   for r in reference_counts:
     start = time.perf_counter()
-    compiled[r] = jitted.lower(abstract(state), abstract(base), abstract_batch(config, encoders, r)).compile()
+    compiled[r] = jitted.lower(abstract(state), abstract(base), abstract_batch(config, encoders, r, text_shapes)).compile()
     print(f"compiled the train step for {r} reference(s) in {time.perf_counter() - start:.1f} s: "
           f"{_memory_report(compiled[r])}", flush=True)
   return compiled
@@ -201,12 +208,12 @@ def _model_latents(host_batch, encoders, scaling, shift):
 
 
 def evaluation_batches(config, encoders, settings) -> list[dict]:
-  source, num_refs = inputs_lib.open_dataset(config.dataset, config.dataset.eval_split)
+  source, num_refs = inputs_lib.open_dataset(config, config.dataset.eval_split)
   batch_size = min(config.batch_size, 8)
   iterator = make_iterator(source, num_refs, PipelineConfig(
       target_size=config.resolution, ref_size=config.ref_resolution, global_batch_size=batch_size,
-      max_pairs=config.dataset.max_pairs, seed=config.seed, shuffle=False, dropout=False, num_epochs=1,
-      read_threads=config.dataset.read_threads))
+      max_pairs=config.dataset.max_pairs, token_pixels=2 * encoders.autoencoder.downsample_factor,
+      seed=config.seed, shuffle=False, dropout=False, num_epochs=1, read_threads=config.dataset.read_threads))
   batches = []
   for host_batch in iterator:
     if len(batches) * batch_size >= config.eval_examples:
@@ -243,21 +250,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # 2. mesh and model
   mesh = parallel.make_mesh(config.mesh.to_dict())
   param_rules, logical_rules = tuple(config.sharding.param_rules), tuple(config.sharding.logical_rules)
+  try:  # the global batch is split over the batch axis' mesh axes: say so now, not at compilation
+    parallel.batch_sharding(mesh, logical_rules).shard_shape((config.batch_size,))
+  except ValueError as error:
+    raise ConfigError(f"config.batch_size={config.batch_size} does not split over the mesh "
+                      f"{dict(mesh.shape)}: the batch axis is sharded as "
+                      f"{parallel.batch_sharding(mesh, logical_rules).spec} (config.sharding.logical_rules); "
+                      "use a multiple of those axes' sizes.") from error
   shard = functools.partial(parallel.tree_shardings, mesh=mesh, param_rules=param_rules,
                             logical_rules=logical_rules)
 
   # 3. data (opened before the model, so a wrong path fails in seconds) and encoders
-  source, num_refs = inputs_lib.open_dataset(config.dataset, config.dataset.train_split)
+  source, num_refs = inputs_lib.open_dataset(config, config.dataset.train_split)
   try:
     iterator = make_iterator(source, num_refs, PipelineConfig(
         target_size=config.resolution, ref_size=config.ref_resolution, global_batch_size=config.batch_size,
-        max_pairs=config.dataset.max_pairs, seed=config.seed, read_threads=config.dataset.read_threads,
-        worker_processes=config.dataset.worker_processes),
+        max_pairs=config.dataset.max_pairs, token_pixels=inputs_lib.token_pixels(config), seed=config.seed,
+        read_threads=config.dataset.read_threads, worker_processes=config.dataset.worker_processes),
         process_index=jax.process_index(), process_count=jax.process_count())
   except ValueError as error:  # e.g. no reference count with a full batch of examples
     raise ConfigError(f"dataset {config.dataset.name} split {config.dataset.train_split!r} gives no "
                       f"training batch: {error} (--config.batch_size={config.batch_size})") from error
   encoders = inputs_lib.make_encoders(config)
+  # The pairs were derived for the config's token size: it must be the autoencoder's (2x2 packing).
+  token_pixels = 2 * encoders.autoencoder.downsample_factor
+  if token_pixels != inputs_lib.token_pixels(config):
+    raise ConfigError(f"the autoencoder gives {token_pixels} px per token, but the pipeline was set up for "
+                      f"{inputs_lib.token_pixels(config)} (inputs.token_pixels).")
   settings = _step_settings(config, encoders.autoencoder)
   cfg, params, lora = build_model(config, mesh, param_rules, logical_rules)
 
@@ -296,12 +315,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # 5. compile for every reference count before step 0
   step_fn = functools.partial(step_lib.train_step, cfg=cfg, config=settings, optimizer=optimizer)
   compiled = compile_steps(step_fn, state, base, state_shardings, base_shardings, batch_shardings,
-                           metric_sharding, config, encoders, iterator.reference_counts)
+                           metric_sharding, config, encoders, iterator.reference_counts,
+                           inputs_lib.text_feature_shapes(config, encoders, source))
 
   # 6. the loop
   logger = metrics_lib.Logger(workdir, config.total_steps, enabled=jax.process_index() == 0)
   peak = metrics_lib.peak_tflops(jax.devices()[0].device_kind, config.peak_tflops_per_device)
-  grid, ref_grid = config.resolution // 16, config.ref_resolution // 16
+  grid, ref_grid = config.resolution // token_pixels, config.ref_resolution // token_pixels
   losses_by_step: dict[int, float] = {}
   status = "done"
   step = start_step
@@ -313,10 +333,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     nonlocal window_start, window_steps
     metrics = jax.device_get(metrics)
     if not bool(metrics["finite"]):
+      # Saves are asynchronous: let the last good one commit before the error ends the process
+      # (an uncaught exception would otherwise leave it as an unreadable *.orbax-checkpoint-tmp).
+      checkpointer.wait()
+      last_good = checkpointer.latest_step()
+      checkpointer.close()
       raise FloatingPointError(
-          f"non-finite loss or gradient at step {pending_step} (loss {metrics['loss']}, grad norm "
-          f"{metrics['grad_norm']}): stopped; the last good checkpoint in {checkpointer.directory} "
-          "is intact (lower the learning rate, or check the data).")
+          f"non-finite loss, gradient or update at step {pending_step} (loss {metrics['loss']}, grad norm "
+          f"{metrics['grad_norm']}): stopped; "
+          + (f"the last good checkpoint (step {last_good}) in {checkpointer.directory} is intact"
+             if last_good is not None else f"no checkpoint was written to {checkpointer.directory}")
+          + " (lower the learning rate, or check the data).")
     losses_by_step[pending_step] = float(metrics["loss"])
     window_steps += 1
     if on_step is not None:
@@ -339,9 +366,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   with checkpoint_lib.PreemptionFlag() as preempted:
     while step < config.total_steps:
-      host_batch = next(iterator)
-      r = host_batch["refs"].shape[1]
-      batch = to_global_arrays(inputs_lib.step_batch(host_batch, encoders), batch_shardings)
+      host_batch = inputs_lib.step_batch(next(iterator), encoders)
+      r = host_batch["ref_means"].shape[1]
+      batch = to_global_arrays(host_batch, batch_shardings)
       state, metrics = compiled[r](state, base, batch)
       step += 1
       if pending is not None:

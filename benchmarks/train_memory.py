@@ -1,0 +1,85 @@
+"""Per-device memory of the MOSAIC recipe's train step at FLUX.1-dev scale, from shapes alone.
+
+The trainer's own step (trainer.compile_steps, the config's sharding rules and remat policy) is
+compiled ahead of time for abstract parameters, LoRA, optimizer state and batch: no weights are
+loaded and nothing runs, so a mesh and batch can be checked in minutes before any accelerator time is
+spent. On a machine without the accelerators, fake CPU devices stand in (`--cpu_devices`); their
+numbers come from the CPU compiler, whose buffer assignment differs from the GPU's and TPU's, and
+the xla attention path materializes scores that cudnn/splash would not: read them as an upper bound
+and as ratios between settings. On real devices, run without --cpu_devices.
+
+  python benchmarks/train_memory.py --cpu_devices 8 --mesh 1,8,1 --batch 8 --refs 1,3,6
+  python benchmarks/train_memory.py --remat full,dots_with_no_batch_dims_saveable --refs 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def parse_args():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--cpu_devices", type=int, default=0, help="fake this many CPU devices (0: real devices)")
+  parser.add_argument("--mesh", default="1,8,1", help="data,fsdp,tensor sizes")
+  parser.add_argument("--batch", type=int, default=8, help="global batch")
+  parser.add_argument("--refs", default="1,6", help="reference counts to compile for")
+  parser.add_argument("--remat", default="full", help="remat policies to compare, comma separated")
+  parser.add_argument("--attention", default="xla", help="attention_impl (cudnn needs a GPU, splash a TPU)")
+  return parser.parse_args()
+
+
+def main():
+  args = parse_args()
+  if args.cpu_devices:  # before jax starts
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.cpu_devices}"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  sys.path[:0] = [root, os.path.join(root, "configs")]
+
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import functools  # pylint: disable=import-outside-toplevel
+
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import flux_ms  # pylint: disable=import-outside-toplevel
+  from mosaic_jax import model, parallel  # pylint: disable=import-outside-toplevel
+  from mosaic_jax.model.autoencoder import Autoencoder  # pylint: disable=import-outside-toplevel
+  from mosaic_jax.model.vae import VaeConfig  # pylint: disable=import-outside-toplevel
+  from mosaic_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
+  from mosaic_jax.train import trainer  # pylint: disable=import-outside-toplevel
+
+  config = flux_ms.get_config("default")
+  config.mesh.update(dict(zip(("data", "fsdp", "tensor"), (int(s) for s in args.mesh.split(",")))))
+  config.batch_size = args.batch
+  mesh = parallel.make_mesh(config.mesh.to_dict())
+  rules = tuple(config.sharding.param_rules), tuple(config.sharding.logical_rules)
+  shard = functools.partial(parallel.tree_shardings, mesh=mesh, param_rules=rules[0], logical_rules=rules[1])
+  vae = Autoencoder("vae", VaeConfig(), {})  # FLUX's VAE geometry (/8, 16 channels); no weights
+  encoders = type("Shapes", (), {"autoencoder": vae})  # all that compile_steps reads of the encoders
+  settings = trainer._step_settings(config, vae)  # pylint: disable=protected-access
+  optimizer = step_lib.make_optimizer(settings.optimizer)
+  text_shapes = ((config.text_len, 4096), (768,))  # T5-XXL states, pooled CLIP-L
+  key = jax.random.PRNGKey(0)
+  print(f"FLUX.1-dev, LoRA rank {config.lora_rank}, {config.resolution} px, batch {args.batch}, mesh "
+        f"{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].device_kind}, attention {args.attention}")
+  for remat in args.remat.split(","):
+    cfg = dataclasses.replace(model.config.flux1_dev(), remat_policy=remat, attention_impl=args.attention)
+    base = jax.eval_shape(lambda k, cfg=cfg: model.init_params(k, cfg, jnp.bfloat16), key)
+    lora = jax.eval_shape(lambda k, cfg=cfg, base=base: model.init_lora(k, base, cfg, config.lora_rank), key)
+    state = jax.eval_shape(lambda t: step_lib.init_state(t, optimizer), {"lora": lora})
+    step_fn = functools.partial(step_lib.train_step, cfg=cfg, config=settings, optimizer=optimizer)
+    compiled = trainer.compile_steps(step_fn, state, base, shard(state), shard(base),
+                                     parallel.batch_sharding(mesh, rules[1]), parallel.replicated(mesh), config,
+                                     encoders, [int(r) for r in args.refs.split(",")], text_shapes)
+    for r, executable in compiled.items():
+      stats = executable.memory_analysis()
+      total = stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes + \
+          stats.temp_size_in_bytes
+      print(f"remat {remat}, {r} reference(s): {total / 2 ** 30:.1f} GiB per device (arguments "
+            f"{stats.argument_size_in_bytes / 2 ** 30:.1f}, temporaries {stats.temp_size_in_bytes / 2 ** 30:.1f})")
+
+
+if __name__ == "__main__":
+  main()
