@@ -232,7 +232,8 @@ def _encode_split(source, num_refs: np.ndarray, split: str, directory: str, enco
                  for name, (shape, rows) in shapes.items()}
     r0 = ref_offset[-1]
     writers["target_mean"].rows[done:done + len(examples)] = target.mean
-    writers["target_std"].rows[done:done + len(examples)] = target.std
+    if np.any(target.std):  # a deterministic autoencoder's zeros stay holes of the sparse file: no disk
+      writers["target_std"].rows[done:done + len(examples)] = target.std
     writers["ref_means"].rows[r0:r0 + len(refs)] = refs
     for example in examples:
       if len(example["refs"]) != num_refs[len(ids)]:

@@ -338,6 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       checkpointer.wait()
       last_good = checkpointer.latest_step()
       checkpointer.close()
+      logger.close()  # flush the logs up to the bad step
       raise FloatingPointError(
           f"non-finite loss, gradient or update at step {pending_step} (loss {metrics['loss']}, grad norm "
           f"{metrics['grad_norm']}): stopped; "
