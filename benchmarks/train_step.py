@@ -37,7 +37,8 @@ from mosaic_jax.train.inputs import token_pixels  # noqa: E402
 def _settings(config):
   return types.SimpleNamespace(seed=0, latent_scaling=1.0, latent_shift=0.0, ema_decay=config.ema_decay,
                                losses=types.SimpleNamespace(**config.losses.to_dict()),
-                               optimizer=types.SimpleNamespace(**config.optimizer.to_dict()))
+                               optimizer=types.SimpleNamespace(**config.optimizer.to_dict(),
+                                                               total_steps=config.total_steps))
 
 
 def _batch(rng, batch, grid, ref_grid, num_refs, text_len, cfg, pairs):

@@ -7,8 +7,9 @@ Variants (combine with commas, e.g. `demo,independent_refs`):
                     checkpoint root: transformer/, vae/, text_encoder*/, tokenizer*/) and
                     `--config.dataset.data_dir` (a built `semalign_ms` dataset).
   demo              a tiny DiT trained from scratch (base + reference LoRA) on the synthetic dataset
-                    (built on first use), with the exact pixel autoencoder and tiny random text
-                    encoders: needs no downloaded file; about 10 minutes on 2 CPU cores.
+                    (built on first use) at 32 px, 4 px per token, with the exact pixel autoencoder
+                    (patch 2) and tiny random text encoders: needs no downloaded file; 1500 steps,
+                    about 9 minutes on 2 CPU cores.
   demo_diffusion    demo with the diffusion loss only (SCAL and MDL weights 0).
   demo_scal         demo with diffusion + SCAL (MDL weight 0).
   independent_refs  references attend to themselves only, which makes their keys and values
@@ -44,11 +45,12 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   config.dtype = "bfloat16"  # the frozen base and the compute; the LoRA stays float32
   config.seed = 0
   # "checkpoint": the FLUX VAE, T5 and CLIP of `checkpoint`; "demo": the exact pixel autoencoder
-  # (patch 8: FLUX's 16 px per token) and tiny random T5/CLIP with a byte tokenizer.
+  # (2 x pixel_patch_size px per token; 8 matches FLUX's 16) and tiny random T5/CLIP with a byte tokenizer.
   config.encoders = "checkpoint"
   config.pixel_patch_size = 8
 
-  # ---- the packed sequence (DESIGN section 3), sizes in pixels: 16 px per latent token ---------
+  # ---- the packed sequence (DESIGN section 3), sizes in pixels: multiples of one token (2x2 latent
+  # pixels: 16 px with FLUX's VAE, 2 x pixel_patch_size with the demo's pixel autoencoder) ---------
   config.batch_size = 1  # global batch (the official code: 1 per device)
   config.resolution = 512
   config.ref_resolution = 512
@@ -81,7 +83,8 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   # ---- optimization (official defaults) -----------------------------------------------------
   config.total_steps = 20_000
   config.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=8e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, grad_clip_norm=1.0))
+      learning_rate=8e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, grad_clip_norm=1.0,
+      schedule="constant", warmup_steps=0))  # schedule: constant | cosine (to 0 at total_steps)
   config.ema_decay = 0.99
   config.losses = ml_collections.ConfigDict(dict(
       scal_weight=0.1, mdl_weight=1.0, mdl_ramp_start=10_000, mdl_ramp_end=11_000))
@@ -117,16 +120,22 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
 
 
 def _demo(config: ml_collections.ConfigDict) -> None:
-  """A tiny DiT trained from scratch on 128 px synthetic scenes with 2 or 3 references (8x8 tokens)."""
+  """A tiny DiT trained from scratch on 32 px synthetic scenes with 2 or 3 references (8x8 tokens).
+
+  4 px per token (pixel autoencoder, patch 2): 48 values per token, well below the hidden size 128.
+  The velocity lives in the span of proj_out, at most `hidden` of a token's values: with patch 8
+  (768 values per token) the noise in the other 640 was never removed and samples stayed noise.
+  """
   config.model = "tiny"
   config.model_overrides = ml_collections.ConfigDict(dict(
-      in_channels=768,  # pixel autoencoder, patch 8: 192 latent channels x 2x2 packing
+      in_channels=48,  # pixel autoencoder, patch 2: 12 latent channels x 2x2 packing
       num_layers=3, num_single_layers=1, attention_head_dim=32, num_attention_heads=4,
       joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(8, 12, 12)))
   config.dtype = "float32"
   config.encoders = "demo"
-  config.resolution = 128
-  config.ref_resolution = 128
+  config.pixel_patch_size = 2
+  config.resolution = 32  # the 128 px scenes, downscaled by the pipeline
+  config.ref_resolution = 32
   config.text_len = 16
   config.batch_size = 8
   config.trainable = "base+lora"  # the tiny base is random: train it from scratch, with the LoRA
@@ -136,12 +145,15 @@ def _demo(config: ml_collections.ConfigDict) -> None:
   config.dataset.max_pairs = 192
   config.dataset.build = ml_collections.ConfigDict(dict(
       image_size=128, min_refs=2, max_refs=3, num_train=2048, num_validation=64, seed=0))
-  config.total_steps = 1000
-  config.optimizer.learning_rate = 1e-3
+  config.total_steps = 1500
+  # A high peak, then a cosine decay: the run is short, and the samples want settled weights.
+  config.optimizer.learning_rate = 3e-3
+  config.optimizer.schedule = "cosine"
+  config.optimizer.warmup_steps = 50
   # The MDL ramp, scaled from 10k -> 11k of 20k steps to the demo length.
-  config.losses.mdl_ramp_start = 500
-  config.losses.mdl_ramp_end = 550
-  config.checkpoint_every = 250
+  config.losses.mdl_ramp_start = 750
+  config.losses.mdl_ramp_end = 825
+  config.checkpoint_every = 500
   config.log_every = 50
   config.sample_every = 500
   config.sample_steps = 16

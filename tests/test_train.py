@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -21,6 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import flux_ms  # noqa: E402
 from mosaic_jax.train import ConfigError, train_and_evaluate  # noqa: E402
 from mosaic_jax.train import inputs as inputs_lib  # noqa: E402
+from mosaic_jax.train import step as step_lib  # noqa: E402
 from mosaic_jax.train import trainer  # noqa: E402
 
 
@@ -48,9 +50,11 @@ def tiny_config(data_dir, **changes):
   config.dataset.max_pairs = 16
   config.dataset.read_threads = 1
   config.resolution = config.ref_resolution = 64
+  # Patch 8 (16 px per token, 4x4 tokens): the smallest sequence; the demo itself uses patch 2.
+  config.pixel_patch_size = 8
   config.batch_size = 2
   config.lora_rank = 4
-  config.model_overrides.update(num_layers=1, num_single_layers=1, num_attention_heads=2)
+  config.model_overrides.update(in_channels=768, num_layers=1, num_single_layers=1, num_attention_heads=2)
   config.total_steps = 4
   config.checkpoint_every = 2
   config.log_every = 1
@@ -186,10 +190,35 @@ def test_resolution_of_a_fraction_of_a_token_is_one_clear_error(data_dir, tmp_pa
     train_and_evaluate(config, str(tmp_path))
 
 
+def test_transformer_channels_that_do_not_fit_the_autoencoder_are_one_clear_error(data_dir, tmp_path,
+                                                                                  no_compilation):
+  config = tiny_config(data_dir, pixel_patch_size=4)  # 48 latent channels: 192 per token, not 768
+  with pytest.raises(ConfigError, match=r"takes 768 values per token.*gives 48 latent channels, 192 per"):
+    train_and_evaluate(config, str(tmp_path))
+
+
+def test_learning_rate_schedules():
+  recipe = flux_ms.get_config("default").optimizer
+  assert step_lib.learning_rate(recipe) == 8e-5  # a float: the recipe's optimizer state is unchanged
+  demo = types.SimpleNamespace(**flux_ms.get_config("demo").optimizer.to_dict(), total_steps=1500)
+  schedule = step_lib.learning_rate(demo)
+  assert float(schedule(0)) == 0.0 and float(schedule(25)) == pytest.approx(1.5e-3)
+  assert float(schedule(50)) == pytest.approx(3e-3) and float(schedule(775)) == pytest.approx(1.5e-3, rel=1e-3)
+  assert float(schedule(1500)) == pytest.approx(0.0, abs=1e-9)
+  warm = step_lib.learning_rate(types.SimpleNamespace(learning_rate=1e-3, warmup_steps=10))
+  assert float(warm(5)) == pytest.approx(5e-4) and float(warm(500)) == pytest.approx(1e-3)
+
+
+def test_unknown_schedule_is_one_clear_error(data_dir, tmp_path, no_compilation):
+  config = tiny_config(data_dir, **{"optimizer.schedule": "linear"})
+  with pytest.raises(ConfigError, match=r"config\.optimizer\.schedule='linear': expected one of"):
+    train_and_evaluate(config, str(tmp_path))
+
+
 @pytest.mark.parametrize("patch", [2, 4])
 def test_pairs_index_the_token_grid_of_the_autoencoder(data_dir, patch):
   """Pairs are derived on the grid the model sees: 64 px / (2 x patch) tokens a side, not FLUX's 16 px."""
-  config = tiny_config(data_dir, pixel_patch_size=patch, eval_examples=4)
+  config = tiny_config(data_dir, pixel_patch_size=patch, eval_examples=4)  # 64 px
   encoders = inputs_lib.make_encoders(config)
   grid = 64 // (2 * patch)
   batches = trainer.evaluation_batches(config, encoders, trainer._step_settings(config, encoders.autoencoder))

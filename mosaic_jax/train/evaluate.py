@@ -102,8 +102,11 @@ def sample_targets(params, lora, cfg, batch, num_steps: int, guidance: float, se
                          ref_ids=reference_ids(refs.shape[1], ref_grid, ref_grid))
 
 
-def sample_panel(autoencoder, batch, generated_tokens, max_rows: int = 4) -> np.ndarray:
-  """uint8 [rows * S, (R + 2) * S, 3]: per example its references, the sample, then the real target."""
+def sample_panel(autoencoder, batch, generated_tokens, max_rows: int = 4, min_tile: int = 128) -> np.ndarray:
+  """uint8 [rows * S, (R + 2) * S, 3]: per example its references, the sample, then the real target.
+
+  Tiles smaller than `min_tile` px (the demo's 32 px images) are enlarged by a whole factor, pixels as
+  squares (nearest), so that they can be looked at; S is the enlarged size."""
   target = batch["target"]
   h, w = target.shape[1:3]
   decode = lambda latents: np.asarray(autoencoder.decode_model_latents(latents))
@@ -116,7 +119,9 @@ def sample_panel(autoencoder, batch, generated_tokens, max_rows: int = 4) -> np.
     size = tiles[-1].shape[0]
     tiles = [np.asarray(Image.fromarray(_to_uint8(t)).resize((size, size))) for t in tiles]
     rows.append(np.concatenate(tiles, axis=1))
-  return np.concatenate(rows, axis=0)
+  panel = np.concatenate(rows, axis=0)
+  zoom = max(1, -(-min_tile // real.shape[1]))  # real: decoded images [B, S, S, 3]
+  return np.repeat(np.repeat(panel, zoom, axis=0), zoom, axis=1)
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:

@@ -32,11 +32,33 @@ from mosaic_jax.model import reference_ids, text_ids
 BATCH_KEYS = ("target_mean", "target_std", "ref_means", "t5", "pooled", "pair_ref", "pair_ref_token",
               "pair_target_token", "pair_valid", "drop_refs")
 
+SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(opt_config):
+  """The learning rate: the float `learning_rate` (constant, the official recipe), or an optax schedule
+  with `warmup_steps` of linear warmup and, for schedule "cosine", a cosine decay to 0 at `total_steps`
+  (the demo: a short from-scratch run ends on settled weights). A float keeps the recipe's optimizer
+  state as it was (a schedule adds a step count to it)."""
+  peak = float(opt_config.learning_rate)
+  warmup = int(getattr(opt_config, "warmup_steps", 0))
+  schedule = getattr(opt_config, "schedule", "constant")
+  if schedule not in SCHEDULES:
+    raise ValueError(f"optimizer schedule {schedule!r}: expected one of {SCHEDULES}.")
+  if schedule == "cosine":
+    total = max(int(getattr(opt_config, "total_steps", 0)), warmup + 1)
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, total, end_value=0.0)
+  if warmup:
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)],
+                                [warmup])
+  return peak
+
+
 def make_optimizer(opt_config) -> optax.GradientTransformation:
-  """Grad-norm clipping then AdamW, constant learning rate (the official recipe)."""
+  """Grad-norm clipping then AdamW; constant learning rate unless opt_config asks for a schedule."""
   return optax.chain(
       optax.clip_by_global_norm(opt_config.grad_clip_norm),
-      optax.adamw(opt_config.learning_rate, b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps,
+      optax.adamw(learning_rate(opt_config), b1=opt_config.b1, b2=opt_config.b2, eps=opt_config.eps,
                   weight_decay=opt_config.weight_decay))
 
 
@@ -125,6 +147,7 @@ def train_step(state: dict, frozen_base: Any, batch: dict, *, cfg: FluxConfig, c
   # The NaN guard: keep the previous state (the state buffers are donated, so this select is what
   # preserves the last good values); the host stops the run on `finite == False`.
   new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  lr = learning_rate(config.optimizer)  # the rate of this step's update (the schedule counts from 0)
   metrics.update(grad_norm=grad_norm, finite=finite,
-                 learning_rate=jnp.float32(config.optimizer.learning_rate))
+                 learning_rate=jnp.asarray(lr(step) if callable(lr) else lr, jnp.float32))
   return new_state, metrics

@@ -80,6 +80,9 @@ def check_config(config) -> None:
     raise ConfigError(f"config.model_overrides has unknown FluxConfig field(s) {bad}.")
   if config.trainable not in TRAINABLE_CHOICES:
     raise ConfigError(f"config.trainable={config.trainable!r}: expected one of {TRAINABLE_CHOICES}.")
+  if config.optimizer.schedule not in step_lib.SCHEDULES:
+    raise ConfigError(f"config.optimizer.schedule={config.optimizer.schedule!r}: expected one of "
+                      f"{step_lib.SCHEDULES}.")
   if config.remat_policy not in REMAT_POLICIES:
     raise ConfigError(f"config.remat_policy={config.remat_policy!r}: expected one of {REMAT_POLICIES}.")
   needs_checkpoint = config.encoders == "checkpoint" or config.trainable == "lora"
@@ -112,7 +115,7 @@ def _step_settings(config, autoencoder) -> types.SimpleNamespace:
       seed=int(config.seed), latent_scaling=float(autoencoder.config.scaling_factor),
       latent_shift=float(autoencoder.config.shift_factor), ema_decay=float(config.ema_decay),
       losses=types.SimpleNamespace(**config.losses.to_dict()),
-      optimizer=types.SimpleNamespace(**config.optimizer.to_dict()))
+      optimizer=types.SimpleNamespace(**config.optimizer.to_dict(), total_steps=int(config.total_steps)))
 
 
 # ---- 2. model -------------------------------------------------------------------------------------
@@ -279,6 +282,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                       f"{inputs_lib.token_pixels(config)} (inputs.token_pixels).")
   settings = _step_settings(config, encoders.autoencoder)
   cfg, params, lora = build_model(config, mesh, param_rules, logical_rules)
+  latent_channels = encoders.autoencoder.latent_channels
+  if cfg.in_channels != 4 * latent_channels:  # else a shape error deep in the compile
+    raise ConfigError(f"the transformer takes {cfg.in_channels} values per token, but the autoencoder gives "
+                      f"{latent_channels} latent channels, {4 * latent_channels} per 2x2 token: set "
+                      "--config.model_overrides.in_channels to match (or the pixel_patch_size).")
 
   # 4. state, shardings, resumption
   optimizer = step_lib.make_optimizer(settings.optimizer)
