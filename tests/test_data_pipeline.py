@@ -131,20 +131,21 @@ def test_dropout_follows_the_official_rates():
     assert abs(rate - 0.05) < 0.008
 
 
-def test_padding_references_to_square_moves_pairs_with_the_image(split):
-  """With padded references, paired reference and target patches still show the same colours."""
-  source, _ = split
-  config = pipeline.PipelineConfig(target_size=128, ref_size=128, max_pairs=1024, dropout=False,
-                                   pad_refs_to_square=True)
+def _paired_patch_differences(source, config):
+  """Mean colour difference of each pair's reference and target token patches (first 6 records), and
+  the same with the reference patches shuffled (the no-correspondence baseline); square images."""
+  token_pixels, grid = config.token_pixels, config.target_size // config.token_pixels
   rng = np.random.default_rng(0)
   matched, shuffled = [], []
   for record in range(6):
     example = pipeline.prepare_example(source[record], config, np.random.default_rng(0))
     valid = example["pair_valid"]
+    assert (example["pair_ref_token"][valid] < grid * grid).all()
+    assert (example["pair_target_token"][valid] < grid * grid).all()
 
     def patch_mean(image, token):
-      row, col = divmod(int(token), 8)
-      return image[16 * row:16 * row + 16, 16 * col:16 * col + 16].mean((0, 1))
+      row, col = divmod(int(token), grid)
+      return image[token_pixels * row:token_pixels * (row + 1), token_pixels * col:token_pixels * (col + 1)].mean((0, 1))
 
     ref_means = np.stack([patch_mean(example["refs"][ref], token) for ref, token in zip(
         example["pair_ref"][valid], example["pair_ref_token"][valid])])
@@ -152,7 +153,15 @@ def test_padding_references_to_square_moves_pairs_with_the_image(split):
                              for token in example["pair_target_token"][valid]])
     matched.append(np.abs(ref_means - target_means).mean(1))
     shuffled.append(np.abs(ref_means[rng.permutation(len(ref_means))] - target_means).mean(1))
-  matched, shuffled = np.concatenate(matched), np.concatenate(shuffled)
+  return np.concatenate(matched), np.concatenate(shuffled)
+
+
+def test_padding_references_to_square_moves_pairs_with_the_image(split):
+  """With padded references, paired reference and target patches still show the same colours."""
+  source, _ = split
+  config = pipeline.PipelineConfig(target_size=128, ref_size=128, max_pairs=1024, dropout=False,
+                                   pad_refs_to_square=True)
+  matched, shuffled = _paired_patch_differences(source, config)
   assert len(matched) > 30
   assert np.median(matched) < 0.5 * np.median(shuffled)
 
@@ -162,26 +171,10 @@ def test_pairs_follow_the_token_size(split):
   paired 8x8 px reference and target patches show the same colours."""
   source, _ = split
   config = pipeline.PipelineConfig(target_size=64, ref_size=64, max_pairs=256, dropout=False, token_pixels=8)
-  rng = np.random.default_rng(0)
-  matched, shuffled = [], []
-  for record in range(6):
-    example = pipeline.prepare_example(source[record], config, np.random.default_rng(0))
-    valid = example["pair_valid"]
-    assert (example["pair_ref_token"][valid] < 8 * 8).all() and (example["pair_target_token"][valid] < 8 * 8).all()
-
-    def patch_mean(image, token):
-      row, col = divmod(int(token), 8)
-      return image[8 * row:8 * row + 8, 8 * col:8 * col + 8].mean((0, 1))
-
-    ref_means = np.stack([patch_mean(example["refs"][ref], token) for ref, token in zip(
-        example["pair_ref"][valid], example["pair_ref_token"][valid])])
-    target_means = np.stack([patch_mean(example["target"], token)
-                             for token in example["pair_target_token"][valid]])
-    matched.append(np.abs(ref_means - target_means).mean(1))
-    shuffled.append(np.abs(ref_means[rng.permutation(len(ref_means))] - target_means).mean(1))
-  matched, shuffled = np.concatenate(matched), np.concatenate(shuffled)
+  matched, shuffled = _paired_patch_differences(source, config)  # also checks the 8x8 token range
   assert len(matched) > 30
   assert np.median(matched) < 0.5 * np.median(shuffled)
+
 
 def test_global_arrays_carry_the_sharding_and_values(split):
   source, num_refs = split

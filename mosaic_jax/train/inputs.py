@@ -140,15 +140,26 @@ def demo_encoders(config, seed: int = 0) -> FluxEncoders:
                       ByteTokenizers(t5_cfg.vocab_size, config.text_len, clip_cfg.max_position_embeddings))
 
 
-def make_encoders(config) -> FluxEncoders:
-  """The encoders of the config. With cached features, FLUX's text encoders are not loaded (T5-XXL alone
-  is 9.5 GB): only the autoencoder is needed, to decode sample images."""
+def make_encoders(config, text_encoders: bool | None = None) -> FluxEncoders:
+  """The encoders of the config. By default FLUX's text encoders are not loaded when training reads
+  cached features (T5-XXL alone is 9.5 GB): only the autoencoder is needed, to decode sample images."""
+  if text_encoders is None:
+    text_encoders = not config.dataset.cached_features
   if config.encoders == "demo":
     return demo_encoders(config, config.seed)
   if config.encoders == "checkpoint":
     return load_flux_encoders(config.checkpoint, autoencoder="vae", t5_max_length=config.text_len,
-                              text_encoders=not config.dataset.cached_features)
+                              text_encoders=text_encoders)
   raise ConfigError(f"config.encoders={config.encoders!r}: expected 'checkpoint' or 'demo'.")
+
+
+def pipeline_config(config, **changes):
+  """The input pipeline's settings for `config` (training's; `changes` for evaluation or encoding)."""
+  from mosaic_jax.data.pipeline import PipelineConfig
+  return PipelineConfig(**{**dict(
+      target_size=config.resolution, ref_size=config.ref_resolution, global_batch_size=config.batch_size,
+      max_pairs=config.dataset.max_pairs, token_pixels=token_pixels(config), seed=config.seed,
+      read_threads=config.dataset.read_threads, worker_processes=config.dataset.worker_processes), **changes})
 
 
 def token_pixels(config) -> int:
@@ -187,13 +198,9 @@ def encode_dataset(config, out: str, splits=None, batch_size: int = 8, dtype: st
   """Writes the cached features of `config`'s dataset splits (default: the train and eval splits) into
   the new directory `out`, with the config's encoders and sizes; returns the cache spec."""
   from mosaic_jax.data import cached_features
-  from mosaic_jax.data.pipeline import PipelineConfig
   splits = list(splits or dict.fromkeys([config.dataset.train_split, config.dataset.eval_split]))
   sources = {split: open_raw_dataset(config.dataset, split) for split in splits}
-  encoders = demo_encoders(config, config.seed) if config.encoders == "demo" else load_flux_encoders(
-      config.checkpoint, autoencoder="vae", t5_max_length=config.text_len)
-  pipeline_config = PipelineConfig(target_size=config.resolution, ref_size=config.ref_resolution,
-                                   token_pixels=token_pixels(config))
-  return cached_features.encode_dataset(sources, out, encoders, pipeline_config, cache_fingerprint(config),
+  return cached_features.encode_dataset(sources, out, make_encoders(config, text_encoders=True),
+                                        pipeline_config(config), cache_fingerprint(config),
                                         batch_size=batch_size, read_threads=config.dataset.read_threads,
                                         dtype=jax.numpy.dtype(dtype))

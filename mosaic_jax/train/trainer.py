@@ -28,7 +28,6 @@ import numpy as np
 
 from mosaic_jax import interop, model, parallel
 from mosaic_jax.data import make_iterator, to_global_arrays
-from mosaic_jax.data.pipeline import PipelineConfig
 from mosaic_jax.encoders import training_latents
 from mosaic_jax.model.config import REMAT_POLICIES
 from mosaic_jax.train import checkpoint as checkpoint_lib
@@ -213,10 +212,8 @@ def _model_latents(host_batch, encoders, scaling, shift):
 def evaluation_batches(config, encoders, settings) -> list[dict]:
   source, num_refs = inputs_lib.open_dataset(config, config.dataset.eval_split)
   batch_size = min(config.batch_size, 8)
-  iterator = make_iterator(source, num_refs, PipelineConfig(
-      target_size=config.resolution, ref_size=config.ref_resolution, global_batch_size=batch_size,
-      max_pairs=config.dataset.max_pairs, token_pixels=2 * encoders.autoencoder.downsample_factor,
-      seed=config.seed, shuffle=False, dropout=False, num_epochs=1, read_threads=config.dataset.read_threads))
+  iterator = make_iterator(source, num_refs, inputs_lib.pipeline_config(
+      config, global_batch_size=batch_size, shuffle=False, dropout=False, num_epochs=1, worker_processes=0))
   batches = []
   for host_batch in iterator:
     if len(batches) * batch_size >= config.eval_examples:
@@ -266,11 +263,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # 3. data (opened before the model, so a wrong path fails in seconds) and encoders
   source, num_refs = inputs_lib.open_dataset(config, config.dataset.train_split)
   try:
-    iterator = make_iterator(source, num_refs, PipelineConfig(
-        target_size=config.resolution, ref_size=config.ref_resolution, global_batch_size=config.batch_size,
-        max_pairs=config.dataset.max_pairs, token_pixels=inputs_lib.token_pixels(config), seed=config.seed,
-        read_threads=config.dataset.read_threads, worker_processes=config.dataset.worker_processes),
-        process_index=jax.process_index(), process_count=jax.process_count())
+    iterator = make_iterator(source, num_refs, inputs_lib.pipeline_config(config),
+                             process_index=jax.process_index(), process_count=jax.process_count())
   except ValueError as error:  # e.g. no reference count with a full batch of examples
     raise ConfigError(f"dataset {config.dataset.name} split {config.dataset.train_split!r} gives no "
                       f"training batch: {error} (--config.batch_size={config.batch_size})") from error
