@@ -27,6 +27,8 @@ def parse_args():
   parser.add_argument("--refs", default="1,6", help="reference counts to compile for")
   parser.add_argument("--remat", default="full", help="remat policies to compare, comma separated")
   parser.add_argument("--attention", default="xla", help="attention_impl (cudnn needs a GPU, splash a TPU)")
+  parser.add_argument("--layers", default="", help="double,single blocks instead of FLUX.1-dev's 19,38 (to see "
+                      "what grows with depth)")
   return parser.parse_args()
 
 
@@ -62,10 +64,13 @@ def main():
   optimizer = step_lib.make_optimizer(settings.optimizer)
   text_shapes = ((config.text_len, 4096), (768,))  # T5-XXL states, pooled CLIP-L
   key = jax.random.PRNGKey(0)
-  print(f"FLUX.1-dev, LoRA rank {config.lora_rank}, {config.resolution} px, batch {args.batch}, mesh "
+  print(f"FLUX.1-dev{' with ' + args.layers + ' blocks' if args.layers else ''}, LoRA rank {config.lora_rank}, {config.resolution} px, batch {args.batch}, mesh "
         f"{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].device_kind}, attention {args.attention}")
   for remat in args.remat.split(","):
     cfg = dataclasses.replace(model.config.flux1_dev(), remat_policy=remat, attention_impl=args.attention)
+    if args.layers:
+      cfg = dataclasses.replace(cfg, **dict(zip(("num_layers", "num_single_layers"),
+                                                (int(n) for n in args.layers.split(",")))))
     base = jax.eval_shape(lambda k, cfg=cfg: model.init_params(k, cfg, jnp.bfloat16), key)
     lora = jax.eval_shape(lambda k, cfg=cfg, base=base: model.init_lora(k, base, cfg, config.lora_rank), key)
     state = jax.eval_shape(lambda t: step_lib.init_state(t, optimizer), {"lora": lora})

@@ -12,6 +12,12 @@ Variants (combine with commas, e.g. `demo,independent_refs`):
                     about 9 minutes on 2 CPU cores.
   demo_diffusion    demo with the diffusion loss only (SCAL and MDL weights 0).
   demo_scal         demo with diffusion + SCAL (MDL weight 0).
+  flux_random       the recipe's exact shapes (FLUX.1-dev transformer, LoRA rank 512, FLUX's VAE
+                    geometry, 512 px, 1 to 6 references) with random weights and tiny random text
+                    encoders of FLUX's widths, on a small synthetic set built on first use: a check
+                    that a machine runs the recipe (memory, speed, checkpoints) before any weights
+                    are downloaded. 20 steps, one checkpoint, no evaluation; what it learns means
+                    nothing. benchmarks/accelerator_check.sh runs it on a lent GPU.
   independent_refs  references attend to themselves only, which makes their keys and values
                     cacheable across sampling steps (`sample.denoise(..., use_ref_cache=True)`).
 
@@ -21,10 +27,12 @@ Any field can be overridden on the command line, e.g. `--config.checkpoint=/ckpt
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
+from mosaic_jax.model import config as model_config
 from mosaic_jax.parallel.sharding import DEFAULT_LOGICAL_RULES, DEFAULT_PARAM_RULES
 
-VARIANTS = ("default", "demo", "demo_diffusion", "demo_scal", "independent_refs")
+VARIANTS = ("default", "demo", "demo_diffusion", "demo_scal", "flux_random", "independent_refs")
 
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
@@ -39,13 +47,17 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   # a FLUX checkpoint root (training also reads its vae/, text encoders and tokenizers), a diffusers
   # transformer folder or a BFL single .safetensors file (forward.py).
   config.model = "flux1_dev"
-  config.model_overrides = ml_collections.ConfigDict()  # FluxConfig fields replacing the preset's
+  # FluxConfig fields replacing the preset's (or the checkpoint's): each one unset (None) until a variant
+  # or `--config.model_overrides.FIELD=VALUE` sets it, e.g. `--config.model_overrides.attention_impl=cudnn`.
+  config.model_overrides = ml_collections.ConfigDict(
+      {name: config_dict.placeholder(kind) for name, kind in model_config.field_types().items()})
   config.checkpoint = ""
   config.lora = ""  # a diffusers-format MOSAIC LoRA file: used by forward.py, and to start training from
   config.dtype = "bfloat16"  # the frozen base and the compute; the LoRA stays float32
   config.seed = 0
   # "checkpoint": the FLUX VAE, T5 and CLIP of `checkpoint`; "demo": the exact pixel autoencoder
-  # (2 x pixel_patch_size px per token; 8 matches FLUX's 16) and tiny random T5/CLIP with a byte tokenizer.
+  # (2 x pixel_patch_size px per token; 8 matches FLUX's 16) and tiny random T5/CLIP with a byte tokenizer;
+  # "random": FLUX's VAE geometry with random weights and those tiny text encoders (flux_random).
   config.encoders = "checkpoint"
   config.pixel_patch_size = 8
 
@@ -88,7 +100,9 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   config.ema_decay = 0.99
   config.losses = ml_collections.ConfigDict(dict(
       scal_weight=0.1, mdl_weight=1.0, mdl_ramp_start=10_000, mdl_ramp_end=11_000))
-  config.remat_policy = "none"  # per block: none | full | dots_saveable | dots_with_no_batch_dims_saveable
+  # Per block: none | full | dots_saveable | dots_with_no_batch_dims_saveable. "full" by default: at
+  # FLUX.1-dev scale "none" keeps every block's activations (1.6 TB at 3 references, benchmarks/train_memory.py).
+  config.remat_policy = "full"
 
   # ---- parallelism (DESIGN section 6) ------------------------------------------------------
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -114,6 +128,8 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
       config.losses.mdl_weight = 0.0
     if variant == "demo_scal":
       config.losses.mdl_weight = 0.0
+    if variant == "flux_random":
+      _flux_random(config)
     if variant == "independent_refs":
       config.model_overrides.independent_refs = True
   return config
@@ -127,7 +143,7 @@ def _demo(config: ml_collections.ConfigDict) -> None:
   (768 values per token) the noise in the other 640 was never removed and samples stayed noise.
   """
   config.model = "tiny"
-  config.model_overrides = ml_collections.ConfigDict(dict(
+  config.model_overrides.update(dict(
       in_channels=48,  # pixel autoencoder, patch 2: 12 latent channels x 2x2 packing
       num_layers=3, num_single_layers=1, attention_head_dim=32, num_attention_heads=4,
       joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(8, 12, 12)))
@@ -139,6 +155,7 @@ def _demo(config: ml_collections.ConfigDict) -> None:
   config.text_len = 16
   config.batch_size = 8
   config.trainable = "base+lora"  # the tiny base is random: train it from scratch, with the LoRA
+  config.remat_policy = "none"  # tiny activations: nothing to save by recomputing
   config.lora_rank = 16
   config.dataset.name = "semalign_ms/synthetic_demo128"
   config.dataset.data_dir = "~/tensorflow_datasets"
@@ -158,3 +175,20 @@ def _demo(config: ml_collections.ConfigDict) -> None:
   config.sample_every = 500
   config.sample_steps = 16
   config.eval_examples = 64
+
+
+def _flux_random(config: ml_collections.ConfigDict) -> None:
+  """The recipe's shapes and step with random weights, on a small synthetic set at 512 px."""
+  config.encoders = "random"
+  config.dataset.name = "semalign_ms/synthetic_flux_random"
+  config.dataset.data_dir = "~/tensorflow_datasets"
+  config.dataset.build = ml_collections.ConfigDict(dict(
+      image_size=512, min_refs=1, max_refs=6, num_train=24, num_validation=4, seed=0))
+  config.total_steps = 20
+  config.losses.mdl_ramp_start = 10  # every loss term within the 20 steps
+  config.losses.mdl_ramp_end = 15
+  config.checkpoint_every = 20  # once, at the end: the rank-512 LoRA's train state is 30 GB
+  config.keep_checkpoints = 1
+  config.log_every = 5
+  config.sample_every = 0
+  config.eval_examples = 0

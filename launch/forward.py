@@ -5,7 +5,6 @@
       --config.lora=/ckpt/mosaic_lora.safetensors
 """
 
-import dataclasses
 import os
 import sys
 import time
@@ -26,12 +25,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/flux_ms.py[:v
 
 def build_model(config):
   dtype = jnp.dtype(config.dtype)
-  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in config.model_overrides.items()}
   if config.checkpoint:
     cfg, params = interop.load_flux_transformer(config.checkpoint, dtype=dtype)
-    cfg = dataclasses.replace(cfg, **overrides)
+    cfg = model.config.with_overrides(cfg, config.model_overrides)
   else:
-    cfg = dataclasses.replace(getattr(model.config, config.model)(), **overrides)
+    cfg = model.config.with_overrides(getattr(model.config, config.model)(), config.model_overrides)
     params = model.init_params(jax.random.PRNGKey(config.seed), cfg, dtype)
   lora = interop.load_lora(config.lora, cfg) if config.lora else None
   return cfg, params, lora

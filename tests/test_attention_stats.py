@@ -102,7 +102,7 @@ def test_losses_and_lora_gradients_match_materialized(num_refs):
 
 def test_one_hot_attention_gives_zero_scal_and_minus_log2_mdl():
   """Reference queries that point exactly at one target key each: A is one-hot."""
-  n, m, d = 8, 4, 8
+  n, d = 8, 8
   k = jnp.eye(n, d)[None, :, None, :] * 20.0           # [1, N, 1, D], target key j = 20 e_j
   # ref 0 tokens look at target tokens 0..3, ref 1 tokens at 4..7: disjoint supports.
   targets = np.array([[0, 1, 2, 3], [4, 5, 6, 7]])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import optax
 import pytest
 from jax.sharding import AbstractMesh, AxisType, PartitionSpec

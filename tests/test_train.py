@@ -146,6 +146,30 @@ def test_rerun_with_more_steps_resumes_from_the_latest_checkpoint(first_run, dat
   assert "5" in os.listdir(os.path.join(workdir, "checkpoints"))
 
 
+def test_flux_random_runs_the_recipe_step_with_random_weights(data_dir, tmp_path):
+  """flux_random: LoRA-only on a frozen bf16 base, FLUX's VAE geometry and text widths, no checkpoint
+  (shrunk here to a narrow 2-block transformer at 32 px)."""
+  config = flux_ms.get_config("flux_random")
+  assert (config.trainable, config.dtype, config.lora_rank, config.checkpoint) == ("lora", "bfloat16", 512, "")
+  config.dataset.data_dir = data_dir
+  config.dataset.name = "semalign_ms/synthetic_test_flux_random"
+  config.dataset.build.update(image_size=64, min_refs=2, max_refs=2, num_train=4, num_validation=1)
+  config.dataset.max_pairs = 4
+  config.resolution = config.ref_resolution = 32  # 2x2 tokens through FLUX's /8 VAE
+  config.text_len, config.lora_rank, config.total_steps, config.checkpoint_every = 16, 4, 3, 3
+  config.losses.mdl_ramp_start, config.losses.mdl_ramp_end = 0, 1
+  config.model_overrides.update(num_layers=1, num_single_layers=1, attention_head_dim=32, num_attention_heads=2,
+                                axes_dims_rope=(8, 12, 12))
+  encoders = inputs_lib.make_encoders(config)
+  assert (encoders.autoencoder.kind, encoders.autoencoder.latent_channels, encoders.autoencoder.downsample_factor,
+          encoders.t5_config.d_model, encoders.clip_config.hidden_size) == ("vae", 16, 8, 4096, 768)
+  seen = []
+  result = train_and_evaluate(config, str(tmp_path), on_step=lambda step, metrics: seen.append(metrics))
+  assert result["status"] == "done" and all(np.isfinite(v) for v in result["losses"].values())
+  assert seen[-1]["weight_mdl"] == 1.0 and seen[-1]["loss_mdl"] < 0.0  # every term in play
+  assert os.path.getsize(os.path.join(str(tmp_path), "lora", "3", "lora.safetensors")) > 0
+
+
 @pytest.fixture
 def no_compilation(monkeypatch):
   def fail(*args, **kwargs):
@@ -181,6 +205,20 @@ def test_unknown_config_field_is_one_clear_error(data_dir, tmp_path, no_compilat
   config.optimizer.learnig_rate = 1e-3
   with pytest.raises(ConfigError, match=r"unknown config field\(s\) \['optimizer.learnig_rate'\]"):
     train_and_evaluate(config, str(tmp_path))
+
+
+def test_model_overrides_are_unset_until_given_on_the_command_line_and_checked_first(tmp_path):
+  assert all(value is None for value in flux_ms.get_config("default").model_overrides.values())
+  # A tuple, an int and a string from the command line; the bad string is refused before anything is
+  # built, and only once the tuple and int were parsed (axes_dims_rope must sum to attention_head_dim).
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  run = subprocess.run(
+      [sys.executable, os.path.join(root, "launch", "train.py"), "--config",
+       os.path.join(root, "configs", "flux_ms.py") + ":flux_random", "--workdir", str(tmp_path),
+       "--config.model_overrides.axes_dims_rope=(8,12,12)", "--config.model_overrides.attention_head_dim=32",
+       "--config.model_overrides.attention_impl=cudn"], capture_output=True, text=True, timeout=120)
+  assert run.returncode != 0
+  assert "ConfigError: config.model_overrides: attention_impl='cudn'; expected one of" in run.stderr, run.stderr[-2000:]
 
 
 def test_resolution_of_a_fraction_of_a_token_is_one_clear_error(data_dir, tmp_path, no_compilation):

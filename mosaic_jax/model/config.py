@@ -12,6 +12,7 @@ from typing import Any, Mapping
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 # Per-block rematerialization (jax.checkpoint of each scanned block): what the backward pass keeps.
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+PRESETS = ("flux1_dev", "tiny")  # the functions below that give a FluxConfig by name (config.model)
 _NOT_IN_DIFFUSERS_CONFIG = ("rope_theta", "mlp_ratio", "independent_refs", "attention_impl", "stats_chunk",
                             "remat_policy")
 
@@ -84,6 +85,21 @@ class FluxConfig:
     out["axes_dims_rope"] = list(self.axes_dims_rope)
     out["_class_name"] = "FluxTransformer2DModel"
     return out
+
+
+def with_overrides(cfg: FluxConfig, overrides: Mapping[str, Any]) -> FluxConfig:
+  """`cfg` with the fields that `overrides` sets; None means "not set" (a config file's placeholder)."""
+  known = {f.name for f in dataclasses.fields(FluxConfig)}
+  unknown = sorted(set(overrides) - known)
+  if unknown:
+    raise ValueError(f"unknown FluxConfig field(s) {unknown}.")
+  return dataclasses.replace(cfg, **{k: tuple(v) if isinstance(v, list) else v
+                                     for k, v in overrides.items() if v is not None})
+
+
+def field_types() -> dict[str, type]:
+  """FluxConfig field -> the type a command-line override is parsed as."""
+  return {f.name: type(f.default) if f.default is not None else int for f in dataclasses.fields(FluxConfig)}
 
 
 def flux1_dev() -> FluxConfig:

@@ -1,6 +1,6 @@
 """What the trainer feeds on: the dataset (raw, built on first use for synthetic configs, or its cached
-encoder features), the encoders (FLUX's from a checkpoint root, or the demo's file-free ones), and
-host batches -> step batches.
+encoder features), the encoders (FLUX's from a checkpoint root, the demo's file-free ones, or FLUX's
+shapes with random weights), and host batches -> step batches.
 
 The demo's text encoders are tiny random T5 and CLIP behind a byte tokenizer: random but fixed (seeded)
 functions of the caption, which is all a conditioning signal needs in a from-scratch demo.
@@ -16,9 +16,11 @@ import jax
 import numpy as np
 
 from mosaic_jax.encoders import FEATURE_KEYS, FluxEncoders, load_flux_encoders
-from mosaic_jax.model import clip, t5
+from mosaic_jax.model import clip, t5, vae
+from mosaic_jax.model import config as model_config
 from mosaic_jax.model.autoencoder import Autoencoder
 from mosaic_jax.model.pixel_autoencoder import PixelAutoencoderConfig
+from mosaic_jax.model.vae import VaeConfig
 
 
 class ConfigError(ValueError):
@@ -59,10 +61,10 @@ def cache_fingerprint(config) -> dict:
       with open(path, "rb") as f:
         digest.update(f.read())
     fingerprint["checkpoint (its vae and text encoder configs)"] = digest.hexdigest()[:16]
-  else:  # the demo's encoders are functions of these
-    fingerprint.update({"pixel_patch_size": config.pixel_patch_size, "seed": config.seed,
-                        "model_overrides.joint_attention_dim": config.model_overrides.get("joint_attention_dim"),
-                        "model_overrides.pooled_projection_dim": config.model_overrides.get("pooled_projection_dim")})
+  else:  # the file-free encoders are functions of these
+    fingerprint.update({"seed": config.seed, "text widths (T5, CLIP)": list(text_widths(config))})
+    if config.encoders == "demo":
+      fingerprint["pixel_patch_size"] = config.pixel_patch_size
   return fingerprint
 
 
@@ -127,17 +129,42 @@ class ByteTokenizers:
     return self._ids(captions, self.clip_max_length)
 
 
+def text_widths(config) -> tuple[int, int]:
+  """(T5 state width, pooled CLIP width) that the config's transformer preset (with its overrides) takes:
+  the file-free text encoders are built to match it."""
+  cfg = model_config.with_overrides(getattr(model_config, config.model)(), config.model_overrides)
+  return cfg.joint_attention_dim, cfg.pooled_projection_dim
+
+
+def _tiny_text_encoders(config, seed: int):
+  """Tiny random T5 and CLIP (widths matching the transformer) behind the byte tokenizer."""
+  t5_width, clip_width = text_widths(config)
+  t5_cfg = dataclasses.replace(t5.tiny(), d_model=t5_width)
+  clip_cfg = dataclasses.replace(clip.tiny(), hidden_size=clip_width, max_position_embeddings=16,
+                                 eos_token_id=clip.tiny().vocab_size - 1)
+  t5_key, clip_key = jax.random.split(jax.random.PRNGKey(seed + 1_000_003))
+  return dict(t5_config=t5_cfg, t5_params=t5.init_params(t5_key, t5_cfg), clip_config=clip_cfg,
+              clip_params=clip.init_params(clip_key, clip_cfg),
+              tokenizers=ByteTokenizers(t5_cfg.vocab_size, config.text_len, clip_cfg.max_position_embeddings))
+
+
 def demo_encoders(config, seed: int = 0) -> FluxEncoders:
   """Pixel autoencoder (2 x pixel_patch_size px per token) and tiny random text encoders; no files."""
   patch = config.pixel_patch_size
   pixel = PixelAutoencoderConfig(patch_size=patch, latent_channels=3 * patch * patch)
-  t5_cfg = dataclasses.replace(t5.tiny(), d_model=config.model_overrides.get("joint_attention_dim", 32))
-  clip_cfg = dataclasses.replace(clip.tiny(), hidden_size=config.model_overrides.get("pooled_projection_dim", 32),
-                                 max_position_embeddings=16, eos_token_id=clip.tiny().vocab_size - 1)
-  t5_key, clip_key = jax.random.split(jax.random.PRNGKey(seed + 1_000_003))
-  return FluxEncoders(Autoencoder("pixel", pixel, {}), t5_cfg, t5.init_params(t5_key, t5_cfg), clip_cfg,
-                      clip.init_params(clip_key, clip_cfg),
-                      ByteTokenizers(t5_cfg.vocab_size, config.text_len, clip_cfg.max_position_embeddings))
+  return FluxEncoders(Autoencoder("pixel", pixel, {}), **_tiny_text_encoders(config, seed))
+
+
+def random_encoders(config, seed: int = 0) -> FluxEncoders:
+  """FLUX's VAE geometry (/8, 16 channels) with random weights, and the tiny random text encoders:
+  the recipe's exact shapes with no downloaded file, to check a machine before the weights are there.
+  What it trains on means nothing."""
+  vae_cfg = VaeConfig()
+  vae_params = vae.init_params(jax.random.PRNGKey(seed + 2_000_003), vae_cfg)
+  return FluxEncoders(Autoencoder("vae", vae_cfg, vae_params), **_tiny_text_encoders(config, seed))
+
+
+ENCODER_CHOICES = ("checkpoint", "demo", "random")
 
 
 def make_encoders(config, text_encoders: bool | None = None) -> FluxEncoders:
@@ -147,10 +174,12 @@ def make_encoders(config, text_encoders: bool | None = None) -> FluxEncoders:
     text_encoders = not config.dataset.cached_features
   if config.encoders == "demo":
     return demo_encoders(config, config.seed)
+  if config.encoders == "random":
+    return random_encoders(config, config.seed)
   if config.encoders == "checkpoint":
     return load_flux_encoders(config.checkpoint, autoencoder="vae", t5_max_length=config.text_len,
                               text_encoders=text_encoders)
-  raise ConfigError(f"config.encoders={config.encoders!r}: expected 'checkpoint' or 'demo'.")
+  raise ConfigError(f"config.encoders={config.encoders!r}: expected one of {ENCODER_CHOICES}.")
 
 
 def pipeline_config(config, **changes):

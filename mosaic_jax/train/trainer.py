@@ -12,7 +12,6 @@ Read top to bottom:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.util
 import json
@@ -73,10 +72,12 @@ def check_config(config) -> None:
     if unknown:
       raise ConfigError(f"unknown config field(s) {unknown}: not a field of configs/flux_ms.py "
                         "(misspelt override?).")
-  override_fields = {f.name for f in dataclasses.fields(model.FluxConfig)}
-  bad = sorted(set(config.model_overrides) - override_fields)
-  if bad:
-    raise ConfigError(f"config.model_overrides has unknown FluxConfig field(s) {bad}.")
+  if config.model not in model.config.PRESETS:
+    raise ConfigError(f"config.model={config.model!r}: expected one of {model.config.PRESETS}.")
+  try:
+    model.config.with_overrides(getattr(model.config, config.model)(), config.model_overrides)
+  except ValueError as error:  # unknown field, or a value FluxConfig refuses
+    raise ConfigError(f"config.model_overrides: {error}") from error
   if config.trainable not in TRAINABLE_CHOICES:
     raise ConfigError(f"config.trainable={config.trainable!r}: expected one of {TRAINABLE_CHOICES}.")
   if config.optimizer.schedule not in step_lib.SCHEDULES:
@@ -84,11 +85,15 @@ def check_config(config) -> None:
                       f"{step_lib.SCHEDULES}.")
   if config.remat_policy not in REMAT_POLICIES:
     raise ConfigError(f"config.remat_policy={config.remat_policy!r}: expected one of {REMAT_POLICIES}.")
-  needs_checkpoint = config.encoders == "checkpoint" or config.trainable == "lora"
+  if config.encoders not in inputs_lib.ENCODER_CHOICES:
+    raise ConfigError(f"config.encoders={config.encoders!r}: expected one of {inputs_lib.ENCODER_CHOICES}.")
+  # A LoRA on a random base is pointless, except in the random-weights check (encoders="random").
+  needs_checkpoint = config.encoders == "checkpoint" or (config.trainable == "lora" and config.encoders != "random")
   if needs_checkpoint and not config.checkpoint:
     raise ConfigError("config.checkpoint is empty: pass --config.checkpoint=/path/to/FLUX.1-dev (a FLUX "
                       "checkpoint root with transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, "
-                      "tokenizer_2/), or use --config configs/flux_ms.py:demo.")
+                      "tokenizer_2/), or use --config configs/flux_ms.py:demo (or :flux_random, the recipe's "
+                      "shapes with random weights).")
   if config.checkpoint and not os.path.exists(os.path.expanduser(config.checkpoint)):
     raise ConfigError(f"config.checkpoint={config.checkpoint!r} does not exist: pass "
                       "--config.checkpoint=/path/to/FLUX.1-dev.")
@@ -122,10 +127,8 @@ def _step_settings(config, autoencoder) -> types.SimpleNamespace:
 def build_model(config, mesh, param_rules, logical_rules):
   """(FluxConfig, base params placed with their shardings, initial LoRA or None)."""
   dtype = jnp.float32 if config.trainable != "lora" else jnp.dtype(config.dtype)
-  overrides = config.model_overrides.to_dict()
-  overrides.setdefault("remat_policy", config.remat_policy)  # per-block jax.checkpoint in the model
-  if "axes_dims_rope" in overrides:
-    overrides["axes_dims_rope"] = tuple(overrides["axes_dims_rope"])
+  overrides = {"remat_policy": config.remat_policy,  # per-block jax.checkpoint in the model
+               **{k: v for k, v in config.model_overrides.items() if v is not None}}
   if config.checkpoint:
     transformer = os.path.expanduser(config.checkpoint)
     if os.path.isdir(os.path.join(transformer, "transformer")):
@@ -135,9 +138,9 @@ def build_model(config, mesh, param_rules, logical_rules):
       return jax.device_put(array, parallel.sharding_for(name.replace(".", "/"), array.shape, mesh,
                                                          param_rules, logical_rules))
     cfg, params = interop.load_flux_transformer(transformer, dtype=dtype, place=place)
-    cfg = dataclasses.replace(cfg, **overrides)
+    cfg = model.config.with_overrides(cfg, overrides)
   else:
-    cfg = dataclasses.replace(getattr(model.config, config.model)(), **overrides)
+    cfg = model.config.with_overrides(getattr(model.config, config.model)(), overrides)
     params = model.init_params(jax.random.PRNGKey(config.seed), cfg, dtype)
   params = jax.device_put(params, parallel.tree_shardings(params, mesh, param_rules, logical_rules))
   lora = None

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The MOSAIC recipe's trainer on one GPU at FLUX.1-dev scale, as one prepared call of a lent device
+# (about 8 minutes of its 15; nothing to download there: random weights, synthetic data).
+#
+#   here, once:   bash benchmarks/accelerator_check.sh fetch     # wheels the device image lacks -> .whl/
+#   on the device (the `run` tool): command "bash benchmarks/accelerator_check.sh", carry [".whl"],
+#                 kind "nvidia-h200" (the rank-512 LoRA state alone is 30 GB), timeout_s 600
+#
+# 1. launch/train.py --config configs/flux_ms.py:flux_random (FLUX.1-dev transformer with random bf16
+#    weights, LoRA rank 512, FLUX's VAE geometry, 512 px, 6 references, cudnn attention): the AOT
+#    memory report, 12 steps with step time, TFLOP/s and MFU, one checkpoint with its LoRA exports;
+#    (resumption is left to the CPU tests: a second 30 GB checkpoint would not fit the 64 GB disk);
+# 2. benchmarks/train_memory.py at 1 and 6 references: the compiler's memory per device.
+# Logs go to $OUT (the device tool returns them), or /tmp/accelerator_check elsewhere.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+# Missing from the device image (KINDS.md lists what it has); pure-Python ones are built here as wheels.
+BINARY_WHEELS=(grain array-record dm-tree)
+PURE_WHEELS=(ml-collections tensorboardX tensorflow-datasets immutabledict promise simple-parsing termcolor toml
+             tensorflow-metadata googleapis-common-protos importlib-resources docstring-parser)
+
+if [[ "${1:-}" == fetch ]]; then
+  set -e
+  mkdir -p .whl
+  for package in "${BINARY_WHEELS[@]}"; do
+    pip download -q -d .whl --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+      --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 "$package"
+  done
+  pip wheel -q -w .whl --no-deps "${PURE_WHEELS[@]}"
+  du -sh .whl
+  exit 0
+fi
+
+OUT=${OUT:-/tmp/accelerator_check}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps .whl/*.whl 2>&1 | tail -3
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())" \
+  | tee -a "$OUT/device.txt"
+
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95  # the default 0.75 leaves 35 GB of an H200 unused
+WORKDIR=/tmp/flux_random
+TRAIN=(python3 launch/train.py --config configs/flux_ms.py:flux_random --workdir "$WORKDIR"
+       --config.dataset.data_dir=/tmp/tfds --config.dataset.build.min_refs=6
+       --config.model_overrides.attention_impl=cudnn --config.log_every=4)
+start=$SECONDS
+timeout 400 "${TRAIN[@]}" --config.total_steps=12 --config.checkpoint_every=12 2>&1 | tee "$OUT/train.log" \
+  | grep -E "^(model |base parameters|compiled|step |building)|Error|error"
+echo "train: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$OUT/train.log"
+du -sh "$WORKDIR"/checkpoints "$WORKDIR"/lora 2>&1 | tee -a "$OUT/train.log"
+
+rm -rf "$WORKDIR"  # 45 GB of the 64 GB disk
+
+start=$SECONDS
+timeout 140 python3 benchmarks/train_memory.py --mesh 1,1,1 --batch 1 --refs 1,6 --attention cudnn 2>&1 \
+  | tee "$OUT/memory.log" | grep -E "^(FLUX|remat)|Error|error"
+echo "memory: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$OUT/memory.log"
