@@ -1,6 +1,6 @@
 """Per-device memory of the MOSAIC recipe's train step at FLUX.1-dev scale, from shapes alone.
 
-The trainer's own step (trainer.compile_steps, the config's sharding rules and remat policy) is
+The trainer's own step (trainer.compile_from_shapes: the config's sharding rules and remat policy) is
 compiled ahead of time for abstract parameters, LoRA, optimizer state and batch: no weights are
 loaded and nothing runs, so a mesh and batch can be checked in minutes before any accelerator time is
 spent. On a machine without the accelerators, fake CPU devices stand in (`--cpu_devices`); their
@@ -41,49 +41,39 @@ def main():
   sys.path[:0] = [root, os.path.join(root, "configs")]
 
   import dataclasses  # pylint: disable=import-outside-toplevel
-  import functools  # pylint: disable=import-outside-toplevel
 
   import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import flux_ms  # pylint: disable=import-outside-toplevel
   from mosaic_jax import model, parallel  # pylint: disable=import-outside-toplevel
   from mosaic_jax.model.autoencoder import Autoencoder  # pylint: disable=import-outside-toplevel
   from mosaic_jax.model.vae import VaeConfig  # pylint: disable=import-outside-toplevel
-  from mosaic_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
   from mosaic_jax.train import trainer  # pylint: disable=import-outside-toplevel
 
   config = flux_ms.get_config("default")
   config.mesh.update(dict(zip(("data", "fsdp", "tensor"), (int(s) for s in args.mesh.split(",")))))
   config.batch_size = args.batch
   mesh = parallel.make_mesh(config.mesh.to_dict())
-  rules = tuple(config.sharding.param_rules), tuple(config.sharding.logical_rules)
-  shard = functools.partial(parallel.tree_shardings, mesh=mesh, param_rules=rules[0], logical_rules=rules[1])
   vae = Autoencoder("vae", VaeConfig(), {})  # FLUX's VAE geometry (/8, 16 channels); no weights
-  encoders = type("Shapes", (), {"autoencoder": vae})  # all that compile_steps reads of the encoders
-  settings = trainer._step_settings(config, vae)  # pylint: disable=protected-access
-  optimizer = step_lib.make_optimizer(settings.optimizer)
   text_shapes = ((config.text_len, 4096), (768,))  # T5-XXL states, pooled CLIP-L
-  key = jax.random.PRNGKey(0)
-  print(f"FLUX.1-dev{' with ' + args.layers + ' blocks' if args.layers else ''}, LoRA rank {config.lora_rank}, {config.resolution} px, batch {args.batch}, mesh "
-        f"{dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].device_kind}, attention {args.attention}")
+  print(f"FLUX.1-dev{' with ' + args.layers + ' blocks' if args.layers else ''}, LoRA rank {config.lora_rank}, "
+        f"{config.resolution} px, batch {args.batch}, mesh {dict(mesh.shape)} over {jax.device_count()} "
+        f"{jax.devices()[0].device_kind}, attention {args.attention}")
   for remat in args.remat.split(","):
     cfg = dataclasses.replace(model.config.flux1_dev(), remat_policy=remat, attention_impl=args.attention)
     if args.layers:
       cfg = dataclasses.replace(cfg, **dict(zip(("num_layers", "num_single_layers"),
                                                 (int(n) for n in args.layers.split(",")))))
-    base = jax.eval_shape(lambda k, cfg=cfg: model.init_params(k, cfg, jnp.bfloat16), key)
-    lora = jax.eval_shape(lambda k, cfg=cfg, base=base: model.init_lora(k, base, cfg, config.lora_rank), key)
-    state = jax.eval_shape(lambda t: step_lib.init_state(t, optimizer), {"lora": lora})
-    step_fn = functools.partial(step_lib.train_step, cfg=cfg, config=settings, optimizer=optimizer)
-    compiled = trainer.compile_steps(step_fn, state, base, shard(state), shard(base),
-                                     parallel.batch_sharding(mesh, rules[1]), parallel.replicated(mesh), config,
-                                     encoders, [int(r) for r in args.refs.split(",")], text_shapes)
+    compiled = trainer.compile_from_shapes(config, cfg, mesh, [int(r) for r in args.refs.split(",")], vae,
+                                           text_shapes)
     for r, executable in compiled.items():
       stats = executable.memory_analysis()
       total = stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes + \
           stats.temp_size_in_bytes
+      cost = executable.cost_analysis()
+      cost = cost[0] if isinstance(cost, list) else cost  # a list of one dict on older jax
       print(f"remat {remat}, {r} reference(s): {total / 2 ** 30:.1f} GiB per device (arguments "
-            f"{stats.argument_size_in_bytes / 2 ** 30:.1f}, temporaries {stats.temp_size_in_bytes / 2 ** 30:.1f})")
+            f"{stats.argument_size_in_bytes / 2 ** 30:.1f}, temporaries {stats.temp_size_in_bytes / 2 ** 30:.1f}); "
+            f"{cost.get('flops', float('nan')) / 1e12:.1f} TFLOP per device per step (compiler's count)")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from mosaic_jax.model.embeddings import apply_rope, conditioning, rope
 from mosaic_jax.model.layers import (gate, gelu_tanh, layer_norm, linear, modulate, modulation, random_params,
                                      rms_norm)
 from mosaic_jax.model.lora import get_path
+from mosaic_jax.parallel import constrain
 
 
 class FluxInputs(NamedTuple):
@@ -112,8 +113,22 @@ def init_params(key, cfg: FluxConfig, dtype=jnp.float32) -> dict:
 
 # ---- blocks ---------------------------------------------------------------------------------------
 
+# Activation pins (no-ops outside parallel.activation_sharding): batch over the data axes, heads and
+# the MLP hidden over tensor, so the compiler gathers fsdp-sharded weights rather than activations.
+def _pin_stream(x):
+  return constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+
+
+def _pin_heads(x):
+  return constrain(x, ("batch",) + (None,) * (x.ndim - 3) + ("heads", None))
+
+
+def _pin_mlp(x):
+  return constrain(x, ("batch",) + (None,) * (x.ndim - 2) + ("mlp",))
+
+
 def _heads(x, cfg):
-  return x.reshape(x.shape[:-1] + (cfg.num_attention_heads, cfg.attention_head_dim))
+  return _pin_heads(x.reshape(x.shape[:-1] + (cfg.num_attention_heads, cfg.attention_head_dim)))
 
 
 def _merge_heads(x):
@@ -135,6 +150,8 @@ def double_block(p, lp, cfg, txt, img, refs, temb, temb_ref, rope_main, rope_ref
   and values) is what text and target attend to.
   """
   txt_len = txt.shape[1]
+  txt, img = _pin_stream(txt), _pin_stream(img)
+  refs = None if refs is None else _pin_stream(refs)
   s1, c1, g1, s2, c2, g2 = modulation(p["norm1"]["linear"], temb, 6)
   ts1, tc1, tg1, ts2, tc2, tg2 = modulation(p["norm1_context"]["linear"], temb, 6)
   pa = p["attn"]
@@ -179,7 +196,7 @@ def double_block(p, lp, cfg, txt, img, refs, temb, temb_ref, rope_main, rope_ref
 
 def _feed_forward(p, x, lp):
   """GELU-tanh MLP; only `net.2` is LoRA-adapted (MOSAIC leaves `net.0.proj` alone)."""
-  h = gelu_tanh(linear(p["net"]["0"]["proj"], x))
+  h = _pin_mlp(gelu_tanh(linear(p["net"]["0"]["proj"], x)))
   return linear(p["net"]["2"], h, get_path(lp, "net.2"))
 
 
@@ -190,9 +207,11 @@ def single_block(p, lp, cfg, main, refs, temb, temb_ref, rope_main, rope_ref, re
   `main` is [text | target]: both use the target's conditioning, so they share one modulation.
   Returns ((main, refs), extras); `ref_kv` and `keep_ref_kv` as in double_block.
   """
+  main = _pin_stream(main)
+  refs = None if refs is None else _pin_stream(refs)
   shift, scale, g = modulation(p["norm"]["linear"], temb, 3)
   x = modulate(layer_norm(main), shift, scale)
-  mlp_main = gelu_tanh(linear(p["proj_mlp"], x))
+  mlp_main = _pin_mlp(gelu_tanh(linear(p["proj_mlp"], x)))
   q_main, k_main, v_main = _qkv(p["attn"], x, cfg, None)
   q_main, k_main = apply_rope(q_main, rope_main), apply_rope(k_main, rope_main)
 
@@ -201,7 +220,7 @@ def single_block(p, lp, cfg, main, refs, temb, temb_ref, rope_main, rope_ref, re
   if refs is not None:
     rshift, rscale, rg = modulation(p["norm"]["linear"], temb_ref, 3, get_path(lp, "norm.linear"))
     xr = modulate(layer_norm(refs), rshift, rscale)
-    mlp_ref = gelu_tanh(linear(p["proj_mlp"], xr, get_path(lp, "proj_mlp")))
+    mlp_ref = _pin_mlp(gelu_tanh(linear(p["proj_mlp"], xr, get_path(lp, "proj_mlp"))))
     q_ref, k_ref, v_ref = _qkv(p["attn"], xr, cfg, get_path(lp, "attn"))
     q_ref, k_ref = apply_rope(q_ref, rope_ref), apply_rope(k_ref, rope_ref)
 

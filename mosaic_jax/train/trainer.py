@@ -194,10 +194,30 @@ def compile_steps(step_fn, state, base, state_shardings, base_shardings, batch_s
   abstract = lambda tree: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
   for r in reference_counts:
     start = time.perf_counter()
-    compiled[r] = jitted.lower(abstract(state), abstract(base), abstract_batch(config, encoders, r, text_shapes)).compile()
+    with parallel.activation_sharding(batch_shardings.mesh, config.sharding.logical_rules):  # traced here
+      lowered = jitted.lower(abstract(state), abstract(base), abstract_batch(config, encoders, r, text_shapes))
+    compiled[r] = lowered.compile()
     print(f"compiled the train step for {r} reference(s) in {time.perf_counter() - start:.1f} s: "
           f"{_memory_report(compiled[r])}", flush=True)
   return compiled
+
+
+def compile_from_shapes(config, cfg, mesh, reference_counts, autoencoder, text_shapes) -> dict[int, Any]:
+  """{R: the config's train step for transformer `cfg` on `mesh`}, compiled from shapes alone (no weights
+  are made or loaded): memory and FLOP reports for a mesh, batch or remat policy before any accelerator
+  time is spent (benchmarks/train_memory.py). `autoencoder` only gives the latent geometry."""
+  rules = tuple(config.sharding.param_rules), tuple(config.sharding.logical_rules)
+  shard = functools.partial(parallel.tree_shardings, mesh=mesh, param_rules=rules[0], logical_rules=rules[1])
+  settings = _step_settings(config, autoencoder)
+  optimizer = step_lib.make_optimizer(settings.optimizer)
+  key = jax.random.PRNGKey(0)
+  base = jax.eval_shape(lambda k: model.init_params(k, cfg, jnp.dtype(config.dtype)), key)
+  lora = jax.eval_shape(lambda k: model.init_lora(k, base, cfg, config.lora_rank), key)
+  state = jax.eval_shape(lambda t: step_lib.init_state(t, optimizer), {"lora": lora})
+  step_fn = functools.partial(step_lib.train_step, cfg=cfg, config=settings, optimizer=optimizer)
+  encoders = types.SimpleNamespace(autoencoder=autoencoder)  # all that abstract_batch reads
+  return compile_steps(step_fn, state, base, shard(state), shard(base), parallel.batch_sharding(mesh, rules[1]),
+                       parallel.replicated(mesh), config, encoders, reference_counts, text_shapes)
 
 
 # ---- 7. evaluation --------------------------------------------------------------------------------
