@@ -34,6 +34,45 @@ def test_xla_multi_branch_equals_dense_masked(num_refs, independent):
   np.testing.assert_allclose(plain, jax.nn.dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("independent", [False, True])
+def test_query_chunks_give_the_same_values_and_gradients(independent):
+  """Chunks of 4 queries (dividing neither the 11 main nor the 7 reference queries) against dense
+  masked attention; also with cached reference keys and without references."""
+  q, k, v, qr, kr, vr = _qkv(1, 2, 11, 3, 7, 2, 8)
+  weights = jax.random.normal(jax.random.PRNGKey(5), (2, 11 + 3 * 7, 2, 8))
+
+  def projected(fn):
+    def loss(*args):
+      out_main, out_ref = fn(*args)
+      return jnp.sum(jnp.concatenate([out_main, out_ref.reshape(2, -1, 2, 8)], 1) * weights)
+    return jax.value_and_grad(loss, argnums=tuple(range(6)))(q, k, v, qr, kr, vr)
+
+  chunked = projected(lambda *a: attention.multi_branch_attention(*a, impl="xla", independent_refs=independent,
+                                                                  query_chunk=4))
+  dense = projected(lambda *a: attention.dense_masked_attention(*a, independent_refs=independent))
+  np.testing.assert_allclose(chunked[0], dense[0], rtol=1e-5)
+  for got, want in zip(chunked[1], dense[1]):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  cached, _ = attention.multi_branch_attention(q, k, v, None, kr, vr, "xla", independent, query_chunk=4)
+  whole, _ = attention.multi_branch_attention(q, k, v, None, kr, vr, "xla", independent)
+  np.testing.assert_allclose(cached, whole, rtol=1e-5, atol=1e-6)
+  plain, _ = attention.multi_branch_attention(q, k, v, impl="xla", query_chunk=4)
+  np.testing.assert_allclose(plain, jax.nn.dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_query_chunks_bound_the_logits_held_in_the_backward_pass():
+  q, k, v, qr, kr, vr = _qkv(2, 1, 512, 2, 256, 4, 16)
+
+  def temp_bytes(chunk):
+    loss = lambda *a: sum(jnp.sum(o) for o in attention.multi_branch_attention(*a, impl="xla", query_chunk=chunk))
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 3))).lower(q, k, v, qr, kr, vr).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  whole, chunked = temp_bytes(0), temp_bytes(64)
+  main_logits = 4 * 512 * (512 + 2 * 256) * 4  # one float32 [H, T, T + R M] block: 8 MiB
+  assert whole > 2 * main_logits and chunked < main_logits, (whole, chunked)
+
+
 def test_splash_groups_equal_dense_masked_in_interpret_mode():
   """The Pallas splash path (interpret mode off TPU) on 128-aligned shapes, values and gradients."""
   q, k, v, qr, kr, vr = _qkv(1, 1, 256, 2, 128, 2, 128)

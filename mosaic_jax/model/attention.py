@@ -13,7 +13,9 @@ cached across sampling steps (main queries then attend to cached reference keys)
 
 Implementations (FluxConfig.attention_impl):
   xla     portable einsums; the reference group reads the shared main keys without copying them
-          (one joint softmax over two logit blocks).
+          (one joint softmax over two logit blocks). With a query chunk, queries go through in
+          chunks, each rematerialized in the backward pass: the float32 logits of one chunk are
+          live at a time instead of all of them (the kernels below never hold them at all).
   cudnn   jax.nn.dot_product_attention(implementation="cudnn") on each group (NVIDIA GPUs, bf16/fp16);
           the reference group is one call over B*R sequences [main keys, ref_i keys].
   splash  the Pallas TPU splash-attention kernel on the same two groups (splash_attention.py).
@@ -38,29 +40,49 @@ def _softmax_attend(logit_blocks, value_blocks, value_specs, out_dtype):
   return out.astype(out_dtype)
 
 
-def _xla_multi_branch(q_main, k_main, v_main, q_ref, k_ref, v_ref, independent_refs):
+def _over_query_chunks(attend, q, axis: int, chunk: int):
+  """attend(q) computed `chunk` queries at a time along `axis`, each chunk under jax.checkpoint: only
+  one chunk's float32 logits are ever live, forward or backward (the backward pass recomputes them
+  chunk by chunk). The query count is padded to a whole number of chunks; padded rows are dropped."""
+  n = q.shape[axis]
+  if not chunk or n <= chunk:
+    return attend(q)
+  pad = -n % chunk
+  q = jnp.pad(q, [(0, pad if a == axis else 0) for a in range(q.ndim)])
+  chunks = jnp.moveaxis(q.reshape(q.shape[:axis] + (-1, chunk) + q.shape[axis + 1:]), axis, 0)
+  out = jax.lax.map(jax.checkpoint(attend), chunks)  # [chunks, ..., chunk, ...] with the query axis at axis + 1
+  out = jnp.moveaxis(out, 0, axis)
+  out = out.reshape(out.shape[:axis] + (-1,) + out.shape[axis + 2:])
+  return jax.lax.slice_in_dim(out, 0, n, axis=axis)
+
+
+def _xla_multi_branch(q_main, k_main, v_main, q_ref, k_ref, v_ref, independent_refs, chunk=0):
   scale = q_main.shape[-1] ** -0.5
   dtype = q_main.dtype
-  logits_mm = jnp.einsum("bqhd,bkhd->bhqk", q_main, k_main, preferred_element_type=jnp.float32) * scale
-  if k_ref is None:
-    return _softmax_attend([logits_mm], [v_main], ["bhqk,bkhd->bqhd"], dtype), None
 
-  b, h, t = logits_mm.shape[:3]
-  logits_mr = jnp.einsum("bqhd,brkhd->bhqrk", q_main, k_ref, preferred_element_type=jnp.float32) * scale
-  logits_mr = logits_mr.reshape(b, h, t, -1)  # main queries see all references' keys as one block
-  v_ref_flat = v_ref.reshape(v_ref.shape[0], -1, *v_ref.shape[3:])
-  out_main = _softmax_attend([logits_mm, logits_mr], [v_main, v_ref_flat],
-                             ["bhqk,bkhd->bqhd", "bhqk,bkhd->bqhd"], dtype)
-  if q_ref is None:  # reference keys and values came from a cache
+  def attend_main(q):  # main queries see main keys and every reference's keys (one joint softmax)
+    logits_mm = jnp.einsum("bqhd,bkhd->bhqk", q, k_main, preferred_element_type=jnp.float32) * scale
+    if k_ref is None:
+      return _softmax_attend([logits_mm], [v_main], ["bhqk,bkhd->bqhd"], dtype)
+    b, h, t = logits_mm.shape[:3]
+    logits_mr = jnp.einsum("bqhd,brkhd->bhqrk", q, k_ref, preferred_element_type=jnp.float32) * scale
+    logits_mr = logits_mr.reshape(b, h, t, -1)  # all references' keys as one block
+    v_ref_flat = v_ref.reshape(v_ref.shape[0], -1, *v_ref.shape[3:])
+    return _softmax_attend([logits_mm, logits_mr], [v_main, v_ref_flat],
+                           ["bhqk,bkhd->bqhd", "bhqk,bkhd->bqhd"], dtype)
+
+  def attend_ref(q):  # ref_i queries see [main keys,] ref_i keys
+    logits_rr = jnp.einsum("brqhd,brkhd->brhqk", q, k_ref, preferred_element_type=jnp.float32) * scale
+    if independent_refs:
+      return _softmax_attend([logits_rr], [v_ref], ["brhqk,brkhd->brqhd"], dtype)
+    logits_rm = jnp.einsum("brqhd,bkhd->brhqk", q, k_main, preferred_element_type=jnp.float32) * scale
+    return _softmax_attend([logits_rm, logits_rr], [v_main, v_ref],
+                           ["brhqk,bkhd->brqhd", "brhqk,brkhd->brqhd"], dtype)
+
+  out_main = _over_query_chunks(attend_main, q_main, 1, chunk)
+  if q_ref is None:  # no references, or their keys and values came from a cache
     return out_main, None
-
-  logits_rr = jnp.einsum("brqhd,brkhd->brhqk", q_ref, k_ref, preferred_element_type=jnp.float32) * scale
-  if independent_refs:
-    return out_main, _softmax_attend([logits_rr], [v_ref], ["brhqk,brkhd->brqhd"], dtype)
-  logits_rm = jnp.einsum("brqhd,bkhd->brhqk", q_ref, k_main, preferred_element_type=jnp.float32) * scale
-  out_ref = _softmax_attend([logits_rm, logits_rr], [v_main, v_ref],
-                            ["brhqk,bkhd->brqhd", "brhqk,brkhd->brqhd"], dtype)
-  return out_main, out_ref
+  return out_main, _over_query_chunks(attend_ref, q_ref, 2, chunk)
 
 
 def _grouped_multi_branch(dense, q_main, k_main, v_main, q_ref, k_ref, v_ref, independent_refs):
@@ -89,15 +111,16 @@ def _cudnn_dense(q, k, v):
 
 
 def multi_branch_attention(q_main, k_main, v_main, q_ref=None, k_ref=None, v_ref=None, impl="xla",
-                           independent_refs=False):
+                           independent_refs=False, query_chunk=0):
   """Returns (out_main [B, T, H, D], out_ref [B, R, M, H, D] or None).
 
   k_ref / v_ref without q_ref: reference keys and values from a cache (main queries only).
   independent_refs: reference queries see their own reference's keys only (not text or target).
+  query_chunk (xla only; 0: all at once): queries per chunk, which bounds the float32 logits held.
   """
   args = (q_main, k_main, v_main, q_ref, k_ref, v_ref, independent_refs)
   if impl == "xla":
-    return _xla_multi_branch(*args)
+    return _xla_multi_branch(*args, chunk=query_chunk)
   if impl == "cudnn":
     return _grouped_multi_branch(_cudnn_dense, *args)
   if impl == "splash":

@@ -14,7 +14,7 @@ ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 PRESETS = ("flux1_dev", "tiny")  # the functions below that give a FluxConfig by name (config.model)
 _NOT_IN_DIFFUSERS_CONFIG = ("rope_theta", "mlp_ratio", "independent_refs", "attention_impl", "stats_chunk",
-                            "remat_policy")
+                            "attention_chunk", "remat_policy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +39,10 @@ class FluxConfig:
   # Execution, not architecture (never written to config.json):
   attention_impl: str = "xla"  # "xla" (portable), "cudnn" (NVIDIA GPU, bf16/fp16), "splash" (TPU Pallas)
   stats_chunk: int = 256  # reference queries per chunk in the attention statistics (attention_stats.py)
+  # xla attention: queries per chunk (0: all at once). Bounds the float32 logits held at a time
+  # (FLUX.1-dev, 6 references: 1.1 GB per block for the main queries' logits alone, unchunked);
+  # costs one more attention forward in the backward pass. cudnn and splash never hold the logits.
+  attention_chunk: int = 512
   remat_policy: str = "none"  # one of REMAT_POLICIES; "full" recomputes each block in the backward pass
 
   def __post_init__(self):
@@ -50,6 +54,8 @@ class FluxConfig:
           f"{self.attention_head_dim}.")
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}.")
+    if self.attention_chunk < 0:
+      raise ValueError(f"attention_chunk={self.attention_chunk}: expected 0 (no chunks) or a positive count.")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}.")
     if any(d % 2 for d in self.axes_dims_rope):

@@ -172,7 +172,8 @@ def double_block(p, lp, cfg, txt, img, refs, temb, temb_ref, rope_main, rope_ref
     q_ref, k_ref = apply_rope(q_ref, rope_ref), apply_rope(k_ref, rope_ref)
 
   out_main, out_ref = attn_lib.multi_branch_attention(q_main, k_main, v_main, q_ref, k_ref, v_ref,
-                                                      cfg.attention_impl, cfg.independent_refs)
+                                                      cfg.attention_impl, cfg.independent_refs,
+                                                      cfg.attention_chunk)
   attn_txt, attn_img = _merge_heads(out_main[:, :txt_len]), _merge_heads(out_main[:, txt_len:])
 
   img = img + gate(g1, linear(pa["to_out"]["0"], attn_img))
@@ -225,7 +226,8 @@ def single_block(p, lp, cfg, main, refs, temb, temb_ref, rope_main, rope_ref, re
     q_ref, k_ref = apply_rope(q_ref, rope_ref), apply_rope(k_ref, rope_ref)
 
   out_main, out_ref = attn_lib.multi_branch_attention(q_main, k_main, v_main, q_ref, k_ref, v_ref,
-                                                      cfg.attention_impl, cfg.independent_refs)
+                                                      cfg.attention_impl, cfg.independent_refs,
+                                                      cfg.attention_chunk)
   main = main + gate(g, linear(p["proj_out"], jnp.concatenate([_merge_heads(out_main), mlp_main], -1)))
   if refs is not None:
     refs = refs + gate(rg, linear(p["proj_out"], jnp.concatenate([_merge_heads(out_ref), mlp_ref], -1),

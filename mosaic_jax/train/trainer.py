@@ -255,6 +255,23 @@ def write_samples(path, params, lora, cfg, encoders, batch, config, logger=None,
   return path
 
 
+def final_evaluation(config, workdir, params, lora, cfg, encoders, settings, logger, step) -> dict:
+  """The held-out table (printed and written to eval.json) and the final sample panels."""
+  batches = evaluation_batches(config, encoders, settings)
+  table = evaluate_lib.evaluate_attention(params, lora, cfg, batches, tuple(config.eval_timesteps), config.seed)
+  table["step"] = step
+  print("evaluation on held-out samples (trained weights, t in "
+        f"{tuple(config.eval_timesteps)}):\n" + evaluate_lib.format_table({os.path.basename(workdir.rstrip('/')): table}),
+        flush=True)
+  with open(os.path.join(workdir, "eval.json"), "w") as f:
+    json.dump(table, f, indent=2)
+  if batches:
+    path = write_samples(os.path.join(workdir, "samples", "final.png"), params, lora, cfg, encoders, batches[0],
+                         config, logger, step)
+    print(f"sample panels (references | sample | real target): {path}", flush=True)
+  return table
+
+
 # ---- the run --------------------------------------------------------------------------------------
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -409,9 +426,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           sample_batch = evaluation_batches(config, encoders, settings)[:1]
         if sample_batch:
           current = state["trainable"]
-          write_samples(os.path.join(workdir, "samples", f"step_{step}.png"),
-                        current.get("base", base), current.get("lora"), cfg, encoders, sample_batch[0],
-                        config, logger, step)
+          with parallel.activation_sharding(mesh, logical_rules):  # the sampler is traced here
+            write_samples(os.path.join(workdir, "samples", f"step_{step}.png"),
+                          current.get("base", base), current.get("lora"), cfg, encoders, sample_batch[0],
+                          config, logger, step)
       if preempted.is_set():
         print(f"SIGTERM: saved step {step} to {checkpointer.directory}; exiting", flush=True)
         status = "preempted"
@@ -423,20 +441,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # 7. evaluation
   table = None
   if status == "done" and config.eval_examples > 0:
-    batches = evaluation_batches(config, encoders, settings)
-    current = state["trainable"]
-    eval_params, eval_lora = current.get("base", base), current.get("lora")
-    table = evaluate_lib.evaluate_attention(eval_params, eval_lora, cfg, batches, tuple(config.eval_timesteps),
-                                            config.seed)
-    table["step"] = step
-    print("evaluation on held-out samples (trained weights, t in "
-          f"{tuple(config.eval_timesteps)}):\n" + evaluate_lib.format_table({os.path.basename(workdir.rstrip('/')): table}),
-          flush=True)
-    with open(os.path.join(workdir, "eval.json"), "w") as f:
-      json.dump(table, f, indent=2)
-    if batches:
-      path = write_samples(os.path.join(workdir, "samples", "final.png"), eval_params, eval_lora, cfg, encoders,
-                           batches[0], config, logger, step)
-      print(f"sample panels (references | sample | real target): {path}", flush=True)
+    with parallel.activation_sharding(mesh, logical_rules):  # traced here, like the step
+      table = final_evaluation(config, workdir, state["trainable"].get("base", base),
+                               state["trainable"].get("lora"), cfg, encoders, settings, logger, step)
   logger.close()
   return {"status": status, "step": step, "losses": losses_by_step, "eval": table}
