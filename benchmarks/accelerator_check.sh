@@ -12,6 +12,8 @@
 #    (resumption is left to the CPU tests: a second 30 GB checkpoint would not fit the 64 GB disk);
 # 2. benchmarks/train_memory.py at 1 and 6 references: the compiler's memory per device.
 # Logs go to $OUT (the device tool returns them), or /tmp/accelerator_check elsewhere.
+# A dry run of this script on a CPU machine shrinks both with extra arguments, e.g.
+#   TRAIN_ARGS="--config.model_overrides.num_layers=1 ..." MEMORY_ARGS="--layers 1,1" bash benchmarks/accelerator_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,7 +45,7 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95  # the default 0.75 leaves 35 GB of a
 WORKDIR=/tmp/flux_random
 TRAIN=(python3 launch/train.py --config configs/flux_ms.py:flux_random --workdir "$WORKDIR"
        --config.dataset.data_dir=/tmp/tfds --config.dataset.build.min_refs=6
-       --config.model_overrides.attention_impl=cudnn --config.log_every=4)
+       --config.model_overrides.attention_impl=${ATTENTION:-cudnn} --config.log_every=4 ${TRAIN_ARGS:-})
 start=$SECONDS
 timeout 400 "${TRAIN[@]}" --config.total_steps=12 --config.checkpoint_every=12 2>&1 | tee "$OUT/train.log" \
   | grep -E "^(model |base parameters|compiled|step |building)|Error|error"
@@ -53,6 +55,7 @@ du -sh "$WORKDIR"/checkpoints "$WORKDIR"/lora 2>&1 | tee -a "$OUT/train.log"
 rm -rf "$WORKDIR"  # 45 GB of the 64 GB disk
 
 start=$SECONDS
-timeout 140 python3 benchmarks/train_memory.py --mesh 1,1,1 --batch 1 --refs 1,6 --attention cudnn 2>&1 \
+timeout 140 python3 benchmarks/train_memory.py --mesh 1,1,1 --batch 1 --refs 1,6 --attention "${ATTENTION:-cudnn}" \
+  ${MEMORY_ARGS:-} 2>&1 \
   | tee "$OUT/memory.log" | grep -E "^(FLUX|remat)|Error|error"
 echo "memory: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$OUT/memory.log"
