@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The MOSAIC recipe's trainer on one GPU at FLUX.1-dev scale, as one prepared call of a lent device
-# (about 8 minutes of its 15; nothing to download there: random weights, synthetic data).
+# (about 9 minutes of its 15; nothing to download there: random weights, synthetic data).
 #
 #   here, once:   bash benchmarks/accelerator_check.sh fetch     # wheels the device image lacks -> .whl/
 #   on the device (the `run` tool): command "bash benchmarks/accelerator_check.sh", carry [".whl"],
 #                 kind "nvidia-h200" (the rank-512 LoRA state alone is 30 GB), timeout_s 600
 #
+# 0. the GPU-only tests (pytest -m gpu: cudnn attention against the xla path, values and gradients);
 # 1. launch/train.py --config configs/flux_ms.py:flux_random (FLUX.1-dev transformer with random bf16
 #    weights, LoRA rank 512, FLUX's VAE geometry, 512 px, 6 references, cudnn attention): the AOT
 #    memory report, 12 steps with step time, TFLOP/s and MFU, one checkpoint with its LoRA exports;
@@ -40,6 +41,10 @@ python3 -m pip install -q --no-index --no-deps .whl/*.whl 2>&1 | tail -3
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())" \
   | tee -a "$OUT/device.txt"
+
+start=$SECONDS  # the GPU-only tests (cudnn attention values and gradients); tests default to the CPU
+JAX_PLATFORMS=cuda timeout 150 python3 -m pytest -q -m gpu tests/test_attention.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -5
+echo "gpu tests: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$OUT/gpu_tests.log"
 
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.95  # the default 0.75 leaves 35 GB of an H200 unused
 WORKDIR=/tmp/flux_random

@@ -104,6 +104,29 @@ def test_cudnn_equals_dense_masked():
     np.testing.assert_allclose(np.asarray(o, np.float32), e, atol=2e-2)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("independent", [False, True])
+def test_cudnn_gradients_equal_the_float32_xla_path(independent):
+  """What training differentiates: cudnn's backward (bf16) against xla's in float32."""
+  if jax.devices()[0].platform != "gpu":
+    pytest.skip("needs an NVIDIA GPU")
+  inputs = _qkv(3, 2, 256, 3, 128, 4, 64, jnp.bfloat16)
+  weights = jax.random.normal(jax.random.PRNGKey(4), (2, 256 + 3 * 128, 4, 64))
+
+  def grads(impl, args):
+    def loss(*a):
+      out_main, out_ref = attention.multi_branch_attention(*a, impl=impl, independent_refs=independent)
+      out = jnp.concatenate([out_main, out_ref.reshape(2, -1, 4, 64)], 1).astype(jnp.float32)
+      return jnp.sum(out * weights)
+    return jax.jit(jax.grad(loss, argnums=tuple(range(6))))(*args)
+
+  got = grads("cudnn", inputs)
+  want = grads("xla", [x.astype(jnp.float32) for x in inputs])
+  for g, w in zip(got, want):
+    g, w = np.asarray(g, np.float32), np.asarray(w)
+    assert np.abs(g - w).max() <= 3e-2 * np.abs(w).max(), (np.abs(g - w).max(), np.abs(w).max())
+
+
 _SHARDED_SPLASH = r'''
 import jax, numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
