@@ -1,20 +1,20 @@
 """Dense attention through the Pallas TPU splash-attention kernel, for attention.py's two groups.
 
 The groups are dense (the MOSAIC mask is handled by how attention.py forms them), so the kernel gets
-a full mask. Pallas kernels are not partitioned automatically: when a mesh is set (`jax.set_mesh`)
-the call runs under `jax.shard_map` with the batch split over the mesh's data axes and the heads over
-its tensor axis. Off TPU the kernel runs in Pallas interpret mode (slow; for tests only).
+a full mask. Pallas kernels are not partitioned automatically: when a mesh is set (`jax.set_mesh`, or
+the trainer's `parallel.activation_sharding`) the call runs under `jax.shard_map` with the batch split
+over the mesh's data axes and the heads over its tensor axis. Off TPU the kernel runs in Pallas interpret mode (slow; for tests only).
 Sequence lengths must be multiples of 128 (FLUX's 512 text, 1024-token 512 px grids are).
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
+
+from mosaic_jax.parallel import active_mesh
 
 BATCH_AXES = ("data", "fsdp")
 HEAD_AXIS = "tensor"
@@ -28,8 +28,9 @@ def _block(length: int) -> int:
                    "Use attention_impl='xla' or 'cudnn' for this shape.")
 
 
-@functools.lru_cache(maxsize=None)
 def _kernel(heads: int, q_len: int, kv_len: int, interpret: bool):
+  """A fresh kernel per trace: not cached, since its mask arrays belong to the trace (and the shard_map
+  mesh) they were built in; a cached one fails in a second jit or on another mesh."""
   bq, bkv = _block(q_len), _block(kv_len)
   sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
                             block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq, block_kv_dq=bkv)
@@ -50,11 +51,14 @@ def _local_splash(q, k, v):
 
 def splash_dense(q, k, v):
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
+  if mesh.empty:  # no jax.set_mesh: the trainer's activation_sharding mesh, if any
+    mesh = active_mesh()
+  if mesh is None:
     return _local_splash(q, k, v)
   batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names) or None
   heads = HEAD_AXIS if HEAD_AXIS in mesh.axis_names else None
   spec = P(batch, None, heads, None)
   # check_vma=False: the Pallas kernel's outputs carry no varying-axes annotation; each shard's
   # attention is independent (no collectives), so there is nothing for the check to catch.
-  return jax.shard_map(_local_splash, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)
+  return jax.shard_map(_local_splash, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                       check_vma=False)(q, k, v)

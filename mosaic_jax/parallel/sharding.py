@@ -165,6 +165,13 @@ def activation_sharding(mesh: Mesh, logical_rules: Iterable = DEFAULT_LOGICAL_RU
     _ACTIVATION_SHARDING.reset(token)
 
 
+def active_mesh() -> Mesh | None:
+  """The mesh of the enclosing `activation_sharding`, or None (kernels that must be placed by hand,
+  like Pallas splash attention, run under shard_map on it)."""
+  context = _ACTIVATION_SHARDING.get()
+  return None if context is None else context[0]
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """`x` placed by its logical axes (one per dimension) inside `activation_sharding`; unchanged outside
   it (single-device code, tests, sampling). Dimensions their mesh axes do not divide stay replicated."""
