@@ -6,8 +6,9 @@ MFU formula for FLUX.1-dev at 6 references.
 
 Configs: `demo` (configs/flux_ms.py:demo: tiny DiT, its resolution, base + LoRA trained) and `scaled`
 (hidden 768 = 6 heads x 128, 512 px target and references (32x32 tokens each), LoRA rank 64 on a
-frozen float32 base, `--scaled_layers` double,single blocks, 64 text tokens, batch 1). Random
-features stand in for the encoders: the step is what is timed. FLOPs are metrics.train_step_flops.
+frozen float32 base, the recipe's remat policy, xla attention in chunks, `--scaled_layers`
+double,single blocks, 64 text tokens, batch 1). Random features stand in for the encoders: the step
+is what is timed. FLOPs are metrics.train_step_flops (model FLOPs: recomputation not counted).
 """
 
 from __future__ import annotations
@@ -104,7 +105,8 @@ def main():
   double, single = (int(x) for x in args.scaled_layers.split(","))
   scaled_cfg = dataclasses.replace(model.tiny(), in_channels=64, num_layers=double, num_single_layers=single,
                                    attention_head_dim=128, num_attention_heads=6, joint_attention_dim=256,
-                                   pooled_projection_dim=64, axes_dims_rope=(16, 56, 56))
+                                   pooled_projection_dim=64, axes_dims_rope=(16, 56, 56),
+                                   remat_policy=flux_ms.get_config().remat_policy)  # the recipe's
   base_time = None
   for r in (int(x) for x in args.scaled_refs.split(",")):
     c, s, f = time_step(scaled_cfg, demo, 1, 32, r, 64, False, 64, args.steps, 1024)

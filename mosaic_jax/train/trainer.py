@@ -141,15 +141,26 @@ def build_model(config, mesh, param_rules, logical_rules):
     cfg = model.config.with_overrides(cfg, overrides)
   else:
     cfg = model.config.with_overrides(getattr(model.config, config.model)(), overrides)
-    params = model.init_params(jax.random.PRNGKey(config.seed), cfg, dtype)
+    params = _created_sharded(lambda key: model.init_params(key, cfg, dtype), config.seed, mesh, param_rules,
+                              logical_rules)
   params = jax.device_put(params, parallel.tree_shardings(params, mesh, param_rules, logical_rules))
   lora = None
   if "lora" in config.trainable:
     if config.lora:
       lora = interop.load_lora(os.path.expanduser(config.lora), cfg)
     else:
-      lora = model.init_lora(jax.random.PRNGKey(config.seed + 1), params, cfg, config.lora_rank)
+      shapes = jax.eval_shape(lambda: params)  # the LoRA needs the base's shapes only
+      lora = _created_sharded(lambda key: model.init_lora(key, shapes, cfg, config.lora_rank), config.seed + 1,
+                              mesh, param_rules, logical_rules)
   return cfg, params, lora
+
+
+def _created_sharded(make, seed, mesh, param_rules, logical_rules):
+  """make(key)'s random pytree, created inside jit straight into its shardings: at FLUX.1-dev size
+  (24 GB of bf16 base, 7 GB of rank-512 LoRA) it need not fit on one device first."""
+  key = jax.random.PRNGKey(seed)
+  shardings = parallel.tree_shardings(jax.eval_shape(make, key), mesh, param_rules, logical_rules)
+  return jax.jit(make, out_shardings=shardings)(key)
 
 
 # ---- 5. compilation -------------------------------------------------------------------------------
@@ -330,9 +341,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if lora is not None:
     trainable["lora"] = lora
   base = {} if "base" in trainable else params
-  state = step_lib.init_state(trainable, optimizer)
-  state_shardings = shard(state)
-  state = jax.device_put(state, state_shardings)
+  state_shardings = shard(jax.eval_shape(lambda t: step_lib.init_state(t, optimizer), trainable))
+  # Adam moments and the EMA copy are made in place, in their shardings (never whole on one device).
+  state = jax.jit(lambda t: step_lib.init_state(t, optimizer), out_shardings=state_shardings)(trainable)
   base_shardings = shard(base)
   batch_shardings = parallel.batch_sharding(mesh, logical_rules)
   metric_sharding = parallel.replicated(mesh)
