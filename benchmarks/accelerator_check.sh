@@ -19,9 +19,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 # Missing from the device image (KINDS.md lists what it has); pure-Python ones are built here as wheels.
-BINARY_WHEELS=(grain array-record dm-tree)
+# protobuf too: grain needs >= 5.28 and the image's version is not known; this one is what our tests use.
+BINARY_WHEELS=(grain array-record dm-tree protobuf)
 PURE_WHEELS=(ml-collections tensorboardX tensorflow-datasets immutabledict promise simple-parsing termcolor toml
-             tensorflow-metadata googleapis-common-protos importlib-resources docstring-parser)
+             tensorflow-metadata googleapis-common-protos importlib-resources docstring-parser portpicker)
 
 if [[ "${1:-}" == fetch ]]; then
   set -e
