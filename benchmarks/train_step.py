@@ -93,7 +93,7 @@ def main():
   print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}")
 
   demo = flux_ms.get_config("demo")
-  demo_cfg = model.config.with_overrides(getattr(model.config, demo.model)(), demo.model_overrides)
+  demo_cfg = model.config.preset(demo.model, demo.model_overrides)
   print(f"\n{'config':<8} {'R':>2} {'tokens':>7} {'compile s':>10} {'step s':>8} {'GFLOP/step':>11} {'GFLOP/s':>8}")
   for r in (int(x) for x in args.demo_refs.split(",")):
     grid = demo.resolution // token_pixels(demo)

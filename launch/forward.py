@@ -29,7 +29,7 @@ def build_model(config):
     cfg, params = interop.load_flux_transformer(config.checkpoint, dtype=dtype)
     cfg = model.config.with_overrides(cfg, config.model_overrides)
   else:
-    cfg = model.config.with_overrides(getattr(model.config, config.model)(), config.model_overrides)
+    cfg = model.config.preset(config.model, config.model_overrides)
     params = model.init_params(jax.random.PRNGKey(config.seed), cfg, dtype)
   lora = interop.load_lora(config.lora, cfg) if config.lora else None
   return cfg, params, lora

@@ -103,6 +103,13 @@ def with_overrides(cfg: FluxConfig, overrides: Mapping[str, Any]) -> FluxConfig:
                                      for k, v in overrides.items() if v is not None})
 
 
+def preset(name: str, overrides: Mapping[str, Any] | None = None) -> FluxConfig:
+  """The preset called `name` (one of PRESETS) with `overrides` applied (see with_overrides)."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown preset {name!r}; expected one of {PRESETS}.")
+  return with_overrides(globals()[name](), overrides or {})
+
+
 def field_types() -> dict[str, type]:
   """FluxConfig field -> the type a command-line override is parsed as."""
   return {f.name: type(f.default) if f.default is not None else int for f in dataclasses.fields(FluxConfig)}

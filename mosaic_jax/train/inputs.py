@@ -132,7 +132,7 @@ class ByteTokenizers:
 def text_widths(config) -> tuple[int, int]:
   """(T5 state width, pooled CLIP width) that the config's transformer preset (with its overrides) takes:
   the file-free text encoders are built to match it."""
-  cfg = model_config.with_overrides(getattr(model_config, config.model)(), config.model_overrides)
+  cfg = model_config.preset(config.model, config.model_overrides)
   return cfg.joint_attention_dim, cfg.pooled_projection_dim
 
 

@@ -75,7 +75,7 @@ def check_config(config) -> None:
   if config.model not in model.config.PRESETS:
     raise ConfigError(f"config.model={config.model!r}: expected one of {model.config.PRESETS}.")
   try:
-    model.config.with_overrides(getattr(model.config, config.model)(), config.model_overrides)
+    model.config.preset(config.model, config.model_overrides)
   except ValueError as error:  # unknown field, or a value FluxConfig refuses
     raise ConfigError(f"config.model_overrides: {error}") from error
   if config.trainable not in TRAINABLE_CHOICES:
@@ -140,10 +140,9 @@ def build_model(config, mesh, param_rules, logical_rules):
     cfg, params = interop.load_flux_transformer(transformer, dtype=dtype, place=place)
     cfg = model.config.with_overrides(cfg, overrides)
   else:
-    cfg = model.config.with_overrides(getattr(model.config, config.model)(), overrides)
+    cfg = model.config.preset(config.model, overrides)
     params = _created_sharded(lambda key: model.init_params(key, cfg, dtype), config.seed, mesh, param_rules,
                               logical_rules)
-  params = jax.device_put(params, parallel.tree_shardings(params, mesh, param_rules, logical_rules))
   lora = None
   if "lora" in config.trainable:
     if config.lora:
