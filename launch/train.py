@@ -5,6 +5,14 @@
       --config.checkpoint=/ckpt/FLUX.1-dev --config.dataset.data_dir=/data/tfds
 
 Rerunning with the same workdir resumes from its latest checkpoint.
+
+Several processes (a TPU pod slice, a multi-node GPU job): run the same command on every host. The job
+is joined whenever jax's own cluster detection finds one (SLURM, Open MPI, Cloud TPU VMs, GKE TPU
+jobs, or JAX_COORDINATOR_ADDRESS with a detected process count); `--distributed` insists on it. If one
+process fails, every process exits non-zero within about MOSAIC_HEARTBEAT_TIMEOUT_S (30) seconds.
+
+Exit status: 0 done; 1 an error; 143 (128 + SIGTERM) preempted after saving, so that a scheduler
+restarts the job.
 """
 
 from __future__ import annotations
@@ -14,23 +22,27 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mosaic_jax.parallel import distributed  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/flux_ms.py[:variant]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, logs, LoRA exports and samples go here")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "join a multi-process job even if jax detects none")
 flags.mark_flags_as_required(["config", "workdir"])
+
+PREEMPTED_EXIT_STATUS = 143
 
 
 def main(argv):
   del argv
-  # Several processes (a TPU pod slice, a multi-node GPU job): the environment tells jax how many.
-  if any(os.environ.get(v) for v in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS")) or \
-      int(os.environ.get("JAX_PROCESS_COUNT", "1")) > 1:
-    jax.distributed.initialize()
-  from mosaic_jax.train import train_and_evaluate  # after initialize: it touches the devices
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  distributed.initialize(force=_DISTRIBUTED.value)  # before anything touches the devices
+  from mosaic_jax.train import train_and_evaluate
+  with distributed.exit_on_failure():
+    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  if result["status"] == "preempted":
+    sys.exit(PREEMPTED_EXIT_STATUS)
 
 
 if __name__ == "__main__":

@@ -91,6 +91,41 @@ class FluxEncoders:
             "t5": t5_states, "pooled": pooled}
 
 
+  # ---- inside the train step's mesh: host inputs -> features on device ----
+
+  def device_parts(self) -> dict:
+    """The encoders' weights as one pytree (what `features_from_raw` takes; place it on a mesh)."""
+    return {"autoencoder": self.autoencoder, "t5": self.t5_params, "clip": self.clip_params}
+
+  def raw_inputs(self, batch: dict) -> dict[str, np.ndarray]:
+    """What `features_from_raw` reads, from an input-pipeline batch: images and token ids, host-side."""
+    if self.tokenizers is None or self.t5_params is None or self.clip_params is None:
+      raise ValueError("FluxEncoders.raw_inputs needs the tokenizers and both text encoders.")
+    captions = [str(c) for c in batch["caption"]]
+    return {"target_images": np.asarray(batch["target"], np.float32),
+            "ref_images": np.asarray(batch["refs"], np.float32),
+            "t5_ids": np.asarray(self.tokenizers.t5_ids(captions), np.int32),
+            "clip_ids": np.asarray(self.tokenizers.clip_ids(captions), np.int32)}
+
+  def features_from_raw(self, parts: dict, raw: dict) -> dict:
+    """FEATURE_KEYS of a batch, traced: jit it on the step's mesh with batch-sharded `raw`, and the
+    features stay on the devices, split like the batch, in the encoders' own dtypes (no host round
+    trip between encoding and the step)."""
+    autoencoder = parts["autoencoder"]
+    target = autoencoder.encode(raw["target_images"])
+    refs = raw["ref_images"]
+    b, r = refs.shape[:2]
+    if r:
+      ref_means = autoencoder.encode(refs.reshape((b * r,) + refs.shape[2:])).mean
+      ref_means = ref_means.reshape((b, r) + ref_means.shape[1:])
+    else:
+      f = autoencoder.downsample_factor
+      ref_means = jnp.zeros((b, 0, refs.shape[2] // f, refs.shape[3] // f, autoencoder.latent_channels), jnp.float32)
+    return {"target_mean": target.mean, "target_std": target.std, "ref_means": ref_means,
+            "t5": t5.encode(parts["t5"], self.t5_config, raw["t5_ids"]),
+            "pooled": clip.encode(parts["clip"], self.clip_config, raw["clip_ids"])[1]}
+
+
 def training_latents(features: dict, scaling_factor: float, shift_factor: float, key) -> dict:
   """What the DiT trains on, from encoder features (cached or fresh): a posterior sample of the target
   and the posterior means of the references, mapped to model latents (NHWC; pack with pack_latents),
@@ -99,7 +134,8 @@ def training_latents(features: dict, scaling_factor: float, shift_factor: float,
                             key)
   return {"target": to_model_latents(target, scaling_factor, shift_factor),
           "refs": to_model_latents(jnp.asarray(features["ref_means"]), scaling_factor, shift_factor),
-          "text": jnp.asarray(features["t5"]), "pooled": jnp.asarray(features["pooled"])}
+          # float32 whatever the encoders' dtype: the numerics of features that came through the host
+          "text": jnp.asarray(features["t5"], jnp.float32), "pooled": jnp.asarray(features["pooled"], jnp.float32)}
 
 
 def load_flux_encoders(root: str, autoencoder: str = "vae", text_encoders: bool = True,

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mosaic_jax import parallel
 from mosaic_jax.model.autoencoder import pack_latents, to_model_latents, unpack_latents
 from mosaic_jax.model.config import FluxConfig
 from mosaic_jax.model.embeddings import image_ids, reference_ids, text_ids
@@ -327,10 +328,20 @@ class Sampler:
   """The loaded transformer, LoRA and encoders, and the sampling loop over cases.
 
   encoders: an encoders.FluxEncoders with text encoders (captions -> T5 and pooled CLIP).
+  mesh:     where the transformer runs (parallel.make_mesh; default: every device on the data axis).
+            The base and the LoRA are placed with the training rules (`param_rules`, `logical_rules`:
+            fsdp and tensor split them, so FLUX.1-dev fits chips smaller than its 24 GB), and each batch
+            of `options.batch_size` (case, seed) pairs is split over the batch axes. The mesh may span
+            several processes: every process runs every batch, prepares (prompts, references, noise)
+            only the rows its devices hold, and writes only the rows it owns, so each image is written
+            once. Text encoders and the autoencoder run on each process's own devices.
   """
 
-  def __init__(self, cfg: FluxConfig, params, lora, encoders, options: SampleOptions):
-    self.cfg, self.params, self.lora, self.encoders, self.options = cfg, params, lora, encoders, options
+  def __init__(self, cfg: FluxConfig, params, lora, encoders, options: SampleOptions, mesh=None,
+               param_rules=parallel.sharding.DEFAULT_PARAM_RULES,
+               logical_rules=parallel.sharding.DEFAULT_LOGICAL_RULES):
+    self.encoders, self.options = encoders, options
+    self.cfg = dataclasses.replace(cfg, logical_rules=parallel.hashable_rules(logical_rules))
     ae = encoders.autoencoder
     self.size_multiple = 2 * ae.downsample_factor
     if cfg.in_channels != 4 * ae.latent_channels:
@@ -348,25 +359,30 @@ class Sampler:
           "Reference KV cache on a model without independent_refs: references are computed once, at the "
           "first step, although in this model they attend to the (changing) target. The result is an "
           "approximation of full sampling; turn the cache off for exact results.")
-    self._mesh = None
-    if jax.device_count() > 1:
-      if options.batch_size % jax.device_count():
-        logging.warning("batch_size %d is not a multiple of the %d devices: the batch is not sharded.",
-                        options.batch_size, jax.device_count())
-      else:
-        from jax.sharding import NamedSharding, PartitionSpec
-        # Auto axes: XLA propagates the batch sharding through the model (no sharding-in-types rules).
-        self._mesh = jax.make_mesh((jax.device_count(),), ("data",),
-                                   axis_types=(jax.sharding.AxisType.Auto,))
-        replicated = NamedSharding(self._mesh, PartitionSpec())
-        self.params, self.lora = jax.device_put((self.params, self.lora), replicated)
-
-  def _shard_batch(self, array):
-    """Puts a [B, ...] array on the data axis of the mesh (several devices), as is otherwise."""
-    if self._mesh is None:
-      return array
-    from jax.sharding import NamedSharding, PartitionSpec
-    return jax.device_put(array, NamedSharding(self._mesh, PartitionSpec("data")))
+    self.mesh = mesh if mesh is not None else parallel.make_mesh({"data": -1})
+    self.batch_sharding = parallel.batch_sharding(self.mesh, logical_rules)
+    try:
+      self.batch_sharding.shard_shape((options.batch_size,))
+    except ValueError as error:
+      raise SampleInputError(
+          f"batch_size={options.batch_size} does not split over the batch axes {self.batch_sharding.spec} of "
+          f"the mesh {dict(self.mesh.shape)}: use a multiple of their size (or another --mesh).") from error
+    place = functools.partial(parallel.place, mesh=self.mesh, param_rules=param_rules, logical_rules=logical_rules)
+    self.params, self.lora = place(params), (None if lora is None else place(lora))
+    # Rows of a batch whose inputs this process's devices hold (it prepares them), and the rows it owns
+    # (the lowest process holding a row writes it).
+    b = options.batch_size
+    held = sorted({r for index in self.batch_sharding.addressable_devices_indices_map((b,)).values()
+                   for r in range(b)[index[0]]})
+    if held != list(range(held[0], held[-1] + 1)):
+      raise SampleInputError(f"mesh {dict(self.mesh.shape)}: this process holds batch rows {held}, not one "
+                             "contiguous block; order the devices by process.")
+    self.held_rows = held
+    owner = {}
+    for device, index in self.batch_sharding.devices_indices_map((b,)).items():
+      for r in range(b)[index[0]]:
+        owner[r] = min(owner.get(r, device.process_index), device.process_index)
+    self.owned_rows = [r for r in held if owner[r] == jax.process_index()]
 
   def check(self, cases: Sequence[Case]) -> None:
     validate_request(cases, self.options, self.size_multiple)
@@ -380,66 +396,134 @@ class Sampler:
     return np.asarray(_encode_references(self.encoders.autoencoder, images, float(cfg.scaling_factor),
                                          float(cfg.shift_factor)))
 
+  def _geometry(self):
+    opts = self.options
+    latent_h, latent_w = opts.height // (self.size_multiple // 2), opts.width // (self.size_multiple // 2)
+    return latent_h, latent_w, opts.ref_size // self.size_multiple
+
+  def sample_batch(self, items: Sequence[tuple[Case, int]], on_step: Callable[[int], None] | None = None,
+                   report_steps: bool = False) -> dict[int, np.ndarray]:
+    """One batch of exactly batch_size (case, seed) pairs, every case with the same reference count.
+    Every process calls it with the same items. Returns {row: uint8 image [H, W, 3]} for the rows this
+    process holds."""
+    opts, b = self.options, self.options.batch_size
+    if len(items) != b or len({len(case.image_paths) for case, _ in items}) != 1:
+      raise ValueError(f"sample_batch: expected {b} items with one reference count, got {len(items)}.")
+    latent_h, latent_w, ref_grid = self._geometry()
+    grid_h, grid_w = latent_h // 2, latent_w // 2
+    local = [items[r] for r in self.held_rows]
+    t5_states, pooled = self.encoders.encode_captions([case.prompt for case, _ in local], batch_size=len(local))
+    noise = np.stack([_initial_noise(seed, latent_h, latent_w, self.encoders.autoencoder.latent_channels)
+                      for _, seed in local])
+    refs = [self.encode_references(case.image_paths) for case, _ in local]
+    refs = None if refs[0] is None else np.stack(refs)
+    to_global = lambda x: jax.make_array_from_process_local_data(
+        self.batch_sharding, np.asarray(x), (b,) + np.shape(x)[1:])
+    with jax.set_mesh(self.mesh), step_listener(on_step) if on_step else contextlib.nullcontext():
+      tokens = denoise(
+          self.params, self.lora, self.cfg, to_global(noise), to_global(t5_states),
+          parallel.on_mesh(text_ids(t5_states.shape[1])), to_global(pooled), parallel.on_mesh(image_ids(grid_h, grid_w)),
+          parallel.on_mesh(flow_sigmas(opts.steps, grid_h * grid_w)), parallel.on_mesh(np.float32(opts.guidance)),
+          None if refs is None else to_global(refs),
+          None if refs is None else parallel.on_mesh(reference_ids(refs.shape[1], ref_grid, ref_grid)),
+          use_ref_cache=self.use_ref_cache, report_steps=report_steps)
+    rows = {}
+    for shard in tokens.addressable_shards:  # this process's rows, decoded on its own devices
+      for offset, r in enumerate(range(b)[shard.index[0]]):
+        rows.setdefault(r, np.asarray(shard.data[offset]))
+    order = sorted(rows)
+    decoded = np.asarray(_decode_tokens(self.encoders.autoencoder, np.stack([rows[r] for r in order]),
+                                        latent_h, latent_w))
+    return dict(zip(order, decoded))
+
+  def batches(self, cases: Sequence[Case]) -> list[list[tuple[Case, int] | None]]:
+    """Every (case, seed) pair once, in batches of batch_size with one reference count each; a short
+    last batch of a group is padded with None (rows sampled as copies and never written)."""
+    groups: dict[int, list[tuple[Case, int]]] = {}
+    for case in cases:
+      for seed in self.options.seeds:
+        groups.setdefault(len(case.image_paths), []).append((case, seed))
+    b = self.options.batch_size
+    out = []
+    for items in groups.values():
+      for start in range(0, len(items), b):
+        chunk = items[start:start + b]
+        out.append(chunk + [None] * (b - len(chunk)))
+    return out
+
+  def _run_batch(self, batch, on_step=None, report_steps=False):
+    real = [item for item in batch if item is not None]
+    padded = real + [real[-1]] * (len(batch) - len(real))
+    images = self.sample_batch(padded, on_step, report_steps)
+    return {r: (batch[r], image) for r, image in images.items() if batch[r] is not None}
+
   def generate(self, case: Case, seeds: Sequence[int] | None = None,
                on_step: Callable[[int], None] | None = None) -> np.ndarray:
-    """uint8 images [len(seeds), H, W, 3] of one case; references and prompt encoded once."""
-    opts = self.options
-    seeds = list(opts.seeds if seeds is None else seeds)
-    validate_request([case], dataclasses.replace(opts, seeds=tuple(seeds)), self.size_multiple)
-    latent_h, latent_w = opts.height // (self.size_multiple // 2), opts.width // (self.size_multiple // 2)
-    grid_h, grid_w, ref_grid = latent_h // 2, latent_w // 2, opts.ref_size // self.size_multiple
-    t5_states, pooled = self.encoders.encode_captions([case.prompt], batch_size=1)
-    refs = self.encode_references(case.image_paths)
-    ref_ids = None if refs is None else reference_ids(len(refs), ref_grid, ref_grid)
-    sigmas = flow_sigmas(opts.steps, grid_h * grid_w)
-    b = opts.batch_size
-    images = []
-    for start in range(0, len(seeds), b):
-      chunk = seeds[start:start + b]
-      padded = chunk + [chunk[-1]] * (b - len(chunk))  # one compiled shape for every chunk
-      noise = np.stack([_initial_noise(s, latent_h, latent_w, self.encoders.autoencoder.latent_channels)
-                        for s in padded])
-      batch_refs = None if refs is None else self._shard_batch(np.repeat(refs[None], b, axis=0))
-      with step_listener(on_step) if on_step else contextlib.nullcontext():
-        tokens = denoise(
-            self.params, self.lora, self.cfg, self._shard_batch(noise),
-            self._shard_batch(np.repeat(t5_states, b, axis=0)), text_ids(t5_states.shape[1]),
-            self._shard_batch(np.repeat(pooled, b, axis=0)), image_ids(grid_h, grid_w), sigmas,
-            np.float32(opts.guidance), batch_refs, ref_ids, use_ref_cache=self.use_ref_cache,
-            report_steps=on_step is not None)
-        decoded = np.asarray(_decode_tokens(self.encoders.autoencoder, tokens, latent_h, latent_w))
-      images.append(decoded[:len(chunk)])
-    return np.concatenate(images)
+    """uint8 images [len(seeds), H, W, 3] of one case (one process; several processes use `run`)."""
+    if jax.process_count() > 1:
+      raise RuntimeError("Sampler.generate returns every image to one process; with several processes "
+                         "use Sampler.run, where each process writes its own share.")
+    seeds = list(self.options.seeds if seeds is None else seeds)
+    validate_request([case], dataclasses.replace(self.options, seeds=tuple(seeds)), self.size_multiple)
+    sampler = self if tuple(seeds) == self.options.seeds else _with_options(
+        self, dataclasses.replace(self.options, seeds=tuple(seeds)))
+    out = {}
+    for batch in sampler.batches([case]):
+      for (_, seed), image in sampler._run_batch(batch, on_step, on_step is not None).values():
+        out[seed] = image
+    return np.stack([out[s] for s in seeds])
 
   def run(self, cases: Sequence[Case], output_dir: str, progress: bool = True) -> list[str]:
-    """Samples every case and seed into a fresh run folder under output_dir; returns the files written:
-    `<index>_seed<seed>.png` and `<index>_seed<seed>_panel.png` (references, then the result)."""
+    """Samples every case and seed into one fresh run folder under output_dir (the same folder for every
+    process); returns the files this process wrote: `<index>_seed<seed>.png` and
+    `<index>_seed<seed>_panel.png` (references, then the result)."""
     from PIL import Image
     from tqdm.auto import tqdm
     self.check(cases)
-    run_dir = new_run_dir(output_dir)
-    with open(os.path.join(run_dir, "run.json"), "w", encoding="utf-8") as f:
-      json.dump({"options": dataclasses.asdict(self.options), "ref_cache": self.use_ref_cache,
-                 "independent_refs": self.cfg.independent_refs,
-                 "cases": [dataclasses.asdict(c) for c in cases]}, f, indent=2)
+    leader = jax.process_index() == 0
+    run_dir = _shared_run_dir(output_dir)
+    if leader:
+      with open(os.path.join(run_dir, "run.json"), "w", encoding="utf-8") as f:
+        json.dump({"options": dataclasses.asdict(self.options), "ref_cache": self.use_ref_cache,
+                   "independent_refs": self.cfg.independent_refs, "mesh": dict(self.mesh.shape),
+                   "processes": jax.process_count(), "cases": [dataclasses.asdict(c) for c in cases]}, f, indent=2)
+    batches = self.batches(cases)
+    bar = tqdm(total=len(batches) * self.options.steps, desc="steps", unit="step", disable=not (progress and leader))
     written = []
-    case_bar = tqdm(cases, desc="cases", unit="case", disable=not progress)
-    for case in case_bar:
-      case_bar.set_postfix_str(f"{case.index}")
-      runs = math.ceil(len(self.options.seeds) / self.options.batch_size)
-      step_bar = tqdm(total=runs * self.options.steps, desc="  steps", unit="step", leave=False,
-                      disable=not progress)
-      images = self.generate(case, on_step=lambda _: step_bar.update(1))
-      step_bar.close()
-      refs = [Image.fromarray(_to_uint8(load_reference(p, self.options.ref_size))) for p in case.image_paths]
-      name = _safe_name(case.index)
-      for seed, image in zip(self.options.seeds, images):
+    for batch in batches:
+      results = self._run_batch(batch, lambda _: bar.update(1), progress)
+      for r in self.owned_rows:
+        if r not in results:
+          continue
+        (case, seed), image = results[r]
+        refs = [Image.fromarray(_to_uint8(load_reference(p, self.options.ref_size))) for p in case.image_paths]
         result = Image.fromarray(image)
+        name = _safe_name(case.index)
         for suffix, picture in (("", result), ("_panel", side_by_side(refs + [result]))):
           file = os.path.join(run_dir, f"{name}_seed{seed}{suffix}.png")
           picture.save(file)
           written.append(file)
+    bar.close()
     return written
+
+
+def _with_options(sampler: Sampler, options: SampleOptions) -> Sampler:
+  """The same loaded sampler with other options (the placed weights are shared, not copied)."""
+  other = object.__new__(Sampler)
+  other.__dict__.update(sampler.__dict__, options=options)
+  return other
+
+
+def _shared_run_dir(output_dir: str) -> str:
+  """new_run_dir on process 0, its name broadcast to the others."""
+  if jax.process_count() == 1:
+    return new_run_dir(output_dir)
+  from jax.experimental import multihost_utils
+  name = new_run_dir(output_dir).encode() if jax.process_index() == 0 else b""
+  encoded = np.zeros(4096, np.uint8)
+  encoded[:len(name)] = np.frombuffer(name, np.uint8)
+  name = bytes(np.asarray(multihost_utils.broadcast_one_to_all(encoded))).rstrip(b"\0").decode()
+  return name
 
 
 def _to_uint8(image: np.ndarray) -> np.ndarray:
@@ -480,21 +564,32 @@ def new_run_dir(output_dir: str) -> str:
 
 def load_sampler(checkpoint: str, lora: str | None, options: SampleOptions, dtype=jnp.bfloat16,
                  independent_refs: bool = False, t5_max_length: int = 512,
-                 text_dtype=jnp.bfloat16, attention_impl: str = "xla") -> Sampler:
+                 text_dtype=jnp.bfloat16, attention_impl: str = "xla", mesh_shape=None) -> Sampler:
   """Reads a FLUX checkpoint root (transformer/, vae/, text_encoder(_2)/, tokenizer(_2)/) and a LoRA file
   or training workdir. Nothing is compiled here: a LoRA that does not fit fails first.
 
-  independent_refs: the LoRA was trained with references attending to themselves only (then the
-  reference KV cache is exact). attention_impl: "xla", "cudnn" (NVIDIA, bf16; it never holds the
-  [queries, keys] logits, which is what makes the cache pay off) or "splash" (TPU)."""
+  independent_refs: the LoRA was trained with independent_refs (then the reference KV cache is exact).
+  attention_impl: "xla", "cudnn" (NVIDIA, bf16; it never holds the [queries, keys] logits, which is what
+  makes the cache pay off) or "splash" (TPU).
+  mesh_shape: {"data", "fsdp", "tensor"} sizes (one may be -1); default every device on data. Each
+  transformer tensor goes straight from the file to its shards, never whole onto one device."""
   from mosaic_jax.encoders import load_flux_encoders
   from mosaic_jax.interop import load_flux_transformer, load_lora
   if not os.path.isdir(checkpoint):
     raise SampleInputError(f"checkpoint {checkpoint}: no such folder (expected a FLUX checkpoint root with "
                            "transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/).")
-  cfg, params = load_flux_transformer(checkpoint, dtype=dtype)
+  try:
+    mesh = parallel.make_mesh(dict(mesh_shape or {"data": -1}))
+  except ValueError as error:
+    raise SampleInputError(f"--mesh: {error}") from error
+
+  def place(name, array):
+    sharding = parallel.sharding_for(name.replace(".", "/"), array.shape, mesh)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+  cfg, params = load_flux_transformer(checkpoint, dtype=dtype, place=place)
   cfg = dataclasses.replace(cfg, independent_refs=independent_refs, attention_impl=attention_impl)
   lora_tree = load_lora(resolve_lora_file(lora), cfg, dtype=dtype) if lora else None
   encoders = load_flux_encoders(checkpoint, t5_dtype=text_dtype, clip_dtype=text_dtype,
                                 t5_max_length=t5_max_length)
-  return Sampler(cfg, params, lora_tree, encoders, options)
+  return Sampler(cfg, params, lora_tree, encoders, options, mesh=mesh)

@@ -117,6 +117,45 @@ def test_fsdp_devices_compute_their_own_examples_only():
   assert flops["fsdp4"] <= 0.27 * flops["one"], flops
 
 
+def test_a_jit_traced_under_one_mesh_or_rule_table_is_never_reused_under_another():
+  """The mesh (jax.set_mesh) and the logical rules (in the static FluxConfig) are part of every jit's
+  cache key, module-level jits like the sampler's included: a trace is reused only under the same pair."""
+  import contextlib
+  import dataclasses
+  import numpy as np
+  from mosaic_jax import sample
+  cfg = model.tiny(1, 1)
+  params = model.init_params(jax.random.key(0), cfg)
+  rng = np.random.default_rng(0)
+  args = (params, None, cfg, rng.standard_normal((2, 4, 16), np.float32), rng.standard_normal((2, 3, 24), np.float32),
+          model.text_ids(3), rng.standard_normal((2, 12), np.float32), model.image_ids(2, 2),
+          sample.flow_sigmas(2, 4), np.float32(3.5))
+  mesh_a = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
+  mesh_b = jax.make_mesh((1,), ("replica",), axis_types=(AxisType.Auto,))
+  sizes, outputs = [], []
+  for mesh, rules in ((None, cfg.logical_rules), (mesh_a, cfg.logical_rules), (mesh_b, cfg.logical_rules),
+                      (mesh_a, (("batch", "data"), ("heads", None), ("mlp", None))), (mesh_a, cfg.logical_rules)):
+    call_args = args[:2] + (dataclasses.replace(cfg, logical_rules=rules),) + args[3:]
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+      outputs.append(np.asarray(sample.denoise(*call_args)))
+    sizes.append(sample.denoise._cache_size())  # pylint: disable=protected-access
+  # No mesh, mesh A, mesh B, mesh A with other rules: four traces; mesh A with its first rules again: reused.
+  assert [s - sizes[0] for s in sizes] == [0, 1, 2, 3, 3], sizes
+  for out in outputs[1:]:
+    np.testing.assert_allclose(out, outputs[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_large_dimension_the_mesh_cannot_split_is_a_warning_naming_the_parameter(caplog):
+  mesh = AbstractMesh((1, 3, 1), ("data", "fsdp", "tensor"))
+  with caplog.at_level("WARNING", logger="mosaic_jax"):
+    parallel.sharding_for("transformer_blocks/attn/to_q/kernel", (2, 3072, 3072), mesh)  # divisible: quiet
+    assert not caplog.records
+    parallel.sharding_for("transformer_blocks/attn/to_q/kernel", (2, 3070, 3072), mesh)
+  assert len(caplog.records) == 1
+  message = caplog.records[0].getMessage()
+  assert "transformer_blocks/attn/to_q/kernel" in message and "(2, 3070, 3072)" in message and "fsdp" in message
+
+
 if __name__ == "__main__":  # the child process of the fsdp test
   if sys.argv[1:2] == ["fsdp_flops"]:
     print("RESULT " + json.dumps(_fsdp_flops_child()), flush=True)

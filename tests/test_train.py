@@ -17,9 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-
-import flux_ms  # noqa: E402
+from train_fixtures import flux_ms, tensorboard_scalars, tiny_config  # noqa: E402
 from mosaic_jax.train import ConfigError, train_and_evaluate  # noqa: E402
 from mosaic_jax.train import inputs as inputs_lib  # noqa: E402
 from mosaic_jax.train import step as step_lib  # noqa: E402
@@ -40,34 +38,6 @@ def compilation_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp("tfds"))
-
-
-def tiny_config(data_dir, **changes):
-  config = flux_ms.get_config("demo")
-  config.dataset.data_dir = data_dir
-  config.dataset.name = "semalign_ms/synthetic_test64"
-  config.dataset.build.update(image_size=64, min_refs=2, max_refs=2, num_train=16, num_validation=4)
-  config.dataset.max_pairs = 16
-  config.dataset.read_threads = 1
-  config.resolution = config.ref_resolution = 64
-  # Patch 8 (16 px per token, 4x4 tokens): the smallest sequence; the demo itself uses patch 2.
-  config.pixel_patch_size = 8
-  config.batch_size = 2
-  config.lora_rank = 4
-  config.model_overrides.update(in_channels=768, num_layers=1, num_single_layers=1, num_attention_heads=2)
-  config.total_steps = 4
-  config.checkpoint_every = 2
-  config.log_every = 1
-  config.sample_every = 0
-  config.eval_examples = 0
-  config.losses.mdl_ramp_start, config.losses.mdl_ramp_end = 1, 3  # every term in play by step 3
-  for key, value in changes.items():
-    target = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      target = target[parent]
-    target[leaf] = value
-  return config
 
 
 @pytest.fixture(scope="module")
@@ -95,20 +65,7 @@ def test_run_writes_checkpoints_lora_exports_logs_and_evaluation(first_run):
 
 
 def _scalars(folder: str) -> dict[str, list[float]]:
-  """Scalars of tensorboardX event files (TFRecord framing: length, crc, Event proto, crc)."""
-  from tensorboardX.proto import event_pb2
-  out: dict[str, list[float]] = {}
-  for path in sorted(glob.glob(os.path.join(folder, "events.out.tfevents.*"))):
-    data = open(path, "rb").read()
-    offset = 0
-    while offset < len(data):
-      length = int.from_bytes(data[offset:offset + 8], "little")
-      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
-      offset += 12 + length + 4
-      for value in event.summary.value:
-        if value.HasField("simple_value"):
-          out.setdefault(value.tag, []).append(value.simple_value)
-  return out
+  return {tag: [value for _, value in pairs] for tag, pairs in tensorboard_scalars(folder).items()}
 
 
 def test_tensorboard_holds_every_loss_term_and_throughput(first_run):
@@ -287,21 +244,21 @@ def _saved_state(workdir: str, step: int) -> dict:
 def test_nan_guard_stops_at_the_bad_step_and_keeps_the_last_good_checkpoint(first_run, data_dir, tmp_path,
                                                                              monkeypatch):
   """Two real ways to go non-finite after the good checkpoint of step 2 (steps 3 and 4 are checkpoint
-  steps too): an inf text feature from step 3 on (NaN loss and gradient), then, resuming, a learning rate
+  steps too): an inf target pixel from step 3 on (NaN loss and gradient), then, resuming, a learning rate
   that overflows float32 (finite loss and gradient, non-finite weights). Each run stops naming step 3,
   only step 2 is on disk and finite, and a clean rerun resumes from it with the uninterrupted losses."""
   _, uninterrupted = first_run
   workdir = str(tmp_path / "nan")
-  real_step_batch, calls = inputs_lib.step_batch, []
+  real_host_inputs, calls = inputs_lib.host_inputs, []
 
   def inf_from_step_3(host_batch, encoders):
-    batch = real_step_batch(host_batch, encoders)
+    batch = real_host_inputs(host_batch, encoders)
     calls.append(1)
-    if len(calls) >= 3:  # one T5 feature of one example: attention spreads it to the whole step
-      batch["t5"][0, 0, 0] = np.inf
+    if len(calls) >= 3:  # one pixel of one target image: inf latents, then NaN through the whole step
+      batch["target_images"][0, 0, 0, 0] = np.inf
     return batch
 
-  monkeypatch.setattr(inputs_lib, "step_batch", inf_from_step_3)
+  monkeypatch.setattr(inputs_lib, "host_inputs", inf_from_step_3)
   with pytest.raises(FloatingPointError, match=r"at step 3 \(loss nan.*last good checkpoint \(step 2\)"):
     train_and_evaluate(tiny_config(data_dir), workdir)
   monkeypatch.undo()

@@ -15,6 +15,7 @@ import struct
 
 import ml_dtypes
 import numpy as np
+from etils import epath
 
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -156,10 +157,12 @@ def save_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[s
     offset += arr.nbytes
     arrays.append(arr)
   blob = _header_blob(header)
-  tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
+  # Through etils.epath (orbax's path library), so a gs:// destination works like a local one; the
+  # rename makes the file appear whole or not at all.
+  tmp = epath.Path(f"{path}.tmp")
+  with tmp.open("wb") as f:
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
     for arr in arrays:
       f.write(arr.tobytes())
-  os.replace(tmp, path)
+  tmp.replace(epath.Path(path))

@@ -23,8 +23,12 @@ Implementations (FluxConfig.attention_impl):
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+
+from mosaic_jax.parallel.sharding import DEFAULT_LOGICAL_RULES
 
 
 def _softmax_attend(logit_blocks, value_blocks, value_specs, out_dtype):
@@ -111,12 +115,13 @@ def _cudnn_dense(q, k, v):
 
 
 def multi_branch_attention(q_main, k_main, v_main, q_ref=None, k_ref=None, v_ref=None, impl="xla",
-                           independent_refs=False, query_chunk=0):
+                           independent_refs=False, query_chunk=0, logical_rules=None):
   """Returns (out_main [B, T, H, D], out_ref [B, R, M, H, D] or None).
 
   k_ref / v_ref without q_ref: reference keys and values from a cache (main queries only).
   independent_refs: reference queries see their own reference's keys only (not text or target).
   query_chunk (xla only; 0: all at once): queries per chunk, which bounds the float32 logits held.
+  logical_rules (splash only): how batch and heads map to the axes of the mesh set by `jax.set_mesh`.
   """
   args = (q_main, k_main, v_main, q_ref, k_ref, v_ref, independent_refs)
   if impl == "xla":
@@ -124,8 +129,9 @@ def multi_branch_attention(q_main, k_main, v_main, q_ref=None, k_ref=None, v_ref
   if impl == "cudnn":
     return _grouped_multi_branch(_cudnn_dense, *args)
   if impl == "splash":
-    from mosaic_jax.model.splash_attention import splash_dense
-    return _grouped_multi_branch(splash_dense, *args)
+    from mosaic_jax.model.splash_attention import splash_dense  # Pallas: imported only when used
+    dense = functools.partial(splash_dense, logical_rules=logical_rules or DEFAULT_LOGICAL_RULES)
+    return _grouped_multi_branch(dense, *args)
   raise ValueError(f"attention impl {impl!r}; expected 'xla', 'cudnn' or 'splash'.")
 
 

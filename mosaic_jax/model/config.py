@@ -9,12 +9,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from mosaic_jax.parallel.sharding import DEFAULT_LOGICAL_RULES, hashable_rules
+
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 # Per-block rematerialization (jax.checkpoint of each scanned block): what the backward pass keeps.
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 PRESETS = ("flux1_dev", "tiny")  # the functions below that give a FluxConfig by name (config.model)
 _NOT_IN_DIFFUSERS_CONFIG = ("rope_theta", "mlp_ratio", "independent_refs", "attention_impl", "stats_chunk",
-                            "attention_chunk", "remat_policy")
+                            "attention_chunk", "remat_policy", "logical_rules")
+# Set by the program, not by a model override: the trainer copies config.sharding.logical_rules here.
+NOT_OVERRIDABLE = ("logical_rules",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +48,10 @@ class FluxConfig:
   # costs one more attention forward in the backward pass. cudnn and splash never hold the logits.
   attention_chunk: int = 512
   remat_policy: str = "none"  # one of REMAT_POLICIES; "full" recomputes each block in the backward pass
+  # Logical axis -> mesh axes, for the activation pins and hand-placed kernels under `jax.set_mesh`
+  # (parallel/sharding.py). Here, rather than in a context, because the config is a static argument
+  # of every jit: a trace made under one rule table is never reused under another.
+  logical_rules: tuple = DEFAULT_LOGICAL_RULES
 
   def __post_init__(self):
     if self.patch_size != 1:
@@ -61,6 +69,7 @@ class FluxConfig:
     if any(d % 2 for d in self.axes_dims_rope):
       raise ValueError(f"axes_dims_rope={tuple(self.axes_dims_rope)}: every axis must be even.")
     object.__setattr__(self, "axes_dims_rope", tuple(int(d) for d in self.axes_dims_rope))
+    object.__setattr__(self, "logical_rules", hashable_rules(self.logical_rules))
 
   @property
   def hidden_size(self) -> int:
@@ -112,7 +121,8 @@ def preset(name: str, overrides: Mapping[str, Any] | None = None) -> FluxConfig:
 
 def field_types() -> dict[str, type]:
   """FluxConfig field -> the type a command-line override is parsed as."""
-  return {f.name: type(f.default) if f.default is not None else int for f in dataclasses.fields(FluxConfig)}
+  return {f.name: type(f.default) if f.default is not None else int for f in dataclasses.fields(FluxConfig)
+          if f.name not in NOT_OVERRIDABLE}
 
 
 def flux1_dev() -> FluxConfig:

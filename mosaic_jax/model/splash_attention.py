@@ -1,9 +1,9 @@
 """Dense attention through the Pallas TPU splash-attention kernel, for attention.py's two groups.
 
 The groups are dense (the MOSAIC mask is handled by how attention.py forms them), so the kernel gets
-a full mask. Pallas kernels are not partitioned automatically: when a mesh is set (`jax.set_mesh`, or
-the trainer's `parallel.activation_sharding`) the call runs under `jax.shard_map` with the batch split
-over the mesh's data axes and the heads over its tensor axis. Off TPU the kernel runs in Pallas interpret mode (slow; for tests only).
+a full mask. Pallas kernels are not partitioned automatically: when a mesh is set (`jax.set_mesh`) the
+call runs under `jax.shard_map` with the batch and the heads split over the mesh axes that the logical
+rules give "batch" and "heads" (by default (data, fsdp) and tensor). Off TPU the kernel runs in Pallas interpret mode (slow; for tests only).
 Sequence lengths must be multiples of 128 (FLUX's 512 text, 1024-token 512 px grids are).
 """
 
@@ -14,10 +14,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
 
-from mosaic_jax.parallel import active_mesh
-
-BATCH_AXES = ("data", "fsdp")
-HEAD_AXIS = "tensor"
+from mosaic_jax.parallel.sharding import DEFAULT_LOGICAL_RULES, mesh_axes_of
 
 
 def _block(length: int) -> int:
@@ -49,15 +46,12 @@ def _local_splash(q, k, v):
   return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
 
-def splash_dense(q, k, v):
+def splash_dense(q, k, v, logical_rules=DEFAULT_LOGICAL_RULES):
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:  # no jax.set_mesh: the trainer's activation_sharding mesh, if any
-    mesh = active_mesh()
-  if mesh is None:
+  if mesh.empty:
     return _local_splash(q, k, v)
-  batch = tuple(a for a in BATCH_AXES if a in mesh.axis_names) or None
-  heads = HEAD_AXIS if HEAD_AXIS in mesh.axis_names else None
-  spec = P(batch, None, heads, None)
+  spec = P(mesh_axes_of("batch", logical_rules, mesh) or None, None,
+           mesh_axes_of("heads", logical_rules, mesh) or None, None)
   # check_vma=False: the Pallas kernel's outputs carry no varying-axes annotation; each shard's
   # attention is independent (no collectives), so there is nothing for the check to catch.
   return jax.shard_map(_local_splash, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,

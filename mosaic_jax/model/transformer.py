@@ -113,22 +113,22 @@ def init_params(key, cfg: FluxConfig, dtype=jnp.float32) -> dict:
 
 # ---- blocks ---------------------------------------------------------------------------------------
 
-# Activation pins (no-ops outside parallel.activation_sharding): batch over the data axes, heads and
-# the MLP hidden over tensor, so the compiler gathers fsdp-sharded weights rather than activations.
-def _pin_stream(x):
-  return constrain(x, ("batch",) + (None,) * (x.ndim - 1))
+# Activation pins (no-ops when no mesh is set): batch over the data axes, heads and the MLP hidden
+# over tensor, so the compiler gathers fsdp-sharded weights rather than activations.
+def _pin_stream(x, cfg):
+  return constrain(x, ("batch",) + (None,) * (x.ndim - 1), cfg.logical_rules)
 
 
-def _pin_heads(x):
-  return constrain(x, ("batch",) + (None,) * (x.ndim - 3) + ("heads", None))
+def _pin_heads(x, cfg):
+  return constrain(x, ("batch",) + (None,) * (x.ndim - 3) + ("heads", None), cfg.logical_rules)
 
 
-def _pin_mlp(x):
-  return constrain(x, ("batch",) + (None,) * (x.ndim - 2) + ("mlp",))
+def _pin_mlp(x, cfg):
+  return constrain(x, ("batch",) + (None,) * (x.ndim - 2) + ("mlp",), cfg.logical_rules)
 
 
 def _heads(x, cfg):
-  return _pin_heads(x.reshape(x.shape[:-1] + (cfg.num_attention_heads, cfg.attention_head_dim)))
+  return _pin_heads(x.reshape(x.shape[:-1] + (cfg.num_attention_heads, cfg.attention_head_dim)), cfg)
 
 
 def _merge_heads(x):
@@ -150,8 +150,8 @@ def double_block(p, lp, cfg, txt, img, refs, temb, temb_ref, rope_main, rope_ref
   and values) is what text and target attend to.
   """
   txt_len = txt.shape[1]
-  txt, img = _pin_stream(txt), _pin_stream(img)
-  refs = None if refs is None else _pin_stream(refs)
+  txt, img = _pin_stream(txt, cfg), _pin_stream(img, cfg)
+  refs = None if refs is None else _pin_stream(refs, cfg)
   s1, c1, g1, s2, c2, g2 = modulation(p["norm1"]["linear"], temb, 6)
   ts1, tc1, tg1, ts2, tc2, tg2 = modulation(p["norm1_context"]["linear"], temb, 6)
   pa = p["attn"]
@@ -173,18 +173,18 @@ def double_block(p, lp, cfg, txt, img, refs, temb, temb_ref, rope_main, rope_ref
 
   out_main, out_ref = attn_lib.multi_branch_attention(q_main, k_main, v_main, q_ref, k_ref, v_ref,
                                                       cfg.attention_impl, cfg.independent_refs,
-                                                      cfg.attention_chunk)
+                                                      cfg.attention_chunk, cfg.logical_rules)
   attn_txt, attn_img = _merge_heads(out_main[:, :txt_len]), _merge_heads(out_main[:, txt_len:])
 
   img = img + gate(g1, linear(pa["to_out"]["0"], attn_img))
-  img = img + gate(g2, _feed_forward(p["ff"], modulate(layer_norm(img), s2, c2), None))
+  img = img + gate(g2, _feed_forward(p["ff"], modulate(layer_norm(img), s2, c2), None, cfg))
   txt = txt + gate(tg1, linear(pa["to_add_out"], attn_txt))
-  txt = txt + gate(tg2, _feed_forward(p["ff_context"], modulate(layer_norm(txt), ts2, tc2), None))
+  txt = txt + gate(tg2, _feed_forward(p["ff_context"], modulate(layer_norm(txt), ts2, tc2), None, cfg))
 
   extras = {}
   if refs is not None:
     refs = refs + gate(rg1, linear(pa["to_out"]["0"], _merge_heads(out_ref), get_path(lp, "attn.to_out.0")))
-    refs = refs + gate(rg2, _feed_forward(p["ff"], modulate(layer_norm(refs), rs2, rc2), get_path(lp, "ff")))
+    refs = refs + gate(rg2, _feed_forward(p["ff"], modulate(layer_norm(refs), rs2, rc2), get_path(lp, "ff"), cfg))
     k_target = k_main[:, txt_len:]
     if want_map:
       extras["attention_maps"] = attn_lib.reference_target_attention_map(q_ref, k_target)
@@ -195,9 +195,9 @@ def double_block(p, lp, cfg, txt, img, refs, temb, temb_ref, rope_main, rope_ref
   return (txt, img, refs), extras
 
 
-def _feed_forward(p, x, lp):
+def _feed_forward(p, x, lp, cfg):
   """GELU-tanh MLP; only `net.2` is LoRA-adapted (MOSAIC leaves `net.0.proj` alone)."""
-  h = _pin_mlp(gelu_tanh(linear(p["net"]["0"]["proj"], x)))
+  h = _pin_mlp(gelu_tanh(linear(p["net"]["0"]["proj"], x)), cfg)
   return linear(p["net"]["2"], h, get_path(lp, "net.2"))
 
 
@@ -208,11 +208,11 @@ def single_block(p, lp, cfg, main, refs, temb, temb_ref, rope_main, rope_ref, re
   `main` is [text | target]: both use the target's conditioning, so they share one modulation.
   Returns ((main, refs), extras); `ref_kv` and `keep_ref_kv` as in double_block.
   """
-  main = _pin_stream(main)
-  refs = None if refs is None else _pin_stream(refs)
+  main = _pin_stream(main, cfg)
+  refs = None if refs is None else _pin_stream(refs, cfg)
   shift, scale, g = modulation(p["norm"]["linear"], temb, 3)
   x = modulate(layer_norm(main), shift, scale)
-  mlp_main = _pin_mlp(gelu_tanh(linear(p["proj_mlp"], x)))
+  mlp_main = _pin_mlp(gelu_tanh(linear(p["proj_mlp"], x)), cfg)
   q_main, k_main, v_main = _qkv(p["attn"], x, cfg, None)
   q_main, k_main = apply_rope(q_main, rope_main), apply_rope(k_main, rope_main)
 
@@ -221,13 +221,13 @@ def single_block(p, lp, cfg, main, refs, temb, temb_ref, rope_main, rope_ref, re
   if refs is not None:
     rshift, rscale, rg = modulation(p["norm"]["linear"], temb_ref, 3, get_path(lp, "norm.linear"))
     xr = modulate(layer_norm(refs), rshift, rscale)
-    mlp_ref = _pin_mlp(gelu_tanh(linear(p["proj_mlp"], xr, get_path(lp, "proj_mlp"))))
+    mlp_ref = _pin_mlp(gelu_tanh(linear(p["proj_mlp"], xr, get_path(lp, "proj_mlp"))), cfg)
     q_ref, k_ref, v_ref = _qkv(p["attn"], xr, cfg, get_path(lp, "attn"))
     q_ref, k_ref = apply_rope(q_ref, rope_ref), apply_rope(k_ref, rope_ref)
 
   out_main, out_ref = attn_lib.multi_branch_attention(q_main, k_main, v_main, q_ref, k_ref, v_ref,
                                                       cfg.attention_impl, cfg.independent_refs,
-                                                      cfg.attention_chunk)
+                                                      cfg.attention_chunk, cfg.logical_rules)
   main = main + gate(g, linear(p["proj_out"], jnp.concatenate([_merge_heads(out_main), mlp_main], -1)))
   if refs is not None:
     refs = refs + gate(rg, linear(p["proj_out"], jnp.concatenate([_merge_heads(out_ref), mlp_ref], -1),

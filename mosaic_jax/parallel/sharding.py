@@ -21,8 +21,7 @@ Three steps, each a small table in the config (`config.mesh`, `config.sharding`)
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
+import logging
 import re
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -31,6 +30,10 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# A parameter dimension at least this large that its rule names mesh axes for, but that they do not
+# divide, is replicated with a warning naming the parameter (smaller ones, as in tiny test models,
+# are replicated silently: they cost nothing).
+REPLICATION_WARNING_SIZE = 1024
 
 # The default tables (configs/flux_ms.py copies them into the config, where they can be changed).
 # Linear layers that write back into the residual stream are "row parallel": their input is the
@@ -125,13 +128,21 @@ def logical_to_spec(axes: Sequence[str | None], logical_rules: Iterable = DEFAUL
   return PartitionSpec(*spec)
 
 
-def _fit_to_shape(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-  """Drops the mesh axes of any dimension they do not divide (that dimension stays replicated)."""
+def _fit_to_shape(spec: PartitionSpec, shape: Sequence[int], mesh, what: str | None = None) -> PartitionSpec:
+  """Drops the mesh axes of any dimension they do not divide (that dimension stays replicated); for a
+  named parameter (`what`) a large dimension replicated this way is logged as a warning."""
   fitted = []
-  for dim, mesh_axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+  for index, (dim, mesh_axes) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
     names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+    names = tuple(n for n in names if n in mesh.axis_names)  # a rule may name axes this mesh lacks
     size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
-    fitted.append(mesh_axes if names and dim % size == 0 and size > 1 else None)
+    splits = names and dim % size == 0 and size > 1
+    fitted.append((names[0] if len(names) == 1 else names) if splits else None)
+    if what is not None and size > 1 and not splits and dim >= REPLICATION_WARNING_SIZE:
+      logging.getLogger("mosaic_jax").warning(
+          "%s: dimension %d of shape %s is not divisible by mesh axes %s (size %d): replicated on every "
+          "device (choose a mesh whose sizes divide it, or change config.sharding.param_rules).",
+          what, index, tuple(shape), names, size)
   return PartitionSpec(*fitted)
 
 
@@ -139,7 +150,7 @@ def sharding_for(path: str, shape: Sequence[int], mesh: Mesh, param_rules: Itera
                  logical_rules: Iterable = DEFAULT_LOGICAL_RULES) -> NamedSharding:
   """The NamedSharding of one leaf given its "/"-joined key path and shape."""
   axes = param_logical_axes(path, len(shape), param_rules)
-  return NamedSharding(mesh, _fit_to_shape(logical_to_spec(axes, logical_rules), tuple(shape), mesh))
+  return NamedSharding(mesh, _fit_to_shape(logical_to_spec(axes, logical_rules), tuple(shape), mesh, path))
 
 
 def tree_shardings(tree: Any, mesh: Mesh, param_rules: Iterable = DEFAULT_PARAM_RULES,
@@ -152,32 +163,61 @@ def tree_shardings(tree: Any, mesh: Mesh, param_rules: Iterable = DEFAULT_PARAM_
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
-_ACTIVATION_SHARDING = contextvars.ContextVar("activation_sharding", default=None)
+def hashable_rules(logical_rules: Iterable) -> tuple:
+  """The rule table as nested tuples (a config file's lists included): a static jit argument."""
+  def axes(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+  return tuple((str(name), axes(mesh_axes)) for name, mesh_axes in logical_rules)
 
 
-@contextlib.contextmanager
-def activation_sharding(mesh: Mesh, logical_rules: Iterable = DEFAULT_LOGICAL_RULES):
-  """Within this context (while a step is traced), `constrain` pins activations to `mesh`."""
-  token = _ACTIVATION_SHARDING.set((mesh, tuple(logical_rules)))
-  try:
-    yield
-  finally:
-    _ACTIVATION_SHARDING.reset(token)
+def mesh_axes_of(logical_name: str, logical_rules: Iterable, mesh) -> tuple[str, ...]:
+  """The axes of `mesh` that `logical_name` maps to under the rules (kernels placed by hand, like
+  Pallas splash attention under shard_map, split their inputs by these)."""
+  table = dict(hashable_rules(logical_rules))
+  value = table.get(logical_name)
+  names = (value,) if isinstance(value, str) else tuple(value or ())
+  return tuple(n for n in names if n in mesh.axis_names)
 
 
-def active_mesh() -> Mesh | None:
-  """The mesh of the enclosing `activation_sharding`, or None (kernels that must be placed by hand,
-  like Pallas splash attention, run under shard_map on it)."""
-  context = _ACTIVATION_SHARDING.get()
-  return None if context is None else context[0]
-
-
-def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-  """`x` placed by its logical axes (one per dimension) inside `activation_sharding`; unchanged outside
-  it (single-device code, tests, sampling). Dimensions their mesh axes do not divide stay replicated."""
-  context = _ACTIVATION_SHARDING.get()
-  if context is None:
+def constrain(x: jax.Array, logical_axes: Sequence[str | None], logical_rules: Iterable) -> jax.Array:
+  """`x` placed by its logical axes (one per dimension) on the mesh of the enclosing `jax.set_mesh`;
+  unchanged when no mesh is set (single-device code, tests). Dimensions their mesh axes do not divide
+  stay replicated."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
     return x
-  mesh, logical_rules = context
   spec = _fit_to_shape(logical_to_spec(logical_axes, logical_rules), x.shape, mesh)
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+def on_mesh(tree: Any) -> Any:
+  """Host values (numpy or single-device arrays, the same on every process) as global arrays replicated
+  on the mesh of the enclosing `jax.set_mesh`, so that they can meet arrays split over several
+  processes in one jit; unchanged when no mesh is set."""
+  mesh = jax.sharding.get_mesh()
+  if mesh.empty:
+    return tree
+  sharding = NamedSharding(mesh, PartitionSpec())
+
+  def one(x):
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+      return x
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+  return jax.tree_util.tree_map(one, tree)
+
+
+def place(tree: Any, mesh: Mesh, param_rules: Iterable = DEFAULT_PARAM_RULES,
+          logical_rules: Iterable = DEFAULT_LOGICAL_RULES) -> Any:
+  """Every leaf of a parameter pytree on `mesh` in the sharding its rules give. Arrays already there stay;
+  host values (the same on every process) become global arrays, each process filling its own shards."""
+  shardings = tree_shardings(tree, mesh, param_rules, logical_rules)
+
+  def one(x, sharding):
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+      return x
+    if isinstance(x, jax.Array) and x.is_fully_addressable and sharding.is_fully_addressable:
+      return jax.device_put(x, sharding)
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+  return jax.tree_util.tree_map(one, tree, shardings)

@@ -11,17 +11,18 @@ JSD(a_r, a_s), a_r(j) = mean_i A(i, j) (what MDL maximizes; ln 2 = 0.693 is the 
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from mosaic_jax import losses
 from mosaic_jax import sample as sampler
 from mosaic_jax.model import FluxInputs, forward, image_ids, pack_latents, reference_ids, text_ids
 from mosaic_jax.model.autoencoder import unpack_latents
+from mosaic_jax.parallel import on_mesh
 from mosaic_jax.train.step import pack_references
 
 
@@ -69,10 +70,10 @@ def evaluate_attention(params, lora, cfg, batches, timesteps, seed: int = 0) -> 
   totals = np.zeros(5)
   for index, batch in enumerate(batches):
     for t in timesteps:
-      key = jax.random.fold_in(jax.random.PRNGKey(seed), index)
-      x0 = pack_latents(batch["target"])
-      noise = jax.random.normal(key, x0.shape, jnp.float32)
-      totals += np.asarray([float(v) for v in attention_measures(params, lora, cfg, batch, jnp.float32(t), noise)])
+      key = jax.random.fold_in(jax.random.key(seed), index)
+      noise = on_mesh(jax.random.normal(key, jax.eval_shape(pack_latents, batch["target"]).shape, jnp.float32))
+      measures = attention_measures(params, lora, cfg, batch, on_mesh(np.float32(t)), noise)
+      totals += np.asarray([float(v) for v in measures])
   hits, chance, pairs, jsd, jsd_pairs = totals
   return {"correspondence_accuracy": hits / max(pairs, 1), "chance": chance / max(pairs, 1),
           "mean_pairwise_jsd": jsd / max(jsd_pairs, 1), "pairs": int(pairs / max(len(timesteps), 1))}
@@ -92,14 +93,14 @@ def sample_targets(params, lora, cfg, batch, num_steps: int, guidance: float, se
   """Target latent tokens [B, N, C] generated from the batch's text and references by the sampler."""
   x0 = pack_latents(batch["target"])
   refs = pack_references(batch["refs"])
-  noise = jax.random.normal(jax.random.PRNGKey(seed), x0.shape, jnp.float32)
+  noise = on_mesh(jax.random.normal(jax.random.key(seed), x0.shape, jnp.float32))
   grid, ref_grid = int(round(x0.shape[1] ** 0.5)), int(round(refs.shape[2] ** 0.5))
   b = x0.shape[0]
-  return sampler.denoise(params, lora, cfg, noise, batch["text"], text_ids(batch["text"].shape[1]),
-                         batch["pooled"], image_ids(grid, grid),
-                         jnp.asarray(sampler.flow_sigmas(num_steps, x0.shape[1])),
-                         jnp.full((b,), guidance, jnp.float32), refs=refs,
-                         ref_ids=reference_ids(refs.shape[1], ref_grid, ref_grid))
+  return sampler.denoise(params, lora, cfg, noise, batch["text"], on_mesh(text_ids(batch["text"].shape[1])),
+                         batch["pooled"], on_mesh(image_ids(grid, grid)),
+                         on_mesh(sampler.flow_sigmas(num_steps, x0.shape[1])),
+                         on_mesh(np.full((b,), guidance, np.float32)), refs=refs,
+                         ref_ids=on_mesh(reference_ids(refs.shape[1], ref_grid, ref_grid)))
 
 
 def sample_panel(autoencoder, batch, generated_tokens, max_rows: int = 4, min_tile: int = 128) -> np.ndarray:
@@ -129,5 +130,7 @@ def _to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def write_png(path: str, image: np.ndarray) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  Image.fromarray(image).save(path)
+  path = epath.Path(path)  # local or gs://
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("wb") as f:
+    Image.fromarray(image).save(f, format="PNG")

@@ -215,12 +215,24 @@ def step_batch(host_batch: dict, encoders: FluxEncoders) -> dict:
     features = {key: host_batch[key] for key in FEATURE_KEYS}
   else:
     features = encoders.batch_features(host_batch, batch_size=len(host_batch["target"]))
-  out = {key: np.asarray(value, np.float32) for key, value in features.items()}
-  for key in ("pair_ref", "pair_ref_token", "pair_target_token"):
-    out[key] = np.asarray(host_batch[key], np.int32)
+  return {**{key: np.asarray(value, np.float32) for key, value in features.items()}, **pair_arrays(host_batch)}
+
+
+def pair_arrays(host_batch: dict) -> dict[str, np.ndarray]:
+  """The pipeline's correspondence pairs and reference-dropout flags, typed as the step reads them."""
+  out = {key: np.asarray(host_batch[key], np.int32) for key in ("pair_ref", "pair_ref_token", "pair_target_token")}
   out["pair_valid"] = np.asarray(host_batch["pair_valid"], bool)
   out["drop_refs"] = np.asarray(host_batch["drop_refs"], bool)
   return out
+
+
+def host_inputs(host_batch: dict, encoders: FluxEncoders) -> dict[str, np.ndarray]:
+  """What the trainer sends to the devices each step: cached features (float32), or, with encoders
+  run on the fly, the images and token ids they encode inside the step's mesh
+  (`FluxEncoders.features_from_raw`); plus the pairs."""
+  if "target_mean" in host_batch:
+    return step_batch(host_batch, encoders)
+  return {**encoders.raw_inputs(host_batch), **pair_arrays(host_batch)}
 
 
 def encode_dataset(config, out: str, splits=None, batch_size: int = 8, dtype: str = "float32") -> dict:

@@ -80,7 +80,9 @@ class Logger:
   """tensorboardX scalars and images (process 0) and the console line with progress and ETA."""
 
   def __init__(self, workdir: str, total_steps: int, enabled: bool = True):
+    """enabled: whether this process writes (process 0 of a multi-process job; the others stay silent)."""
     self.total_steps = total_steps
+    self.enabled = enabled
     self.writer = None
     if enabled:
       from tensorboardX import SummaryWriter
@@ -100,6 +102,8 @@ class Logger:
       self.writer.flush()
 
   def console(self, step: int, values: dict, step_time: float) -> None:
+    if not self.enabled:
+      return
     if self.first_step is None:
       self.first_step, self.started = step, time.perf_counter()
     remaining = max(self.total_steps - step, 0) * step_time

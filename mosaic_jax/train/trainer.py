@@ -12,6 +12,7 @@ Read top to bottom:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -24,11 +25,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
 
 from mosaic_jax import interop, model, parallel
 from mosaic_jax.data import make_iterator, to_global_arrays
 from mosaic_jax.encoders import training_latents
 from mosaic_jax.model.config import REMAT_POLICIES
+from mosaic_jax.parallel.distributed import is_leader, say
 from mosaic_jax.train import checkpoint as checkpoint_lib
 from mosaic_jax.train import evaluate as evaluate_lib
 from mosaic_jax.train import inputs as inputs_lib
@@ -128,6 +132,7 @@ def build_model(config, mesh, param_rules, logical_rules):
   """(FluxConfig, base params placed with their shardings, initial LoRA or None)."""
   dtype = jnp.float32 if config.trainable != "lora" else jnp.dtype(config.dtype)
   overrides = {"remat_policy": config.remat_policy,  # per-block jax.checkpoint in the model
+               "logical_rules": parallel.hashable_rules(logical_rules),  # the activation pins' table
                **{k: v for k, v in config.model_overrides.items() if v is not None}}
   if config.checkpoint:
     transformer = os.path.expanduser(config.checkpoint)
@@ -157,25 +162,27 @@ def build_model(config, mesh, param_rules, logical_rules):
 def _created_sharded(make, seed, mesh, param_rules, logical_rules):
   """make(key)'s random pytree, created inside jit straight into its shardings: at FLUX.1-dev size
   (24 GB of bf16 base, 7 GB of rank-512 LoRA) it need not fit on one device first."""
-  key = jax.random.PRNGKey(seed)
+  key = jax.random.key(seed)
   shardings = parallel.tree_shardings(jax.eval_shape(make, key), mesh, param_rules, logical_rules)
   return jax.jit(make, out_shardings=shardings)(key)
 
 
 # ---- 5. compilation -------------------------------------------------------------------------------
 
-def abstract_batch(config, encoders, num_refs: int, text_shapes) -> dict:
+def abstract_batch(config, encoders, num_refs: int, text_shapes, feature_dtypes=None) -> dict:
   """ShapeDtypeStructs of a step batch with R = num_refs (the step is compiled once per R);
-  text_shapes: (T5 states [L, D], pooled [P]) per example."""
+  text_shapes: (T5 states [L, D], pooled [P]) per example; feature_dtypes: {feature: dtype} of
+  features made on device (default float32, as the host sends them)."""
   b, k = config.batch_size, config.dataset.max_pairs
   f, c = encoders.autoencoder.downsample_factor, encoders.autoencoder.latent_channels
   h, hr = config.resolution // f, config.ref_resolution // f
-  f32 = jnp.float32
+  dtype = lambda name: (feature_dtypes or {}).get(name, jnp.float32)
   return {
-      "target_mean": jax.ShapeDtypeStruct((b, h, h, c), f32), "target_std": jax.ShapeDtypeStruct((b, h, h, c), f32),
-      "ref_means": jax.ShapeDtypeStruct((b, num_refs, hr, hr, c), f32),
-      "t5": jax.ShapeDtypeStruct((b, *text_shapes[0]), f32),
-      "pooled": jax.ShapeDtypeStruct((b, *text_shapes[1]), f32),
+      "target_mean": jax.ShapeDtypeStruct((b, h, h, c), dtype("target_mean")),
+      "target_std": jax.ShapeDtypeStruct((b, h, h, c), dtype("target_std")),
+      "ref_means": jax.ShapeDtypeStruct((b, num_refs, hr, hr, c), dtype("ref_means")),
+      "t5": jax.ShapeDtypeStruct((b, *text_shapes[0]), dtype("t5")),
+      "pooled": jax.ShapeDtypeStruct((b, *text_shapes[1]), dtype("pooled")),
       "pair_ref": jax.ShapeDtypeStruct((b, k), jnp.int32), "pair_ref_token": jax.ShapeDtypeStruct((b, k), jnp.int32),
       "pair_target_token": jax.ShapeDtypeStruct((b, k), jnp.int32), "pair_valid": jax.ShapeDtypeStruct((b, k), bool),
       "drop_refs": jax.ShapeDtypeStruct((b,), bool),
@@ -196,7 +203,7 @@ def _memory_report(compiled) -> str:
 
 
 def compile_steps(step_fn, state, base, state_shardings, base_shardings, batch_shardings, metric_sharding,
-                  config, encoders, reference_counts, text_shapes) -> dict[int, Any]:
+                  config, encoders, reference_counts, text_shapes, feature_dtypes=None) -> dict[int, Any]:
   """{R: compiled step}, ahead of time, each with its memory report printed."""
   jitted = jax.jit(step_fn, in_shardings=(state_shardings, base_shardings, batch_shardings),
                    out_shardings=(state_shardings, metric_sharding), donate_argnums=(0,))
@@ -204,11 +211,12 @@ def compile_steps(step_fn, state, base, state_shardings, base_shardings, batch_s
   abstract = lambda tree: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
   for r in reference_counts:
     start = time.perf_counter()
-    with parallel.activation_sharding(batch_shardings.mesh, config.sharding.logical_rules):  # traced here
-      lowered = jitted.lower(abstract(state), abstract(base), abstract_batch(config, encoders, r, text_shapes))
+    with jax.set_mesh(batch_shardings.mesh):  # the model's activation pins place onto this mesh
+      lowered = jitted.lower(abstract(state), abstract(base),
+                             abstract_batch(config, encoders, r, text_shapes, feature_dtypes))
     compiled[r] = lowered.compile()
-    print(f"compiled the train step for {r} reference(s) in {time.perf_counter() - start:.1f} s: "
-          f"{_memory_report(compiled[r])}", flush=True)
+    say(f"compiled the train step for {r} reference(s) in {time.perf_counter() - start:.1f} s: "
+          f"{_memory_report(compiled[r])}")
   return compiled
 
 
@@ -220,7 +228,8 @@ def compile_from_shapes(config, cfg, mesh, reference_counts, autoencoder, text_s
   shard = functools.partial(parallel.tree_shardings, mesh=mesh, param_rules=rules[0], logical_rules=rules[1])
   settings = _step_settings(config, autoencoder)
   optimizer = step_lib.make_optimizer(settings.optimizer)
-  key = jax.random.PRNGKey(0)
+  cfg = dataclasses.replace(cfg, logical_rules=parallel.hashable_rules(rules[1]))
+  key = jax.random.key(0)
   base = jax.eval_shape(lambda k: model.init_params(k, cfg, jnp.dtype(config.dtype)), key)
   lora = jax.eval_shape(lambda k: model.init_lora(k, base, cfg, config.lora_rank), key)
   state = jax.eval_shape(lambda t: step_lib.init_state(t, optimizer), {"lora": lora})
@@ -230,19 +239,31 @@ def compile_from_shapes(config, cfg, mesh, reference_counts, autoencoder, text_s
                        parallel.replicated(mesh), config, encoders, reference_counts, text_shapes)
 
 
+def _example_host_batch(config, encoders, num_refs: int) -> dict:
+  """A pipeline batch of the right shapes (zeros), to trace the on-device encoders for their dtypes."""
+  b, s, sr = config.batch_size, config.resolution, config.ref_resolution
+  return {"target": np.zeros((b, s, s, 3), np.float32), "refs": np.zeros((b, num_refs, sr, sr, 3), np.float32),
+          "caption": np.array([""] * b, object)}
+
+
 # ---- 7. evaluation --------------------------------------------------------------------------------
 
-def _model_latents(host_batch, encoders, scaling, shift):
-  """Pipeline batch -> deterministic model latents (posterior means) and text features."""
+def _model_latents(host_batch, encoders, scaling, shift, mesh=None):
+  """Pipeline batch -> deterministic model latents (posterior means) and text features, replicated on
+  `mesh` when given (every process holds the same whole evaluation batch)."""
   features = inputs_lib.step_batch(host_batch, encoders)
   latents = training_latents({**features, "target_std": np.zeros_like(features["target_std"])},
-                             scaling, shift, jax.random.PRNGKey(0))
-  return {"target": latents["target"], "refs": latents["refs"], "text": latents["text"],
-          "pooled": latents["pooled"], **{k: jnp.asarray(features[k]) for k in
-                                          ("pair_ref", "pair_ref_token", "pair_target_token", "pair_valid")}}
+                             scaling, shift, jax.random.key(0))
+  batch = {"target": latents["target"], "refs": latents["refs"], "text": latents["text"],
+           "pooled": latents["pooled"], **{k: features[k] for k in
+                                           ("pair_ref", "pair_ref_token", "pair_target_token", "pair_valid")}}
+  if mesh is None:
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+  with jax.set_mesh(mesh):
+    return parallel.on_mesh(batch)
 
 
-def evaluation_batches(config, encoders, settings) -> list[dict]:
+def evaluation_batches(config, encoders, settings, mesh=None) -> list[dict]:
   source, num_refs = inputs_lib.open_dataset(config, config.dataset.eval_split)
   batch_size = min(config.batch_size, 8)
   iterator = make_iterator(source, num_refs, inputs_lib.pipeline_config(
@@ -251,34 +272,38 @@ def evaluation_batches(config, encoders, settings) -> list[dict]:
   for host_batch in iterator:
     if len(batches) * batch_size >= config.eval_examples:
       break
-    batches.append(_model_latents(host_batch, encoders, settings.latent_scaling, settings.latent_shift))
+    batches.append(_model_latents(host_batch, encoders, settings.latent_scaling, settings.latent_shift, mesh))
   return batches
 
 
 def write_samples(path, params, lora, cfg, encoders, batch, config, logger=None, step=0):
+  """Every process samples (the model is split over all of them); process 0 draws and writes."""
   guidance = config.guidance if config.trainable == "lora" else 1.0  # the demo DiT only saw 1.0
   tokens = evaluate_lib.sample_targets(params, lora, cfg, batch, config.sample_steps, guidance, config.seed)
-  panel = evaluate_lib.sample_panel(encoders.autoencoder, batch, tokens)
+  tokens = multihost_utils.process_allgather(tokens, tiled=True)  # whole on every host
+  if not is_leader():
+    return path
+  host_batch = {k: multihost_utils.process_allgather(batch[k], tiled=True) for k in ("target", "refs")}
+  panel = evaluate_lib.sample_panel(encoders.autoencoder, host_batch, tokens)
   evaluate_lib.write_png(path, panel)
   if logger is not None:
     logger.image(step, "samples", panel)
   return path
 
 
-def final_evaluation(config, workdir, params, lora, cfg, encoders, settings, logger, step) -> dict:
+def final_evaluation(config, workdir, params, lora, cfg, encoders, settings, logger, step, mesh) -> dict:
   """The held-out table (printed and written to eval.json) and the final sample panels."""
-  batches = evaluation_batches(config, encoders, settings)
+  batches = evaluation_batches(config, encoders, settings, mesh)
   table = evaluate_lib.evaluate_attention(params, lora, cfg, batches, tuple(config.eval_timesteps), config.seed)
   table["step"] = step
-  print("evaluation on held-out samples (trained weights, t in "
-        f"{tuple(config.eval_timesteps)}):\n" + evaluate_lib.format_table({os.path.basename(workdir.rstrip('/')): table}),
-        flush=True)
-  with open(os.path.join(workdir, "eval.json"), "w") as f:
-    json.dump(table, f, indent=2)
+  say("evaluation on held-out samples (trained weights, t in "
+      f"{tuple(config.eval_timesteps)}):\n" + evaluate_lib.format_table({epath.Path(workdir).name: table}))
+  if is_leader():
+    (epath.Path(workdir) / "eval.json").write_text(json.dumps(table, indent=2))
   if batches:
     path = write_samples(os.path.join(workdir, "samples", "final.png"), params, lora, cfg, encoders, batches[0],
                          config, logger, step)
-    print(f"sample panels (references | sample | real target): {path}", flush=True)
+    say(f"sample panels (references | sample | real target): {path}")
   return table
 
 
@@ -293,9 +318,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   # 1. config
   check_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  if is_leader():  # one writer; every path through etils.epath, so gs:// workdirs work
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
 
   # 2. mesh and model
   mesh = parallel.make_mesh(config.mesh.to_dict())
@@ -311,6 +336,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                             logical_rules=logical_rules)
 
   # 3. data (opened before the model, so a wrong path fails in seconds) and encoders
+  if jax.process_count() > 1:  # a synthetic set is built on first use: by process 0 alone
+    if is_leader():
+      inputs_lib.open_dataset(config, config.dataset.train_split)
+    multihost_utils.sync_global_devices("dataset ready")
   source, num_refs = inputs_lib.open_dataset(config, config.dataset.train_split)
   try:
     iterator = make_iterator(source, num_refs, inputs_lib.pipeline_config(config),
@@ -355,23 +384,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
     state, data_state = checkpointer.restore(latest, abstract_state)
     iterator.set_state(data_state)
-    start_step = int(state["step"])
-    print(f"resumed from {checkpointer.directory} at step {start_step}", flush=True)
+    start_step = latest
+    say(f"resumed from {checkpointer.directory} at step {start_step}")
 
   n_trainable = sum(x.size for x in jax.tree_util.tree_leaves(state["trainable"]))
   n_base = sum(x.size for x in jax.tree_util.tree_leaves(params))
-  print(f"model {cfg}\nbase parameters {n_base:,} ({'trained' if 'base' in trainable else 'frozen, ' + config.dtype}); "
-        f"trainable {n_trainable:,}; mesh {dict(mesh.shape)} over {jax.device_count()} "
-        f"{jax.devices()[0].platform} device(s)", flush=True)
+  say(f"model {cfg}\nbase parameters {n_base:,} ({'trained' if 'base' in trainable else 'frozen, ' + config.dtype}); "
+      f"trainable {n_trainable:,}; mesh {dict(mesh.shape)} over {jax.device_count()} "
+      f"{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es)")
 
-  # 5. compile for every reference count before step 0
+  # 5. compile for every reference count before step 0; encoders run on the fly go onto the mesh too,
+  # so their features stay on the devices, split like the batch, in their own dtypes.
+  encode, encoder_parts, feature_dtypes = None, None, None
+  if not config.dataset.cached_features:
+    encoder_parts = parallel.place(encoders.device_parts(), mesh, param_rules, logical_rules)
+    encode = jax.jit(encoders.features_from_raw, out_shardings=batch_shardings)
+    feature_dtypes = {k: v.dtype for k, v in jax.eval_shape(
+        encoders.features_from_raw, encoder_parts,
+        encoders.raw_inputs(_example_host_batch(config, encoders, iterator.reference_counts[0]))).items()}
   step_fn = functools.partial(step_lib.train_step, cfg=cfg, config=settings, optimizer=optimizer)
   compiled = compile_steps(step_fn, state, base, state_shardings, base_shardings, batch_shardings,
                            metric_sharding, config, encoders, iterator.reference_counts,
-                           inputs_lib.text_feature_shapes(config, encoders, source))
+                           inputs_lib.text_feature_shapes(config, encoders, source), feature_dtypes)
+
+  def device_batch(host_batch):
+    """This step's batch as global arrays (each process sends its own rows), features made on device."""
+    inputs = to_global_arrays(inputs_lib.host_inputs(host_batch, encoders), batch_shardings)
+    if encode is None:
+      return inputs
+    raw = {k: inputs.pop(k) for k in ("target_images", "ref_images", "t5_ids", "clip_ids")}
+    with jax.set_mesh(mesh):
+      return {**encode(encoder_parts, raw), **inputs}
 
   # 6. the loop
-  logger = metrics_lib.Logger(workdir, config.total_steps, enabled=jax.process_index() == 0)
+  logger = metrics_lib.Logger(workdir, config.total_steps, enabled=is_leader())
   peak = metrics_lib.peak_tflops(jax.devices()[0].device_kind, config.peak_tflops_per_device)
   grid, ref_grid = config.resolution // token_pixels, config.ref_resolution // token_pixels
   losses_by_step: dict[int, float] = {}
@@ -387,7 +433,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if not bool(metrics["finite"]):
       # Saves are asynchronous: let the last good one commit before the error ends the process
       # (an uncaught exception would otherwise leave it as an unreadable *.orbax-checkpoint-tmp).
-      checkpointer.wait()
+      checkpointer.wait()  # the last good one committed, and exported
       last_good = checkpointer.latest_step()
       checkpointer.close()
       logger.close()  # flush the logs up to the bad step
@@ -419,29 +465,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   with checkpoint_lib.PreemptionFlag() as preempted:
     while step < config.total_steps:
-      host_batch = inputs_lib.step_batch(next(iterator), encoders)
-      r = host_batch["ref_means"].shape[1]
-      batch = to_global_arrays(host_batch, batch_shardings)
-      state, metrics = compiled[r](state, base, batch)
+      host_batch = next(iterator)
+      r = host_batch["refs" if "refs" in host_batch else "ref_means"].shape[1]  # images, or cached features
+      state, metrics = compiled[r](state, base, device_batch(host_batch))
       step += 1
       if pending is not None:
         finish(*pending)
       pending = (step, metrics, r)
-      if step % config.checkpoint_every == 0 or step == config.total_steps or preempted.is_set():
+      stop = preempted.reached(step)  # the same answer on every process, at the same step
+      if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
         finish(*pending)
         pending = None
         checkpointer.save(step, state, iterator.get_state(), cfg)
+      checkpointer.export_committed()  # LoRA exports of committed saves, in the background
       if config.sample_every and step % config.sample_every == 0 and step < config.total_steps:
-        if sample_batch is None:
-          sample_batch = evaluation_batches(config, encoders, settings)[:1]
-        if sample_batch:
-          current = state["trainable"]
-          with parallel.activation_sharding(mesh, logical_rules):  # the sampler is traced here
+        with jax.set_mesh(mesh):  # the sampler is traced here
+          if sample_batch is None:
+            sample_batch = evaluation_batches(config, encoders, settings, mesh)[:1]
+          if sample_batch:
+            current = state["trainable"]
             write_samples(os.path.join(workdir, "samples", f"step_{step}.png"),
                           current.get("base", base), current.get("lora"), cfg, encoders, sample_batch[0],
                           config, logger, step)
-      if preempted.is_set():
-        print(f"SIGTERM: saved step {step} to {checkpointer.directory}; exiting", flush=True)
+      if stop:
+        say(f"preempted (SIGTERM): saved step {step} to {checkpointer.directory}; exiting")
         status = "preempted"
         break
     if pending is not None:
@@ -451,8 +498,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   # 7. evaluation
   table = None
   if status == "done" and config.eval_examples > 0:
-    with parallel.activation_sharding(mesh, logical_rules):  # traced here, like the step
+    with jax.set_mesh(mesh):  # traced here, like the step
       table = final_evaluation(config, workdir, state["trainable"].get("base", base),
-                               state["trainable"].get("lora"), cfg, encoders, settings, logger, step)
+                               state["trainable"].get("lora"), cfg, encoders, settings, logger, step, mesh)
   logger.close()
   return {"status": status, "step": step, "losses": losses_by_step, "eval": table}
