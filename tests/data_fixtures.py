@@ -181,6 +181,26 @@ def tiny_synthetic():
                                 max_refs=4, num_train=12, num_validation=4, seed=3))
 
 
+# Malformed manifest lines appended to write_folder's train.jsonl (lines 7...): (line, reason, message).
+# Each names files that exist, so only the line's own shape can make it skip.
+_GOOD_COORDS = {"dift": "coords/dift.npy", "geoaware": "coords/geoaware.npy"}
+MALFORMED_FOLDER_LINES = [
+    ({"target": "images/a.png", "refs": ["refs/b0.png"], "coords": [{"geoaware": "coords/geoaware.npy"}]},
+     "skipped_manifest_line_missing_key", "'coords'[0] has no 'dift'"),
+    ({"refs": ["refs/b0.png"], "caption": "no target"}, "skipped_manifest_line_missing_key", "no 'target'"),
+    ({"target": "images/a.png", "refs": ["refs/b0.png"], "coords": [[1, 2]]},
+     "skipped_manifest_line_wrong_type", "'coords'[0] must be {\"dift\": path, \"geoaware\": path} or null, got a list"),
+    ({"target": None, "refs": ["refs/b0.png"]}, "skipped_manifest_line_wrong_type", "'target' must be a path, got null"),
+    ({"target": "images/a.png", "refs": "refs/b0.png"},
+     "skipped_manifest_line_wrong_type", "'refs' must be a list of paths, got a string"),
+    ([{"target": "images/a.png", "refs": ["refs/b0.png"]}],
+     "skipped_manifest_line_wrong_type", "a line must be a JSON object, got a list"),
+    ({"target": "images/a.png", "refs": ["refs/b0.png", "refs/a0.png"], "coords": [_GOOD_COORDS]},
+     "skipped_manifest_line_wrong_length", "2 refs but 1 'coords'"),
+    ({"target": "images/a.png", "refs": []}, "skipped_manifest_line_wrong_length", "'refs' is empty"),
+]
+
+
 def write_folder() -> str:
   """A user folder: good multi-reference lines plus planted bad input."""
   if "folder" in _CACHE:
@@ -214,7 +234,7 @@ def write_folder() -> str:
       "this line is not json",
       {"id": "three", "target": "images/a.png", "refs": ["refs/a0.png", "refs/b0.png", "refs/a1.jpg"],
        "caption": "three things"},
-  ]
+  ] + [line for line, _, _ in MALFORMED_FOLDER_LINES]
   with open(os.path.join(root, "train.jsonl"), "w", encoding="utf-8") as handle:
     for line in lines:
       handle.write((line if isinstance(line, str) else json.dumps(line)) + "\n")

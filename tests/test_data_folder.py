@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -28,6 +30,20 @@ def test_bad_lines_are_skipped_and_counted_by_reason(built):
   assert counts[build_report.MISSING_COORDS] == 4
   assert "refs/nope.png does not exist" in printed
   assert metadata["num_refs"]["train"] == [2, 1, 3]
+
+
+def test_malformed_manifest_lines_are_skipped_with_line_number_and_reason(built):
+  _, printed, metadata = built
+  report = metadata["build_report"]["train"]
+  expected = collections.Counter(reason for _, reason, _ in data_fixtures.MALFORMED_FOLDER_LINES)
+  for reason, number in expected.items():
+    assert report["counts"][reason] == number, reason
+  for offset, (_, reason, message) in enumerate(data_fixtures.MALFORMED_FOLDER_LINES):
+    detail = f"train.jsonl:{7 + offset}: {message}"  # after the six lines of the base fixture
+    assert any(d.endswith(detail) for d in report["examples"][reason]), (detail, report["examples"][reason])
+    assert detail in printed
+  # "refs": "refs/b0.png" is not read as the references 'r', 'e', 'f', ...: nothing else was skipped.
+  assert report["counts"][build_report.MISSING_REFERENCE] == 1
 
 
 def test_records_keep_images_masks_and_coordinates(built):

@@ -101,7 +101,7 @@ def test_cases_file_with_two_references_writes_every_file(setup, monkeypatch, tm
 
 
 def test_reference_preprocessing(setup):
-  """Transparency on white, cropped to the subject, long side int(0.9 * size), centred."""
+  """Transparency on white, cropped to the subject, both sides scaled by 0.9 * size / long side, centred."""
   _, work = setup
   ref = sample.load_reference(str(work / "cat.png"), 32)
   assert ref.shape == (32, 32, 3) and ref.dtype == np.float32 and ref.min() >= -1 and ref.max() <= 1

@@ -13,7 +13,11 @@ to the manifest:
 
 Coordinate files use the released format ([4096, 2] or [64, 64, 2] (y, x) cells; `.pt` needs torch,
 `.npy` does not). A missing mask or coordinate file behaves as in the released data (full mask / no
-pairs) and is counted; a bad line, a missing or corrupt image is skipped and counted.
+pairs) and is counted; a bad line, a missing or corrupt image is skipped and counted. Each line is
+checked before any file is read: a line that is not JSON, lacks `target` or `refs` (or a `coords`
+entry's `dift`/`geoaware`), has a value of the wrong type (`"refs": "a.png"`, `"target": null`,
+`"coords": [[1, 2]]`) or lists masks/coords that do not pair up with its refs is skipped and counted
+under its reason with `manifest:line` and the offending key.
 """
 
 from __future__ import annotations
@@ -64,20 +68,71 @@ def _read_mask(path: str | None, source: str) -> bytes | None:
     raise build_report.SkipExample(build_report.CORRUPT_MASK, f"{source}: {path}: {error}") from error
 
 
+_JSON_TYPES = {type(None): "null", str: "a string", list: "a list", dict: "an object", bool: "a boolean",
+               int: "a number", float: "a number"}
+
+
+def _type_name(value) -> str:
+  return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _is_path(value) -> bool:
+  return isinstance(value, str) and bool(value)
+
+
+def check_line(entry, where: str) -> None:
+  """Raises SkipExample naming the key and what was expected when a manifest line is malformed."""
+  def fail(reason, message):
+    raise build_report.SkipExample(reason, f"{where}: {message}")
+
+  if not isinstance(entry, dict):
+    fail(build_report.MANIFEST_WRONG_TYPE, f"a line must be a JSON object, got {_type_name(entry)}")
+  for key in ("target", "refs"):
+    if key not in entry:
+      fail(build_report.MANIFEST_MISSING_KEY, f"no '{key}'")
+  if not _is_path(entry["target"]):
+    fail(build_report.MANIFEST_WRONG_TYPE, f"'target' must be a path, got {_type_name(entry['target'])}")
+  refs = entry["refs"]
+  if not isinstance(refs, list) or not all(_is_path(path) for path in refs):
+    shown = _type_name(refs) if not isinstance(refs, list) else "a list holding " + ", ".join(
+        sorted({_type_name(path) for path in refs if not _is_path(path)}))
+    fail(build_report.MANIFEST_WRONG_TYPE, f"'refs' must be a list of paths, got {shown}")
+  if not refs:
+    fail(build_report.MANIFEST_WRONG_LENGTH, "'refs' is empty")
+  for key in ("caption", "mask"):
+    if entry.get(key) is not None and not isinstance(entry[key], str):
+      fail(build_report.MANIFEST_WRONG_TYPE, f"'{key}' must be a string, got {_type_name(entry[key])}")
+  if "id" in entry and (isinstance(entry["id"], bool) or not isinstance(entry["id"], (str, int))):
+    fail(build_report.MANIFEST_WRONG_TYPE, f"'id' must be a string or an integer, got {_type_name(entry['id'])}")
+  for key, wanted in (("masks", "a path or null"), ("coords", '{"dift": path, "geoaware": path} or null')):
+    values = entry.get(key)
+    if values is None:
+      continue
+    if not isinstance(values, list):
+      fail(build_report.MANIFEST_WRONG_TYPE, f"'{key}' must be a list (one per ref), got {_type_name(values)}")
+    if len(values) != len(refs):
+      fail(build_report.MANIFEST_WRONG_LENGTH, f"{len(refs)} refs but {len(values)} '{key}'")
+    for index, value in enumerate(values):
+      if value is None or (key == "masks" and _is_path(value)):
+        continue
+      if key == "masks" or not isinstance(value, dict):
+        fail(build_report.MANIFEST_WRONG_TYPE, f"'{key}'[{index}] must be {wanted}, got {_type_name(value)}")
+      for matcher in ("dift", "geoaware"):
+        if matcher not in value:
+          fail(build_report.MANIFEST_MISSING_KEY, f"'coords'[{index}] has no '{matcher}'")
+        if not _is_path(value[matcher]):
+          fail(build_report.MANIFEST_WRONG_TYPE,
+               f"'coords'[{index}]['{matcher}'] must be a path, got {_type_name(value[matcher])}")
+
+
 def convert_line(entry: dict, base_dir: str, source: str, report: build_report.BuildReport) -> dict:
+  """One checked manifest line (see check_line) -> stored example."""
   def resolve(path):
     return None if path is None else os.path.join(base_dir, path)
 
-  if not isinstance(entry, dict) or "target" not in entry or not entry.get("refs"):
-    raise build_report.SkipExample(build_report.BAD_MANIFEST_LINE,
-                                   f"{source}: needs 'target' and a non-empty 'refs' list")
-  refs_paths = list(entry["refs"])
+  refs_paths = entry["refs"]
   masks = entry.get("masks") or [entry.get("mask")] * len(refs_paths)
   coords = entry.get("coords") or [None] * len(refs_paths)
-  if len(masks) != len(refs_paths) or len(coords) != len(refs_paths):
-    raise build_report.SkipExample(
-        build_report.BAD_MANIFEST_LINE,
-        f"{source}: {len(refs_paths)} refs but {len(masks)} masks and {len(coords)} coords")
   target = _read_image(resolve(entry["target"]), build_report.MISSING_IMAGE, source)
   refs, notes = [], []
   for index, path in enumerate(refs_paths):
@@ -107,6 +162,7 @@ def read_examples(manifest_path: str, split: str, report: build_report.BuildRepo
       source = f"{split}-{line_number}"
       try:
         entry = json.loads(line)
+        check_line(entry, f"{manifest_path}:{line_number}")
         yield convert_line(entry, base_dir, source, report)
       except json.JSONDecodeError as error:
         report.count(build_report.BAD_MANIFEST_LINE, f"{manifest_path}:{line_number}: {error}")

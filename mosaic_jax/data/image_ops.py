@@ -68,8 +68,9 @@ class PixelTransform:
 
 def pad_to_square_on_white(image: Image.Image, size: int,
                            fill_fraction: float = 0.9) -> tuple[Image.Image, PixelTransform]:
-  """Sampling preprocessing: crop to the non-white bounding box, Lanczos-resize the long side to
-  int(fill_fraction * size), paste centred on a white size x size square."""
+  """Sampling preprocessing: crop to the non-white bounding box, Lanczos-resize both sides by one factor
+  f = size * fill_fraction / long_side, each truncated (the official `process_image`), paste centred on a
+  white size x size square."""
   array = np.asarray(image)
   rows, cols = np.nonzero(np.any(array < 255, axis=-1))
   if len(rows):
@@ -78,11 +79,11 @@ def pad_to_square_on_white(image: Image.Image, size: int,
     top, bottom, left, right = 0, array.shape[0], 0, array.shape[1]
   crop = image.crop((int(left), int(top), int(right), int(bottom)))
   crop_w, crop_h = crop.size
-  long_side = int(fill_fraction * size)
-  if crop_w >= crop_h:
-    new_w, new_h = long_side, max(1, int(crop_h * long_side / crop_w))
-  else:
-    new_w, new_h = max(1, int(crop_w * long_side / crop_h)), long_side
+  # The official order of float operations, so every truncation lands on the same pixel: scaling by
+  # int(fill_fraction * size) / long_side instead makes some short sides 1 px smaller (300x299 at 512:
+  # 460x458, not 460x459).
+  factor = (size * fill_fraction) / max(crop_w, crop_h)
+  new_w, new_h = max(1, int(crop_w * factor)), max(1, int(crop_h * factor))
   resized = crop.resize((new_w, new_h), Image.LANCZOS)
   canvas = Image.new("RGB", (size, size), (255, 255, 255))
   paste_x, paste_y = (size - new_w) // 2, (size - new_h) // 2
