@@ -274,7 +274,8 @@ def _read_rgb(path: str, what: str):
 
 def load_reference(path: str, size: int) -> np.ndarray:
   """A reference image as the official sampler prepares it: RGB with transparency on white, cropped to
-  its non-white box, Lanczos-scaled so the long side is int(0.9 * size), centred on a white square.
+  its non-white box, Lanczos-scaled by f = 0.9 * size / long side (each side int(side * f)), centred on
+  a white square.
   Returns float32 [size, size, 3] in [-1, 1]. A missing or unreadable file is an error naming it."""
   from mosaic_jax.data.image_ops import pad_to_square_on_white
   image = _read_rgb(path, "load_reference")
