@@ -51,7 +51,7 @@ class FluxConfig:
   # Logical axis -> mesh axes, for the activation pins and hand-placed kernels under `jax.set_mesh`
   # (parallel/sharding.py). Here, rather than in a context, because the config is a static argument
   # of every jit: a trace made under one rule table is never reused under another.
-  logical_rules: tuple = DEFAULT_LOGICAL_RULES
+  logical_rules: tuple = dataclasses.field(default=DEFAULT_LOGICAL_RULES, repr=False)
 
   def __post_init__(self):
     if self.patch_size != 1:
