@@ -27,6 +27,7 @@ import jax  # noqa: E402
 
 from mosaic_jax import sample  # noqa: E402
 from mosaic_jax.parallel import distributed  # noqa: E402
+from mosaic_jax.train import inputs, trained_model  # noqa: E402
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -59,20 +60,28 @@ def build_parser() -> argparse.ArgumentParser:
   what.add_argument("--cases", help='JSON list of {"index", "prompt", "image_paths"} (the official format)')
   what.add_argument("--prompt", help="one prompt; its references come from --ref")
   p.add_argument("--ref", action="append", default=[], help="a reference image (repeat for several)")
-  p.add_argument("--checkpoint", required=True, help="FLUX checkpoint root in diffusers layout")
+  p.add_argument("--checkpoint", required=True,
+                 help="FLUX checkpoint root in diffusers layout, or a training workdir (or one of its step "
+                      "folders: checkpoints/<step>, lora/<step>), which brings its own base, LoRA and encoders")
   p.add_argument("--lora", default="",
-                 help="MOSAIC LoRA .safetensors file or training workdir (none: base FLUX)")
+                 help="with a FLUX root: MOSAIC LoRA .safetensors file or training workdir (none: base FLUX)")
+  p.add_argument("--step", type=int, default=None, help="with a training workdir: this step (default: latest)")
+  p.add_argument("--no_ema", action="store_true",
+                 help="with a training workdir: the trained weights rather than their EMA")
   p.add_argument("--output", default="samples", help="folder that receives one new run folder per run")
-  p.add_argument("--size", type=parse_size, default=(sample.DEFAULT_SIZE, sample.DEFAULT_SIZE),
-                 help="target size, N or WIDTHxHEIGHT, multiples of 16 (default 512)")
-  p.add_argument("--ref_size", type=int, default=sample.DEFAULT_SIZE, help="reference size (default 512)")
-  p.add_argument("--steps", type=int, default=sample.DEFAULT_STEPS)
-  p.add_argument("--guidance", type=float, default=sample.DEFAULT_GUIDANCE)
+  p.add_argument("--size", type=parse_size, default=None,
+                 help="target size, N or WIDTHxHEIGHT, multiples of 16 (default 512; a workdir's resolution)")
+  p.add_argument("--ref_size", type=int, default=None, help="reference size (default 512; a workdir's)")
+  p.add_argument("--steps", type=int, default=None,
+                 help=f"denoising steps (default {sample.DEFAULT_STEPS}; a workdir's sample_steps)")
+  p.add_argument("--guidance", type=float, default=None,
+                 help=f"guidance (default {sample.DEFAULT_GUIDANCE}; 1.0 for a workdir that trained its base)")
   p.add_argument("--seeds", type=int, nargs="+", default=[0])
   p.add_argument("--batch_size", type=int, default=1, help="seeds sampled together (sharded over devices)")
   p.add_argument("--max_refs", type=int, default=sample.DEFAULT_MAX_REFS)
   p.add_argument("--independent_refs", action="store_true",
-                 help="the LoRA was trained with independent_refs (references attend only to themselves)")
+                 help="the LoRA was trained with independent_refs (references attend only to themselves); "
+                      "LoRA files this project exported say so themselves")
   p.add_argument("--ref_cache", choices=("auto", "on", "off"), default="auto",
                  help="reference KV cache; auto: on exactly when --independent_refs (else approximate)")
   p.add_argument("--attention", choices=("xla", "cudnn", "splash"), default="xla",
@@ -95,15 +104,29 @@ def main(argv: list[str] | None = None) -> list[str]:
     cases = sample.read_cases(args.cases)
   else:
     cases = [sample.Case("0", args.prompt, tuple(args.ref))]
-  height, width = args.size
+  run = trained_model.find_run(args.checkpoint)
+  if run is not None and args.lora:
+    raise sample.SampleInputError(f"--lora {args.lora}: {args.checkpoint} is a training workdir, which brings its "
+                                  "own LoRA (--step picks the step, --no_ema the non-EMA weights).")
+  # Defaults: the official sampling settings, or the training run's own sizes, steps and guidance.
+  config = None if run is None else trained_model.read_config(run[0])
+  size = args.size or ((config.resolution,) * 2 if config else (sample.DEFAULT_SIZE,) * 2)
+  guidance = args.guidance if args.guidance is not None else (
+      sample.DEFAULT_GUIDANCE if config is None or config.trainable == "lora" else 1.0)
   options = sample.SampleOptions(
-      height=height, width=width, ref_size=args.ref_size, steps=args.steps, guidance=args.guidance,
+      height=size[0], width=size[1], ref_size=args.ref_size or (config.ref_resolution if config else sample.DEFAULT_SIZE),
+      steps=args.steps or (config.sample_steps if config else sample.DEFAULT_STEPS), guidance=guidance,
       seeds=tuple(args.seeds), batch_size=args.batch_size, max_refs=args.max_refs,
       ref_cache={"auto": None, "on": True, "off": False}[args.ref_cache])
-  sample.validate_request(cases, options)  # before any weight is read
-  sampler = sample.load_sampler(args.checkpoint, args.lora or None, options, dtype=args.dtype,
-                                independent_refs=args.independent_refs, t5_max_length=args.t5_max_length,
-                                text_dtype=args.dtype, attention_impl=args.attention, mesh_shape=args.mesh)
+  token_pixels = 16 if config is None else inputs.token_pixels(config)
+  sample.validate_request(cases, options, token_pixels)  # before any weight is read
+  if run is None:
+    sampler = sample.load_sampler(args.checkpoint, args.lora or None, options, dtype=args.dtype,
+                                  independent_refs=args.independent_refs, t5_max_length=args.t5_max_length,
+                                  text_dtype=args.dtype, attention_impl=args.attention, mesh_shape=args.mesh)
+  else:
+    sampler = sample.load_trained_sampler(args.checkpoint, options, step=args.step, ema=not args.no_ema,
+                                          attention_impl=args.attention, mesh_shape=args.mesh)
   with distributed.exit_on_failure():
     written = sampler.run(cases, args.output, progress=not args.no_progress)
   where = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""

@@ -340,8 +340,9 @@ class Sampler:
 
   def __init__(self, cfg: FluxConfig, params, lora, encoders, options: SampleOptions, mesh=None,
                param_rules=parallel.sharding.DEFAULT_PARAM_RULES,
-               logical_rules=parallel.sharding.DEFAULT_LOGICAL_RULES):
+               logical_rules=parallel.sharding.DEFAULT_LOGICAL_RULES, source: dict | None = None):
     self.encoders, self.options = encoders, options
+    self.source = source or {}  # where the model came from (recorded in run.json)
     self.cfg = dataclasses.replace(cfg, logical_rules=parallel.hashable_rules(logical_rules))
     ae = encoders.autoencoder
     self.size_multiple = 2 * ae.downsample_factor
@@ -485,7 +486,7 @@ class Sampler:
     run_dir = _shared_run_dir(output_dir)
     if leader:
       with open(os.path.join(run_dir, "run.json"), "w", encoding="utf-8") as f:
-        json.dump({"options": dataclasses.asdict(self.options), "ref_cache": self.use_ref_cache,
+        json.dump({"model": self.source, "options": dataclasses.asdict(self.options), "ref_cache": self.use_ref_cache,
                    "independent_refs": self.cfg.independent_refs, "mesh": dict(self.mesh.shape),
                    "processes": jax.process_count(), "cases": [dataclasses.asdict(c) for c in cases]}, f, indent=2)
     batches = self.batches(cases)
@@ -575,7 +576,7 @@ def load_sampler(checkpoint: str, lora: str | None, options: SampleOptions, dtyp
   mesh_shape: {"data", "fsdp", "tensor"} sizes (one may be -1); default every device on data. Each
   transformer tensor goes straight from the file to its shards, never whole onto one device."""
   from mosaic_jax.encoders import load_flux_encoders
-  from mosaic_jax.interop import load_flux_transformer, load_lora
+  from mosaic_jax.interop import load_flux_transformer, load_lora, lora_trained_independent_refs
   if not os.path.isdir(checkpoint):
     raise SampleInputError(f"checkpoint {checkpoint}: no such folder (expected a FLUX checkpoint root with "
                            "transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/).")
@@ -589,8 +590,27 @@ def load_sampler(checkpoint: str, lora: str | None, options: SampleOptions, dtyp
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
   cfg, params = load_flux_transformer(checkpoint, dtype=dtype, place=place)
+  lora_file = resolve_lora_file(lora) if lora else None
+  if lora_file and not independent_refs:  # the LoRA file says how it was trained (files we exported)
+    independent_refs = bool(lora_trained_independent_refs(lora_file))
   cfg = dataclasses.replace(cfg, independent_refs=independent_refs, attention_impl=attention_impl)
-  lora_tree = load_lora(resolve_lora_file(lora), cfg, dtype=dtype) if lora else None
+  lora_tree = load_lora(lora_file, cfg, dtype=dtype) if lora_file else None
   encoders = load_flux_encoders(checkpoint, t5_dtype=text_dtype, clip_dtype=text_dtype,
                                 t5_max_length=t5_max_length)
-  return Sampler(cfg, params, lora_tree, encoders, options, mesh=mesh)
+  return Sampler(cfg, params, lora_tree, encoders, options, mesh=mesh,
+                 source={"checkpoint": os.fspath(checkpoint), "lora": lora_file, "independent_refs": independent_refs})
+
+
+def load_trained_sampler(path: str, options: SampleOptions, step: int | None = None, ema: bool = True,
+                         attention_impl: str | None = None, mesh_shape=None) -> Sampler:
+  """A sampler for the model of a training workdir or one of its step folders (train/trained_model.py):
+  the demo, flux_random and the recipe alike."""
+  from mosaic_jax.train.trained_model import load_trained
+  try:
+    mesh = parallel.make_mesh(dict(mesh_shape or {"data": -1}))
+  except ValueError as error:
+    raise SampleInputError(f"--mesh: {error}") from error
+  trained = load_trained(path, step=step, ema=ema, mesh=mesh)
+  cfg = trained.cfg if attention_impl is None else dataclasses.replace(trained.cfg, attention_impl=attention_impl)
+  return Sampler(cfg, trained.params, trained.lora, trained.encoders, options, mesh=mesh,
+                 logical_rules=cfg.logical_rules, source=trained.source)

@@ -6,6 +6,7 @@ a resume, a restore onto one process with another mesh, and a failing process br
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -105,10 +106,14 @@ def test_two_processes_train_preempt_resume_and_restore_on_one(one_process_run, 
   for name in ("lora.safetensors", "lora_ema.safetensors"):
     assert os.path.getsize(workdir / "lora" / str(step) / name) > 0
 
-  # Resume as two processes to step 4; the losses are the one-process run's.
-  results = _wait(_srun(train_command(data_dir, workdir, **MESH, total_steps=4, checkpoint_every=100)))
+  # Resume as two processes to step 4; the losses are the one-process run's. The final evaluation and
+  # sample panel run on both processes (the model is split over them); process 0 writes them.
+  results = _wait(_srun(train_command(data_dir, workdir, **MESH, total_steps=4, checkpoint_every=100,
+                                      eval_examples=2, sample_steps=2)))
   for status, text in results:
     assert status == 0, text[-3000:]
+  assert "correspondence" not in results[1][1] and os.path.getsize(workdir / "samples" / "final.png") > 0
+  assert json.loads((workdir / "eval.json").read_text())["step"] == 4
   losses = _losses(workdir)
   assert sorted(losses) == [1, 2, 3, 4]
   np.testing.assert_allclose([losses[s] for s in (1, 2, 3, 4)], [reference[s] for s in (1, 2, 3, 4)], rtol=1e-5)
@@ -142,7 +147,6 @@ print("BATCHES " + json.dumps({"process": jax.process_index(), "count": jax.proc
 
 
 def test_processes_read_disjoint_examples_that_cover_the_global_batch(data_dir):
-  import json
   command = [sys.executable, "-c", _READ_BATCHES, data_dir]
   two = _wait(_srun(command, devices=1), timeout=120)
   one = _wait([subprocess.Popen(command, env=_env(1), stdout=subprocess.PIPE,
@@ -206,7 +210,6 @@ def flux_root(tmp_path_factory):
     image = np.full((40, 48, 3), 255, np.uint8)
     image[8:32, 10:38] = colour
     Image.fromarray(image).save(work / name)
-  import json
   cases = [{"index": "a", "prompt": "a cat in a hat", "image_paths": ["cat.png", "hat.png"]},
            {"index": "b", "prompt": "a toy", "image_paths": ["toy.png"]},
            {"index": "c", "prompt": "a hat on a toy", "image_paths": ["hat.png", "toy.png"]}]

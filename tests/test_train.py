@@ -126,6 +126,50 @@ def test_flux_random_runs_the_recipe_step_with_random_weights(data_dir, tmp_path
   assert seen[-1]["weight_mdl"] == 1.0 and seen[-1]["loss_mdl"] < 0.0  # every term in play
   assert os.path.getsize(os.path.join(str(tmp_path), "lora", "3", "lora.safetensors")) > 0
 
+  # The sampler takes this workdir as it is: the run's random base recreated, its LoRA, its encoders.
+  settings = _sample_workdir(str(tmp_path), tmp_path / "samples", ["--size", "32", "--ref_size", "32"])
+  assert settings["model"]["base"].startswith("random (seed 0)") and settings["model"]["step"] == 3
+  assert settings["options"]["guidance"] == 3.5  # a LoRA run samples with the recipe's guidance
+
+
+def _sample_workdir(checkpoint: str, output, extra=()) -> dict:
+  """launch/sample.py on a training workdir (or step folder) through the real command line, with two
+  synthetic references; returns its run.json after checking the files it wrote."""
+  from PIL import Image
+  output.mkdir(parents=True, exist_ok=True)
+  refs = []
+  for name, colour in (("a.png", (200, 30, 30)), ("b.png", (20, 60, 220))):
+    image = np.full((40, 40, 3), 255, np.uint8)
+    image[8:32, 8:32] = colour
+    Image.fromarray(image).save(output / name)
+    refs += ["--ref", str(output / name)]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  run = subprocess.run([sys.executable, os.path.join(root, "launch", "sample.py"), "--checkpoint", checkpoint,
+                        "--prompt", "two things", *refs, "--steps", "2", "--output", str(output / "out"),
+                        "--no_progress", *extra], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=root))
+  assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+  (folder,) = os.listdir(output / "out")
+  assert sorted(os.listdir(output / "out" / folder)) == ["0_seed0.png", "0_seed0_panel.png", "run.json"]
+  return json.load(open(output / "out" / folder / "run.json"))
+
+
+def test_the_sampler_takes_the_demo_workdir_and_its_step_folders(first_run, tmp_path):
+  """The demo's trained base and LoRA come from the checkpoint (EMA by default), at the run's own size
+  and guidance; a step folder picks that step; --no_ema the trained weights."""
+  workdir, _ = first_run
+  from PIL import Image
+  settings = _sample_workdir(workdir, tmp_path / "latest")
+  assert settings["model"]["workdir"] == workdir and settings["model"]["weights"] == "EMA"
+  assert settings["model"]["base"] == f"trained, from checkpoints/{settings['model']['step']}"
+  assert (settings["options"]["height"], settings["options"]["guidance"]) == (64, 1.0)  # the demo's own
+  step2 = _sample_workdir(os.path.join(workdir, "checkpoints", "2"), tmp_path / "step2")
+  assert step2["model"]["step"] == 2
+  raw = _sample_workdir(os.path.join(workdir, "lora", "2"), tmp_path / "raw", ["--no_ema"])
+  assert raw["model"]["step"] == 2 and raw["model"]["weights"] == "trained (not EMA)"
+  image = lambda name: np.asarray(Image.open(next((tmp_path / name / "out").iterdir()) / "0_seed0.png"))
+  assert image("step2").shape == (64, 64, 3) and not np.array_equal(image("step2"), image("raw"))
+
 
 @pytest.fixture
 def no_compilation(monkeypatch):

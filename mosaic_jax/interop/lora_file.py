@@ -28,6 +28,7 @@ from mosaic_jax.model.transformer import param_shapes
 
 PREFIXES = ("transformer.", "base_model.model.", "")
 METADATA_KEY = "lora_adapter_metadata"
+INDEPENDENT_REFS_KEY = "mosaic_independent_refs"
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|alpha)$")
 
 
@@ -160,4 +161,14 @@ def save_lora(path: str, lora: dict, cfg: FluxConfig, dtype=np.float32) -> None:
     tensors[f"transformer.{name}.lora_B.weight"] = np.ascontiguousarray(b.T.astype(dtype))
   metadata = {"transformer.r": rank, "transformer.lora_alpha": rank,
               "transformer.target_modules": sorted(n for n, *_ in lora_module_names(cfg))}
-  save_safetensors(path, tensors, {"format": "pt", METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+  # Beside diffusers' metadata (which diffusers turns into LoraConfig arguments, so no key of ours goes
+  # there): the mask variant the LoRA was trained with, so that samplers need not be told.
+  save_safetensors(path, tensors, {"format": "pt", METADATA_KEY: json.dumps(metadata, sort_keys=True),
+                                   INDEPENDENT_REFS_KEY: str(bool(cfg.independent_refs)).lower()})
+
+
+def lora_trained_independent_refs(path: str) -> bool | None:
+  """Whether the LoRA file says it was trained with independent_refs (None: files from elsewhere)."""
+  with SafetensorsFile(path) as f:
+    value = f.metadata.get(INDEPENDENT_REFS_KEY)
+  return None if value is None else value == "true"

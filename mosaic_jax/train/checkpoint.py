@@ -116,21 +116,25 @@ class Checkpointer:
 
 
 def read_lora_trees(state_directory: epath.Path) -> dict[tuple[str, str], dict]:
-  """{(group, "lora"): the LoRA pytree as numpy} for the groups of LORA_FILES, read from a committed
-  checkpoint's state item by this process alone (no barrier with the others; whole arrays on the host,
-  whichever hosts wrote their shards)."""
-  handler = ocp.PyTreeCheckpointHandler(
-      multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=None,
-                                                                 active_processes={jax.process_index()}))
-  checkpointer = ocp.Checkpointer(handler, multiprocessing_options=ocp.options.MultiprocessingOptions(
-      primary_host=None, active_processes={jax.process_index()}))
+  """{(group, "lora"): the LoRA pytree as numpy} for the groups of LORA_FILES, from a committed step."""
+  return read_state_subtrees(state_directory, list(LORA_FILES.values()))
+
+
+def read_state_subtrees(state_directory: epath.Path, paths: list[tuple[str, str]]) -> dict[tuple[str, str], Any]:
+  """{(group, name): that subtree of a committed checkpoint's state item, as numpy}, read by this process
+  alone (no barrier with the others; whole arrays on the host, whichever hosts wrote their shards)."""
+  options = ocp.options.MultiprocessingOptions(primary_host=None, active_processes={jax.process_index()})
+  checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=options),
+                                  multiprocessing_options=options)
   metadata = checkpointer.metadata(state_directory)
   tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata.tree
-  wanted = {group: {key: tree[group][key]} for group, key in LORA_FILES.values()}
+  wanted = {}
+  for group, name in paths:
+    wanted.setdefault(group, {})[name] = tree[group][name]
   restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
   restored = checkpointer.restore(state_directory, args=ocp.args.PyTreeRestore(
       item=wanted, restore_args=restore_args, partial_restore=True))
-  return {(group, key): restored[group][key] for group, key in LORA_FILES.values()}
+  return {(group, name): restored[group][name] for group, name in paths}
 
 
 class PreemptionFlag:

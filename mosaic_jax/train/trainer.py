@@ -146,7 +146,7 @@ def build_model(config, mesh, param_rules, logical_rules):
     cfg = model.config.with_overrides(cfg, overrides)
   else:
     cfg = model.config.preset(config.model, overrides)
-    params = _created_sharded(lambda key: model.init_params(key, cfg, dtype), config.seed, mesh, param_rules,
+    params = create_sharded(lambda key: model.init_params(key, cfg, dtype), config.seed, mesh, param_rules,
                               logical_rules)
   lora = None
   if "lora" in config.trainable:
@@ -154,12 +154,12 @@ def build_model(config, mesh, param_rules, logical_rules):
       lora = interop.load_lora(os.path.expanduser(config.lora), cfg)
     else:
       shapes = jax.eval_shape(lambda: params)  # the LoRA needs the base's shapes only
-      lora = _created_sharded(lambda key: model.init_lora(key, shapes, cfg, config.lora_rank), config.seed + 1,
+      lora = create_sharded(lambda key: model.init_lora(key, shapes, cfg, config.lora_rank), config.seed + 1,
                               mesh, param_rules, logical_rules)
   return cfg, params, lora
 
 
-def _created_sharded(make, seed, mesh, param_rules, logical_rules):
+def create_sharded(make, seed, mesh, param_rules, logical_rules):
   """make(key)'s random pytree, created inside jit straight into its shardings: at FLUX.1-dev size
   (24 GB of bf16 base, 7 GB of rank-512 LoRA) it need not fit on one device first."""
   key = jax.random.key(seed)
