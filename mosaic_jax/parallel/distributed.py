@@ -30,10 +30,15 @@ def detected_cluster() -> str | None:
   """The cluster environment jax's auto-detection would join (its class name), or None."""
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
     return "JAX_COORDINATOR_ADDRESS"
-  # jax has no public "is there a cluster?" query; its detection lives in jax._src.clusters.
-  from jax._src import clusters
-  for env in clusters.ClusterEnv._cluster_types:  # pylint: disable=protected-access
-    if not env.opt_in_only_method and env.is_env_present():
+  # jax has no public "is there a cluster?" query; its detection lives in jax._src.clusters (checked
+  # on jax 0.10 and 0.12). Should that move, `force` (--distributed) still joins through jax itself.
+  try:
+    from jax._src import clusters
+    environments = list(clusters.ClusterEnv._cluster_types)  # pylint: disable=protected-access
+  except (ImportError, AttributeError):
+    return None
+  for env in environments:
+    if not getattr(env, "opt_in_only_method", False) and env.is_env_present():
       return env.__name__
   return None
 
