@@ -116,7 +116,9 @@ def test_multi_reference_forward_matches_torch_reference(torch_flux, flux_params
   assert relative_error(pred, expected.numpy()) <= TOL
   maps = aux["attention_maps"]
   assert maps.shape == (2, cfg.num_layers, num_refs, 9, 24)
-  np.testing.assert_allclose(maps, expected_maps.numpy(), atol=1e-5)
+  # float32 softmax probabilities (up to ~0.9) from sums taken in another order on each side: 1.6e-5
+  # apart at 3 references with this environment's packages (the base commit too), so 3e-5 absolute.
+  np.testing.assert_allclose(maps, expected_maps.numpy(), atol=3e-5)
   np.testing.assert_allclose(np.asarray(maps).sum(-1), 1.0, atol=1e-5)
   assert float(np.asarray(maps).max()) > 0.5, "attention should be far from uniform in this test"
   # The LoRA matters here: without it the prediction moves well beyond the tolerance.
