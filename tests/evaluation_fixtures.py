@@ -57,3 +57,59 @@ def tiny_dino(tmp_path_factory):
   randomize_(model, seed=4)
   model.save_pretrained(str(folder))
   return model, str(folder)
+
+
+# ---- a DreamBench-like folder -------------------------------------------------------------------
+
+SUBJECTS = {"cat": ("orange", "ellipse"), "cat2": ("grey", "ellipse"), "backpack": ("navy", "rectangle"),
+            "teapot": ("crimson", "polygon")}
+# (subjects, prompt); "vase" has no folder: its case must be skipped with that reason.
+CASES = [(["cat", "backpack"], "a cat and a backpack in the jungle"),
+         (["cat", "cat2"], "a cat and a cat on the beach"),
+         (["backpack", "teapot"], "a backpack and a teapot on a wooden floor"),
+         (["backpack", "vase"], "a backpack and a vase in the snow")]
+SEEDS = (0, 1)
+
+
+def draw(color, shape, size, seed):
+  from PIL import Image, ImageDraw
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  image = Image.fromarray(rng.integers(180, 256, (size[1], size[0], 3), dtype=np.uint8))
+  d = ImageDraw.Draw(image)
+  w, h = size
+  box = [int(w * rng.uniform(0.1, 0.3)), int(h * rng.uniform(0.1, 0.3)), int(w * rng.uniform(0.6, 0.9)),
+         int(h * rng.uniform(0.6, 0.9))]
+  if shape == "ellipse":
+    d.ellipse(box, fill=color)
+  elif shape == "rectangle":
+    d.rectangle(box, fill=color)
+  else:
+    d.polygon([(box[0], box[3]), ((box[0] + box[2]) // 2, box[1]), (box[2], box[3])], fill=color)
+  return image
+
+
+@pytest.fixture(scope="session")
+def dreambench_fixture(tmp_path_factory):
+  """{root, cases (UNO format file), generated, ...}: 4 subjects of 2-3 real views, 4 cases x 2 seeds.
+  Case 0 seed 0 is a copy of cat's first view (so its cat score is high and backpack is its minimum)."""
+  import json
+  from PIL import Image
+  base = tmp_path_factory.mktemp("dreambench")
+  root = base / "dreambooth" / "dataset"
+  for i, (subject, (color, shape)) in enumerate(SUBJECTS.items()):
+    (root / subject).mkdir(parents=True)
+    for v in range(2 + i % 2):
+      draw(color, shape, (48 + 7 * v, 40 + 5 * i), seed=10 * i + v).save(root / subject / f"{v:02d}.jpg")
+  entries = [{"prompt": prompt, "image_paths": [f"./dreambooth/dataset/{s}/00.jpg" for s in subjects],
+              "image_tgt_path": f"./dreambooth/dataset/{subjects[0]}/00.jpg"} for subjects, prompt in CASES]
+  cases = base / "dreambench_multiip.json"
+  cases.write_text(json.dumps(entries))
+  generated = base / "generated"
+  generated.mkdir()
+  for c, (subjects, _) in enumerate(CASES):
+    for seed in SEEDS:
+      color, shape = SUBJECTS.get(subjects[seed % len(subjects)], ("green", "rectangle"))
+      draw(color, shape, (64, 64), seed=100 + 10 * c + seed).save(generated / f"{c}_{seed}.png")
+  Image.open(root / "cat" / "00.jpg").save(generated / "0_0.png")
+  return {"base": base, "root": root, "cases": cases, "generated": generated}

@@ -46,8 +46,14 @@ class ClipModel:
 
   def embed_texts(self, input_ids):
     """Token ids [B, 77] -> [B, projection_dim] (the projected end-of-text state)."""
-    _, pooled = clip_text.encode(self.text_params, self.config.text, input_ids)
-    return linear(self.text_params["text_projection"], pooled).astype(jnp.float32)
+    return text_embeddings(self.text_params, self.config.text, input_ids)
+
+
+def text_embeddings(text_params, cfg: ClipTextConfig, input_ids):
+  """The text tower's output: the end-of-text state through `text_projection` (padding after the
+  end-of-text token cannot change it: attention is causal)."""
+  _, pooled = clip_text.encode(text_params, cfg, input_ids)
+  return linear(text_params["text_projection"], pooled).astype(jnp.float32)
 
 
 def config_from_json(config: dict, source: str) -> ClipModelConfig:
