@@ -14,7 +14,8 @@ target keys, averaged over heads and blocks):
   (LOST_FACTOR = 1: no better than attention spread uniformly). Also the mean of that mass ratio.
 
   python benchmarks/many_subjects.py --workdir /tmp/mosaic_demo --max_refs 10 --scenes 16
-Writes a table (stdout and <out>/many_subjects.md) and a plot <out>/many_subjects.png.
+Writes a table (stdout and <out>/many_subjects.md, .json), a plot <out>/many_subjects.png and, per R,
+an attention panel of one scene <out>/many_subjects_attention/attention_R<R>.png.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def scene_batch(config, encoders, settings, num_refs: int, scenes: int, seed: in
   ref_grid = correspondence.token_grid(config.ref_resolution, inputs_lib.token_pixels(config))
   pipeline = inputs_lib.pipeline_config(config, global_batch_size=scenes, dropout=False,
                                         max_pairs=num_refs * ref_grid * ref_grid)
-  examples, regions = [], []
+  examples, regions, pictures = [], [], []
   for index in range(scenes):
     scene = synthetic.make_scene(np.random.default_rng([seed, 7_777, num_refs, index]), num_refs, size)
     refs = [schema.reference(encode_png(image), encode_png(mask), (coords, coords))
@@ -87,10 +88,11 @@ def scene_batch(config, encoders, settings, num_refs: int, scenes: int, seed: in
     record = schema.example(f"many-{num_refs}-{index}", scene.caption, encode_png(scene.target), refs)
     record["refs"] = {key: [r[key] for r in record["refs"]] for key in record["refs"][0]}  # as TFDS reads it
     examples.append(prepare_example(record, pipeline, np.random.default_rng(index)))
+    pictures.append((scene.target, scene.refs))
     regions.append(np.stack([correspondence.mask_token_cells(m, config.resolution, grid).reshape(-1)
                              for m in scene.masks]))
   batch = _model_latents(stack_examples(examples), encoders, settings["scaling"], settings["shift"])
-  return batch, jnp.asarray(np.stack(regions))
+  return batch, jnp.asarray(np.stack(regions)), pictures
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -118,22 +120,33 @@ def measures(params, lora, cfg, batch, regions, t, noise):
   jsd = losses.jensen_shannon(per_ref[:, :, None], per_ref[:, None, :])
   upper = jnp.triu(jnp.ones((num_refs, num_refs), bool), k=1)
   return (jnp.einsum("bk,bkr->br", hit.astype(jnp.float32), owner), jnp.sum(owner, axis=1),
-          jnp.einsum("bk,bkr->br", chance, owner), mass, share, jnp.sum(jnp.where(upper, jsd, 0.0), axis=(1, 2)))
+          jnp.einsum("bk,bkr->br", chance, owner), mass, share, jnp.sum(jnp.where(upper, jsd, 0.0), axis=(1, 2)),
+          per_ref)
 
 
-def curve(params, lora, cfg, config, encoders, max_refs: int, scenes: int, seed: int) -> list[dict]:
+def curve(params, lora, cfg, config, encoders, max_refs: int, scenes: int, seed: int,
+          heatmap_dir: str | None = None) -> list[dict]:
+  """The table's rows; with heatmap_dir, also each R's first scene as an attention panel (the maps at
+  the middle timestep over the real target, one colour per reference)."""
+  from mosaic_jax.evaluation.heatmaps import attention_panel
   settings = {"scaling": float(encoders.autoencoder.config.scaling_factor),
               "shift": float(encoders.autoencoder.config.shift_factor)}
   rows = []
   for num_refs in range(1, max_refs + 1):
-    batch, regions = scene_batch(config, encoders, settings, num_refs, scenes, seed)
+    batch, regions, pictures = scene_batch(config, encoders, settings, num_refs, scenes, seed)
     hits = pairs = chance = jsd = 0.0
     masses, shares = [], []
     for k, t in enumerate(config.eval_timesteps):
       x0 = pack_latents(batch["target"])
       noise = jax.random.normal(jax.random.fold_in(jax.random.key(seed), k), x0.shape, jnp.float32)
-      h, p, c, mass, share, j = (np.asarray(v) for v in measures(params, lora, cfg, batch, regions,
-                                                                  jnp.float32(t), noise))
+      h, p, c, mass, share, j, maps = (np.asarray(v) for v in measures(params, lora, cfg, batch, regions,
+                                                                        jnp.float32(t), noise))
+      if heatmap_dir and k == len(config.eval_timesteps) // 2:
+        grid = int(round(maps.shape[-1] ** 0.5))
+        target, refs = pictures[0]
+        os.makedirs(heatmap_dir, exist_ok=True)
+        Image.fromarray(attention_panel(target, maps[0], (grid, grid), refs)).save(
+            os.path.join(heatmap_dir, f"attention_R{num_refs}.png"))
       hits, pairs, chance, jsd = hits + h, pairs + p, chance + c, jsd + j.sum()
       masses.append(mass)
       shares.append(share)
@@ -212,8 +225,9 @@ def main():
   encoders = inputs_lib.make_encoders(config)
   print(f"{args.workdir} at step {step}; lost = own-region mass < {LOST_FACTOR} x region share; "
         f"t in {tuple(config.eval_timesteps)}\n{HEADER}", flush=True)
-  rows = curve(params, lora, cfg, config, encoders, args.max_refs, args.scenes, args.seed)
   out = args.out or args.workdir
+  rows = curve(params, lora, cfg, config, encoders, args.max_refs, args.scenes, args.seed,
+               heatmap_dir=os.path.join(out, "many_subjects_attention"))
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "many_subjects.md"), "w") as f:
     f.write("```\n" + HEADER + "\n" + "\n".join(format_row(r) for r in rows) + "\n```\n")

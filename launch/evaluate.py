@@ -95,11 +95,14 @@ def run(args) -> list[str]:
 def main(argv: list[str] | None = None) -> list[str]:
   args = build_parser().parse_args(argv)
   from mosaic_jax.interop.tensor_table import CheckpointError
-  from mosaic_jax.sample import SampleInputError
   from mosaic_jax.text import TokenizerFilesError
+  user_errors = (EvaluationInputError, CheckpointError, TokenizerFilesError)
+  if args.checkpoint:  # the sampler (and its imports) only when generating
+    from mosaic_jax.sample import SampleInputError
+    user_errors += (SampleInputError,)
   try:
     return run(args)
-  except (EvaluationInputError, CheckpointError, TokenizerFilesError, SampleInputError) as e:
+  except user_errors as e:
     print(f"error: {e}", file=sys.stderr)
     raise SystemExit(2)
 
