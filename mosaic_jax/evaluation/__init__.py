@@ -1,0 +1,1 @@
+"""Evaluation: CLIP and DINO feature extractors in JAX, the DreamBench protocol, reports, heatmaps."""
