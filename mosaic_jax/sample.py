@@ -459,6 +459,15 @@ class Sampler:
     images = self.sample_batch(padded, on_step, report_steps)
     return {r: (batch[r], image) for r, image in images.items() if batch[r] is not None}
 
+  def sample_owned(self, cases: Sequence[Case], on_step: Callable[[int], None] | None = None):
+    """Yields ((case, seed), uint8 image) for every pair this process owns, in batches over the mesh;
+    every process must iterate it to the end (each batch is a collective)."""
+    for batch in self.batches(cases):
+      results = self._run_batch(batch, on_step, on_step is not None)
+      for r in self.owned_rows:
+        if r in results:
+          yield results[r]
+
   def generate(self, case: Case, seeds: Sequence[int] | None = None,
                on_step: Callable[[int], None] | None = None) -> np.ndarray:
     """uint8 images [len(seeds), H, W, 3] of one case (one process; several processes use `run`)."""
@@ -489,22 +498,17 @@ class Sampler:
         json.dump({"model": self.source, "options": dataclasses.asdict(self.options), "ref_cache": self.use_ref_cache,
                    "independent_refs": self.cfg.independent_refs, "mesh": dict(self.mesh.shape),
                    "processes": jax.process_count(), "cases": [dataclasses.asdict(c) for c in cases]}, f, indent=2)
-    batches = self.batches(cases)
-    bar = tqdm(total=len(batches) * self.options.steps, desc="steps", unit="step", disable=not (progress and leader))
+    bar = tqdm(total=len(self.batches(cases)) * self.options.steps, desc="steps", unit="step",
+               disable=not (progress and leader))
     written = []
-    for batch in batches:
-      results = self._run_batch(batch, lambda _: bar.update(1), progress)
-      for r in self.owned_rows:
-        if r not in results:
-          continue
-        (case, seed), image = results[r]
-        refs = [Image.fromarray(_to_uint8(load_reference(p, self.options.ref_size))) for p in case.image_paths]
-        result = Image.fromarray(image)
-        name = _safe_name(case.index)
-        for suffix, picture in (("", result), ("_panel", side_by_side(refs + [result]))):
-          file = os.path.join(run_dir, f"{name}_seed{seed}{suffix}.png")
-          picture.save(file)
-          written.append(file)
+    for (case, seed), image in self.sample_owned(cases, (lambda _: bar.update(1)) if progress else None):
+      refs = [Image.fromarray(_to_uint8(load_reference(p, self.options.ref_size))) for p in case.image_paths]
+      result = Image.fromarray(image)
+      name = _safe_name(case.index)
+      for suffix, picture in (("", result), ("_panel", side_by_side(refs + [result]))):
+        file = os.path.join(run_dir, f"{name}_seed{seed}{suffix}.png")
+        picture.save(file)
+        written.append(file)
     bar.close()
     return written
 

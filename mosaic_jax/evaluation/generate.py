@@ -18,18 +18,23 @@ from mosaic_jax.evaluation.dreambench import EvalCase
 def generate_images(cases: Sequence[EvalCase], out_dir: str, checkpoint: str, lora: str | None, *,
                     size: int = 512, ref_size: int = 512, steps: int = 28, guidance: float = 3.5,
                     seeds: Sequence[int] = (0,), batch_size: int = 1, independent_refs: bool = False) -> dict:
+  """Samples every case and seed into out_dir. `checkpoint`: a FLUX root (with `lora`), or a training
+  workdir or step folder (its own LoRA). Batched over the sampler's mesh; with several processes each
+  writes its own share."""
   from mosaic_jax import sample
+  from mosaic_jax.train.trained_model import find_run
   options = sample.SampleOptions(height=size, width=size, ref_size=ref_size, steps=steps, guidance=guidance,
                                  seeds=tuple(seeds), batch_size=batch_size,
                                  max_refs=max(sample.DEFAULT_MAX_REFS, *(len(c.reference_paths) for c in cases)))
-  sampler = sample.load_sampler(checkpoint, lora, options, independent_refs=independent_refs)
+  if find_run(checkpoint) is not None:
+    sampler = sample.load_trained_sampler(checkpoint, options)
+  else:
+    sampler = sample.load_sampler(checkpoint, lora, options, independent_refs=independent_refs)
   sample_cases = [sample.Case(c.id, c.prompt, c.reference_paths) for c in cases]
   sampler.check(sample_cases)
   os.makedirs(out_dir, exist_ok=True)
-  for case in sample_cases:
-    for seed, image in zip(seeds, sampler.generate(case, seeds)):
-      Image.fromarray(image).save(os.path.join(out_dir, f"{case.index}_{seed}.png"))
-  return {"generated_by": "mosaic_jax.sample", "checkpoint": os.path.abspath(checkpoint),
-          "lora": lora and os.path.abspath(lora), "size": size, "ref_size": ref_size, "steps": steps,
-          "guidance": guidance, "seeds": list(seeds), "images_per_prompt": len(seeds),
-          "independent_refs": independent_refs, "sample_options": dataclasses.asdict(options)}
+  for (case, seed), image in sampler.sample_owned(sample_cases):
+    Image.fromarray(image).save(os.path.join(out_dir, f"{case.index}_{seed}.png"))
+  return {"generated_by": "mosaic_jax.sample", "model": sampler.source, "size": size, "ref_size": ref_size,
+          "steps": steps, "guidance": guidance, "seeds": list(seeds), "images_per_prompt": len(seeds),
+          "independent_refs": sampler.cfg.independent_refs, "sample_options": dataclasses.asdict(options)}
