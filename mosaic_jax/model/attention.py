@@ -12,8 +12,9 @@ cached across sampling steps (main queries then attend to cached reference keys)
 [B, R, M, H, D] for references. Logits and softmax in float32.
 
 Implementations (FluxConfig.attention_impl):
-  xla     portable einsums; the reference group reads the shared main keys without copying them
-          (one joint softmax over two logit blocks). With a query chunk, queries go through in
+  xla     portable einsums, heads first; the reference group reads the shared main keys without
+          copying them (one joint softmax over two logit blocks, never concatenated, normalized on
+          the output rather than on the logits). With a query chunk, queries go through in
           chunks, each rematerialized in the backward pass: the float32 logits of one chunk are
           live at a time instead of all of them (the kernels below never hold them at all).
   cudnn   jax.nn.dot_product_attention(implementation="cudnn") on each group (NVIDIA GPUs, bf16/fp16);
@@ -31,17 +32,22 @@ import jax.numpy as jnp
 from mosaic_jax.parallel.sharding import DEFAULT_LOGICAL_RULES
 
 
-def _softmax_attend(logit_blocks, value_blocks, value_specs, out_dtype):
-  """Joint softmax over the key axis of several logit blocks, then sum of (probs x values) per block."""
-  logits = jnp.concatenate(logit_blocks, axis=-1)
-  probs = jax.nn.softmax(logits, axis=-1)
-  out, start = 0.0, 0
-  for block, values, spec in zip(logit_blocks, value_blocks, value_specs):
-    width = block.shape[-1]
-    p = probs[..., start:start + width].astype(values.dtype)
-    out = out + jnp.einsum(spec, p, values, preferred_element_type=jnp.float32)
-    start += width
-  return out.astype(out_dtype)
+def _softmax_attend(blocks, out_dtype):
+  """Joint softmax over the key axis of several (logits [..., Q, K_i], values, einsum spec) blocks.
+
+  No block is concatenated and no probability is normalized: each block's exp(logits - max) multiplies
+  its values, and the summed output [..., Q, D] is divided by the softmax denominator once, instead of
+  dividing every logit. The max is a constant to autodiff (stop_gradient): the result does not depend
+  on it, so the gradients stay exact and its backward pass costs nothing.
+  """
+  peak = jax.lax.stop_gradient(functools.reduce(jnp.maximum, [jnp.max(logits, axis=-1, keepdims=True)
+                                                              for logits, _, _ in blocks]))
+  out, total = 0.0, 0.0
+  for logits, values, spec in blocks:
+    weights = jnp.exp(logits - peak)
+    total = total + jnp.sum(weights, axis=-1, keepdims=True)
+    out = out + jnp.einsum(spec, weights.astype(values.dtype), values, preferred_element_type=jnp.float32)
+  return (out / total).astype(out_dtype)
 
 
 def _over_query_chunks(attend, q, axis: int, chunk: int):
@@ -60,33 +66,38 @@ def _over_query_chunks(attend, q, axis: int, chunk: int):
   return jax.lax.slice_in_dim(out, 0, n, axis=axis)
 
 
+def _heads_first(x):
+  """[B, ..., H, D] -> [B, H, ..., D]."""
+  return None if x is None else jnp.moveaxis(x, -2, 1)
+
+
 def _xla_multi_branch(q_main, k_main, v_main, q_ref, k_ref, v_ref, independent_refs, chunk=0):
+  # Heads first, so that every matmul below is a plain batched matmul over (B, H): its operands and
+  # result need no transposes (the six moves here are per token, the logits per query-key pair).
   scale = q_main.shape[-1] ** -0.5
   dtype = q_main.dtype
+  k_main, v_main, k_ref, v_ref = (_heads_first(x) for x in (k_main, v_main, k_ref, v_ref))
+  logits = lambda spec, q, k: jnp.einsum(spec, q, k, preferred_element_type=jnp.float32) * scale
+  if k_ref is not None:
+    b, h, r, m, d = k_ref.shape
+    k_ref_flat, v_ref_flat = k_ref.reshape(b, h, r * m, d), v_ref.reshape(b, h, r * m, d)
 
-  def attend_main(q):  # main queries see main keys and every reference's keys (one joint softmax)
-    logits_mm = jnp.einsum("bqhd,bkhd->bhqk", q, k_main, preferred_element_type=jnp.float32) * scale
-    if k_ref is None:
-      return _softmax_attend([logits_mm], [v_main], ["bhqk,bkhd->bqhd"], dtype)
-    b, h, t = logits_mm.shape[:3]
-    logits_mr = jnp.einsum("bqhd,brkhd->bhqrk", q, k_ref, preferred_element_type=jnp.float32) * scale
-    logits_mr = logits_mr.reshape(b, h, t, -1)  # all references' keys as one block
-    v_ref_flat = v_ref.reshape(v_ref.shape[0], -1, *v_ref.shape[3:])
-    return _softmax_attend([logits_mm, logits_mr], [v_main, v_ref_flat],
-                           ["bhqk,bkhd->bqhd", "bhqk,bkhd->bqhd"], dtype)
+  def attend_main(q):  # [B, H, T, D]: main queries see main keys and every reference's keys
+    blocks = [(logits("bhqd,bhkd->bhqk", q, k_main), v_main, "bhqk,bhkd->bhqd")]
+    if k_ref is not None:  # all references' keys as one block
+      blocks.append((logits("bhqd,bhkd->bhqk", q, k_ref_flat), v_ref_flat, "bhqk,bhkd->bhqd"))
+    return _softmax_attend(blocks, dtype)
 
-  def attend_ref(q):  # ref_i queries see [main keys,] ref_i keys
-    logits_rr = jnp.einsum("brqhd,brkhd->brhqk", q, k_ref, preferred_element_type=jnp.float32) * scale
-    if independent_refs:
-      return _softmax_attend([logits_rr], [v_ref], ["brhqk,brkhd->brqhd"], dtype)
-    logits_rm = jnp.einsum("brqhd,bkhd->brhqk", q, k_main, preferred_element_type=jnp.float32) * scale
-    return _softmax_attend([logits_rm, logits_rr], [v_main, v_ref],
-                           ["brhqk,bkhd->brqhd", "brhqk,brkhd->brqhd"], dtype)
+  def attend_ref(q):  # [B, H, R, M, D]: ref_i queries see [main keys,] ref_i keys
+    blocks = [(logits("bhrqd,bhrkd->bhrqk", q, k_ref), v_ref, "bhrqk,bhrkd->bhrqd")]
+    if not independent_refs:
+      blocks.append((logits("bhrqd,bhkd->bhrqk", q, k_main), v_main, "bhrqk,bhkd->bhrqd"))
+    return _softmax_attend(blocks, dtype)
 
-  out_main = _over_query_chunks(attend_main, q_main, 1, chunk)
+  out_main = jnp.moveaxis(_over_query_chunks(attend_main, _heads_first(q_main), 2, chunk), 1, -2)
   if q_ref is None:  # no references, or their keys and values came from a cache
     return out_main, None
-  return out_main, _over_query_chunks(attend_ref, q_ref, 2, chunk)
+  return out_main, jnp.moveaxis(_over_query_chunks(attend_ref, _heads_first(q_ref), 3, chunk), 1, -2)
 
 
 def _grouped_multi_branch(dense, q_main, k_main, v_main, q_ref, k_ref, v_ref, independent_refs):

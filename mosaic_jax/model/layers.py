@@ -25,11 +25,41 @@ def linear(p, x, lora=None):
     y = y + p["bias"].astype(jnp.float32)
   if lora is not None:
     # LoRA master weights may be float32 while the base is bf16: compute in the activation dtype.
-    a = lora["lora_A"].astype(kernel.dtype)
-    b = lora["lora_B"].astype(kernel.dtype)
-    h = jnp.einsum("...i,ir->...r", x.astype(kernel.dtype), a, preferred_element_type=jnp.float32)
-    y = y + jnp.einsum("...r,ro->...o", h.astype(kernel.dtype), b, preferred_element_type=jnp.float32)
+    y = y + lora_delta(x.astype(kernel.dtype), lora["lora_A"].astype(kernel.dtype),
+                       lora["lora_B"].astype(kernel.dtype))
   return y.astype(kernel.dtype)
+
+
+def _rank_major(x):
+  """x [..., r] as a materialized [r, tokens] array. The barrier keeps the compiler from folding the
+  transpose back into the matmul that reads it: the weight gradients below then contract their
+  operands' leading axes as plain row-major matmuls (on XLA:CPU a matmul contracting a leading axis
+  falls back to a kernel 2-3x slower). Only rank-sized arrays are transposed."""
+  return jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
+
+
+@jax.custom_vjp
+def lora_delta(x, a, b):
+  """(x A) B [..., out] in float32, the LoRA's low-rank path; x A is rounded to the operand dtype."""
+  return _lora_forward(x, a, b)[0]
+
+
+def _lora_forward(x, a, b):
+  h = jnp.einsum("...i,ir->...r", x, a, preferred_element_type=jnp.float32).astype(a.dtype)
+  return jnp.einsum("...r,ro->...o", h, b, preferred_element_type=jnp.float32), (x, a, b, h)
+
+
+def _lora_backward(residuals, g):
+  x, a, b, h = residuals
+  g = g.astype(b.dtype)
+  dh = jnp.einsum("...o,ro->...r", g, b, preferred_element_type=jnp.float32).astype(a.dtype)
+  dx = jnp.einsum("...r,ir->...i", dh, a, preferred_element_type=jnp.float32)
+  db = jnp.dot(_rank_major(h), g.reshape(-1, g.shape[-1]), preferred_element_type=jnp.float32)
+  da = jnp.dot(_rank_major(dh), x.reshape(-1, x.shape[-1]), preferred_element_type=jnp.float32).T
+  return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype)
+
+
+lora_delta.defvjp(_lora_forward, _lora_backward)
 
 
 def layer_norm(x, eps=1e-6):
