@@ -14,7 +14,7 @@ ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 PRESETS = ("flux1_dev", "tiny")  # the functions below that give a FluxConfig by name (config.model)
 _NOT_IN_DIFFUSERS_CONFIG = ("rope_theta", "mlp_ratio", "independent_refs", "attention_impl", "stats_chunk",
-                            "attention_chunk", "remat_policy")
+                            "attention_chunk", "remat_policy", "unroll_layers")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +44,9 @@ class FluxConfig:
   # costs one more attention forward in the backward pass. cudnn and splash never hold the logits.
   attention_chunk: int = 512
   remat_policy: str = "none"  # one of REMAT_POLICIES; "full" recomputes each block in the backward pass
+  # Blocks as straight-line code instead of a `lax.scan` loop: compiles slower, same numbers. For XLA's
+  # cost analysis, which counts a loop body once (benchmarks/train_memory.py's FLOPs and time estimate).
+  unroll_layers: bool = False
 
   def __post_init__(self):
     if self.patch_size != 1:
