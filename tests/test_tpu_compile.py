@@ -21,12 +21,16 @@ from mosaic_jax.train import metrics, trainer, tpu_compile
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
 import flux_ms  # noqa: E402
 
-pytestmark = pytest.mark.skipif(tpu_compile.libtpu_missing() is not None,
-                                reason=f"TPU compile-only tests: {tpu_compile.libtpu_missing()}")
-
 SLICE = "v5e-4"
 
 
+def test_peak_flops_follow_the_device_kinds_jax_reports_for_tpus():
+  # v5p reports "TPU v5", v5e "TPU v5 lite", v6e "TPU v6 lite" (the compile-only devices of each slice).
+  assert [metrics.peak_tflops(kind) for kind in ("TPU v5", "TPU v5 lite", "TPU v6 lite")] == [459.0, 197.0, 918.0]
+
+
+@pytest.mark.skipif(tpu_compile.libtpu_missing() is not None,
+                    reason=f"compiles for a TPU slice: {tpu_compile.libtpu_missing()}")
 def test_tiny_train_step_with_splash_compiles_for_a_tpu_slice():
   devices = tpu_compile.slice_devices(SLICE)
   assert len(devices) == tpu_compile.SLICES[SLICE].chips and devices[0].platform == "tpu"
@@ -52,9 +56,12 @@ def test_tiny_train_step_with_splash_compiles_for_a_tpu_slice():
       jax.eval_shape(lambda k: model.init_params(k, cfg, jnp.dtype(config.dtype)), jax.random.key(0))))
   assert base_bytes / len(devices) <= report.argument_bytes
   assert 0 < report.temp_bytes and report.total_bytes < 1 << 30
-  # The compiled FLOPs cover the analytic step (remat adds one forward; splash pads nothing here) and the
-  # time estimate is positive and below what the whole step would take at 1% of the chip's peak.
+  # XLA's count misses the Pallas kernels (custom calls count nothing: why train_memory.py takes its cost
+  # figures from compiles with xla attention), so it falls short of the analytic step here, where
+  # attention is a large share; the rest (projections, MLPs, LoRA, and the remat forward) is counted.
   analytic = metrics.train_step_flops(cfg, metrics.StepShape(4, 128, 256, 1, 256), 16, trains_base=False)
-  assert analytic <= report.flops * len(devices) <= 3 * analytic
+  assert 0.3 * analytic <= report.flops * len(devices) < analytic
+  # The time estimate is no faster than the chip's peak on the FLOPs it counts (this tiny step is bound
+  # by memory and overheads, not by the matrix units), and far below a second.
   peak = metrics.peak_tflops(devices[0].device_kind) * 1e12
-  assert 0 < report.optimal_seconds < analytic / len(devices) / (0.01 * peak)
+  assert report.flops / peak <= report.optimal_seconds < 1.0
