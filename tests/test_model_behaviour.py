@@ -178,3 +178,14 @@ def test_per_block_remat_gives_the_same_gradients(params_and_lora):
                          grads["none"], grads["full"])
   with pytest.raises(ValueError, match="remat_policy"):
     dataclasses.replace(CFG, remat_policy="sometimes")
+
+
+def test_unrolled_blocks_give_the_same_prediction(params_and_lora):
+  """unroll_layers (straight-line blocks, for XLA's cost analysis) changes how the blocks run, not what."""
+  import dataclasses
+  params, lora = params_and_lora
+  inputs = _inputs(np.random.default_rng(8), 2)
+  scanned = jax.jit(lambda p, l: model.forward(p, l, CFG, inputs)[0])(params, lora)
+  unrolled = jax.jit(lambda p, l: model.forward(p, l, dataclasses.replace(CFG, unroll_layers=True), inputs)[0])(
+      params, lora)
+  np.testing.assert_allclose(unrolled, scanned, rtol=1e-5, atol=1e-6)

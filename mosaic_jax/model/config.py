@@ -16,7 +16,7 @@ ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 PRESETS = ("flux1_dev", "tiny")  # the functions below that give a FluxConfig by name (config.model)
 _NOT_IN_DIFFUSERS_CONFIG = ("rope_theta", "mlp_ratio", "independent_refs", "attention_impl", "stats_chunk",
-                            "attention_chunk", "remat_policy", "logical_rules")
+                            "attention_chunk", "remat_policy", "unroll_layers", "logical_rules")
 # Set by the program, not by a model override: the trainer copies config.sharding.logical_rules here.
 NOT_OVERRIDABLE = ("logical_rules",)
 
@@ -52,6 +52,9 @@ class FluxConfig:
   # (parallel/sharding.py). Here, rather than in a context, because the config is a static argument
   # of every jit: a trace made under one rule table is never reused under another.
   logical_rules: tuple = dataclasses.field(default=DEFAULT_LOGICAL_RULES, repr=False)
+  # Blocks as straight-line code instead of a `lax.scan` loop: compiles slower, same numbers. For XLA's
+  # cost analysis, which counts a loop body once (benchmarks/train_memory.py's FLOPs and time estimate).
+  unroll_layers: bool = False
 
   def __post_init__(self):
     if self.patch_size != 1:

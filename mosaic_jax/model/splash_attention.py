@@ -2,19 +2,24 @@
 
 The groups are dense (the MOSAIC mask is handled by how attention.py forms them), so the kernel gets
 a full mask. Pallas kernels are not partitioned automatically: when a mesh is set (`jax.set_mesh`) the
-call runs under `jax.shard_map` with the batch and the heads split over the mesh axes that the logical
-rules give "batch" and "heads" (by default (data, fsdp) and tensor). Off TPU the kernel runs in Pallas interpret mode (slow; for tests only).
+call runs under `jax.shard_map` with the batch split over the mesh axes that the logical rules (the
+model config's, passed in) give "batch", and the heads over those of "heads". The kernel
+is compiled for the mesh's platform (a compile-only TPU topology too, tpu_compile.py); off TPU it runs
+in Pallas interpret mode (slow; for tests only).
 Sequence lengths must be multiples of 128 (FLUX's 512 text, 1024-token 512 px grids are).
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
 
-from mosaic_jax.parallel.sharding import DEFAULT_LOGICAL_RULES, mesh_axes_of
+from mosaic_jax.parallel.sharding import DEFAULT_LOGICAL_RULES
 
 
 def _block(length: int) -> int:
@@ -35,24 +40,64 @@ def _kernel(heads: int, q_len: int, kv_len: int, interpret: bool):
   return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def _local_splash(q, k, v):
+def _default_precision(fn):
+  """`fn` (and its backward pass) traced at the default matmul precision. Mosaic takes "highest"
+  (jax_default_matmul_precision, which the tests set) as an fp32 contraction and rejects it for bf16
+  operands, whose products are exact in the f32 accumulator anyway. The backward kernels are traced
+  when the step is differentiated, outside this call, hence the custom_vjp that carries the setting."""
+  @jax.custom_vjp
+  def wrapped(*args):
+    with jax.default_matmul_precision("default"):
+      return fn(*args)
+
+  def forward(*args):
+    with jax.default_matmul_precision("default"):
+      return jax.vjp(fn, *args)
+
+  def backward(vjp, grad):
+    with jax.default_matmul_precision("default"):
+      return vjp(grad)
+
+  wrapped.defvjp(forward, backward)
+  return wrapped
+
+
+def _local_splash(q, k, v, interpret: bool):
   """[B, T, H, D] in, [B, T, H, D] out, on this device's shard."""
-  interpret = jax.devices()[0].platform != "tpu"
-  kernel = _kernel(q.shape[2], q.shape[1], k.shape[1], interpret)
+  kernel = jax.vmap(_kernel(q.shape[2], q.shape[1], k.shape[1], interpret))
+  if q.dtype != jnp.float32:
+    kernel = _default_precision(kernel)
   scale = q.shape[-1] ** -0.5
   to_heads_first = lambda x: jnp.swapaxes(x, 1, 2)
-  out = jax.vmap(kernel)(to_heads_first(q * jnp.asarray(scale, q.dtype)), to_heads_first(k),
-                         to_heads_first(v))
+  out = kernel(to_heads_first(q * jnp.asarray(scale, q.dtype)), to_heads_first(k), to_heads_first(v))
   return jnp.swapaxes(out, 1, 2).astype(q.dtype)
+
+
+def _platform(mesh) -> str:
+  """The platform the step is compiled for: the mesh's devices' (compile-only TPU devices on a CPU
+  machine are "tpu"), else the default backend's."""
+  abstract = getattr(mesh, "abstract_mesh", mesh)
+  device = getattr(abstract, "abstract_device", None)
+  return device.platform if device is not None else jax.devices()[0].platform
+
+
+def _mesh_axes(logical: str, rules, mesh, size: int):
+  """The mesh axes that `rules` give the logical axis, those in `mesh`, if their product divides `size`
+  (else None: that dimension stays whole on each device)."""
+  axes = dict(rules).get(logical)
+  axes = tuple(a for a in ((axes,) if isinstance(axes, str) else tuple(axes or ())) if a in mesh.axis_names)
+  if not axes or size % math.prod(mesh.shape[a] for a in axes):
+    return None
+  return axes[0] if len(axes) == 1 else axes
 
 
 def splash_dense(q, k, v, logical_rules=DEFAULT_LOGICAL_RULES):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return _local_splash(q, k, v)
-  spec = P(mesh_axes_of("batch", logical_rules, mesh) or None, None,
-           mesh_axes_of("heads", logical_rules, mesh) or None, None)
+    return _local_splash(q, k, v, interpret=jax.devices()[0].platform != "tpu")
+  spec = P(_mesh_axes("batch", logical_rules, mesh, q.shape[0]), None,
+           _mesh_axes("heads", logical_rules, mesh, q.shape[2]), None)
+  local = functools.partial(_local_splash, interpret=_platform(mesh) != "tpu")
   # check_vma=False: the Pallas kernel's outputs carry no varying-axes annotation; each shard's
   # attention is independent (no collectives), so there is nothing for the check to catch.
-  return jax.shard_map(_local_splash, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                       check_vma=False)(q, k, v)
+  return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)

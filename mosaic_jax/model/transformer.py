@@ -303,7 +303,8 @@ def forward(params, lora, cfg: FluxConfig, inputs: FluxInputs, return_attention_
 
     (txt, img, refs), extras = jax.lax.scan(
         _remat(double_step, cfg), (txt, img, refs),
-        (params["transformer_blocks"], get_path(lora, "transformer_blocks"), cache.get("double")))
+        (params["transformer_blocks"], get_path(lora, "transformer_blocks"), cache.get("double")),
+        unroll=cfg.unroll_layers)
 
   main = jnp.concatenate([txt, img], axis=1)
   single_extras = {}
@@ -315,7 +316,7 @@ def forward(params, lora, cfg: FluxConfig, inputs: FluxInputs, return_attention_
     (main, refs), single_extras = jax.lax.scan(
         _remat(single_step, cfg), (main, refs),
         (params["single_transformer_blocks"], get_path(lora, "single_transformer_blocks"),
-         cache.get("single")))
+         cache.get("single")), unroll=cfg.unroll_layers)
   img = main[:, txt.shape[1]:]
 
   scale, shift = modulation(params["norm_out"]["linear"], temb, 2)  # diffusers order: (scale, shift)

@@ -12,11 +12,15 @@ Three steps, each a small table in the config (`config.mesh`, `config.sharding`)
 3. Logical -> mesh axes: `logical_rules`, e.g. embed -> fsdp, mlp -> tensor, batch -> (data, fsdp).
    A dimension not divisible by its mesh axes is left replicated rather than failing: tiny models
    must run on any mesh, and a replicated small tensor costs nothing.
-4. Activations: inside `activation_sharding(mesh, logical_rules)` (the trainer traces its step there),
-   the model pins its activations with `constrain(x, logical axes)`: batch over (data, fsdp), heads
+4. Activations: under `jax.set_mesh(mesh)` (the trainer, evaluation and the sampler trace there) the
+   model pins its activations with `constrain(x, logical_axes, rules)`: batch over (data, fsdp), heads
    and MLP hidden over tensor. Without these pins the compiler may keep the fsdp-sharded weights in
    place and gather the activations instead: every device then computed the whole global batch
    (measured: [8, ...] attention scores on each of 8 fsdp devices, 2-3x the temporaries).
+   Both halves are part of every jit's cache key: the mesh set by `jax.set_mesh` is in jax's trace
+   context, and the rules travel in the model's FluxConfig (`logical_rules`, a static argument). So a
+   function traced under one mesh or rule table is never reused under another; nothing here is
+   module-level state.
 """
 
 from __future__ import annotations

@@ -26,8 +26,10 @@ import time
 import numpy as np
 
 # Dense bf16 peak FLOP/s per device (vendor figures), for MFU when config.peak_tflops_per_device is 0.
+# Matched in order as substrings of jax's device_kind: v5e reports "TPU v5 lite" and v6e "TPU v6 lite",
+# v5p plain "TPU v5", so that entry comes after the lite one.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0,
-               "TPU v5e": 197.0, "TPU v4": 275.0, "TPU v6": 918.0}
+               "TPU v5e": 197.0, "TPU v4": 275.0, "TPU v6": 918.0, "TPU v5": 459.0}
 
 
 def peak_tflops(device_kind: str, configured: float = 0.0) -> float | None:
