@@ -17,22 +17,11 @@ import jax
 import numpy as np
 import pytest
 
-from train_fixtures import flux_ms, tensorboard_scalars, tiny_config  # noqa: E402
+from train_fixtures import compilation_cache, flux_ms, tensorboard_scalars, tiny_config  # noqa: E402,F401
 from mosaic_jax.train import ConfigError, train_and_evaluate  # noqa: E402
 from mosaic_jax.train import inputs as inputs_lib  # noqa: E402
 from mosaic_jax.train import step as step_lib  # noqa: E402
 from mosaic_jax.train import trainer  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """The runs below compile one identical step: share it through the persistent cache."""
-  previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  yield
-  jax.config.update("jax_compilation_cache_dir", previous[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
 
 
 @pytest.fixture(scope="module")
