@@ -29,6 +29,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from mosaic_jax import interop, model, parallel
+from mosaic_jax.cli import unknown_field_message
 from mosaic_jax.data import make_iterator, to_global_arrays
 from mosaic_jax.encoders import training_latents
 from mosaic_jax.model.config import REMAT_POLICIES
@@ -75,8 +76,7 @@ def check_config(config) -> None:
     known = set().union(*(_fields(c) for c in references))
     unknown = sorted(_fields(config) - known)
     if unknown:
-      raise ConfigError(f"unknown config field(s) {unknown}: not a field of configs/flux_ms.py "
-                        "(misspelt override?).")
+      raise ConfigError(unknown_field_message(unknown, known) + ".")
   if config.model not in model.config.PRESETS:
     raise ConfigError(f"config.model={config.model!r}: expected one of {model.config.PRESETS}.")
   try:
