@@ -86,10 +86,24 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_losses(first_run, data
 
 
 def test_rerun_with_more_steps_resumes_from_the_latest_checkpoint(first_run, data_dir):
+  """total_steps is safe to change on resume: allowed, and recorded beside the untouched config.json."""
   workdir, _ = first_run
+  first_config = open(os.path.join(workdir, "config.json")).read()
   more = train_and_evaluate(tiny_config(data_dir, total_steps=5), workdir)
   assert more["status"] == "done" and sorted(more["losses"]) == [5]
   assert "5" in os.listdir(os.path.join(workdir, "checkpoints"))
+  assert open(os.path.join(workdir, "config.json")).read() == first_config
+  history = [json.loads(line) for line in open(os.path.join(workdir, "config_history.jsonl"))]
+  assert history[-1]["changed"]["total_steps"] == [4, 5] and history[-1]["config"]["total_steps"] == 5
+
+
+def test_resuming_with_a_changed_model_or_optimizer_is_refused_before_anything_is_written(first_run, data_dir,
+                                                                                         no_compilation):
+  workdir, _ = first_run
+  before = {name: open(os.path.join(workdir, name)).read() for name in ("config.json",)}
+  with pytest.raises(ConfigError, match=r"cannot change \(lora_rank: 4 -> 8; optimizer\.learning_rate: "):
+    train_and_evaluate(tiny_config(data_dir, lora_rank=8, **{"optimizer.learning_rate": 1e-2}), workdir)
+  assert {name: open(os.path.join(workdir, name)).read() for name in before} == before
 
 
 def test_flux_random_runs_the_recipe_step_with_random_weights(data_dir, tmp_path):

@@ -72,6 +72,8 @@ def tensorboard_scalars(folder: str) -> dict[str, list[tuple[int, float]]]:
     offset = 0
     while offset < len(data):
       length = int.from_bytes(data[offset:offset + 8], "little")
+      if offset + 12 + length + 4 > len(data):  # a record cut short by a killed writer
+        break
       event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
       offset += 12 + length + 4
       for value in event.summary.value:
