@@ -207,11 +207,12 @@ class Checkpointer:
 
   def _after_commit(self, step: int, cfg) -> None:
     try:
-      self.checksum_directory.mkdir(parents=True, exist_ok=True)
-      checksums = file_checksums(self.directory / str(step))
-      temporary = self.checksum_directory / f"{step}.json.tmp"
-      temporary.write_text(json.dumps(checksums, indent=1))
-      temporary.rename(self.checksum_directory / f"{step}.json")
+      recorded = self.checksum_directory / f"{step}.json"
+      if not recorded.exists():  # else verified on resume: a committed step's files never change
+        self.checksum_directory.mkdir(parents=True, exist_ok=True)
+        temporary = self.checksum_directory / f"{step}.json.tmp"  # complete, or absent
+        temporary.write_text(json.dumps(file_checksums(self.directory / str(step)), indent=1))
+        temporary.rename(recorded)
       if cfg is not None:
         trees = read_lora_trees(self.directory / str(step) / "state")
         folder = self.lora_directory / str(step)
