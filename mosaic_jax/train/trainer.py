@@ -442,10 +442,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       where = (f"non-finite loss, gradient or update at step {pending_step} (loss {metrics['loss']}, grad norm "
                f"{metrics['grad_norm']}): stopped; ")
       if start_step and pending_step == start_step + 1:  # the first step on restored weights
-        raise FloatingPointError(
-            where + f"it is the first step after resuming from checkpoint step {start_step} in "
-            f"{checkpointer.directory}, which is possibly corrupt: move that step folder aside and rerun to "
-            "resume from an older one.")
+        where += (f"it is the first step after resuming from checkpoint step {start_step} in "
+                  f"{checkpointer.directory}, which is possibly corrupt (move checkpoints/{start_step} aside "
+                  "and rerun to resume from an older step); if not, ")
       raise FloatingPointError(
           where + (f"the last good checkpoint (step {last_good}) in {checkpointer.directory} is intact"
                    if last_good is not None else f"no checkpoint was written to {checkpointer.directory}")
