@@ -11,7 +11,6 @@ The build report (skipped / patched examples by reason) is printed at the end of
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
