@@ -11,7 +11,6 @@ The build report (skipped / patched examples by reason) is printed at the end of
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -19,11 +18,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tensorflow_datasets as tfds  # noqa: E402
 
+from mosaic_jax import cli  # noqa: E402
 from mosaic_jax.data.semalign_ms import SOURCES, SemalignMs, SemalignMsConfig  # noqa: E402
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description="Build semalign_ms (array_record, no TensorFlow).")
+  parser = cli.ArgumentParser(description="Build semalign_ms (array_record, no TensorFlow).")
   parser.add_argument("--config", choices=SOURCES, required=True)
   parser.add_argument("--data_dir", required=True)
   parser.add_argument("--manual_dir", help="input directory for subjects200k and folder")
@@ -51,4 +51,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

@@ -14,10 +14,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from mosaic_jax import interop, model  # noqa: E402
+from mosaic_jax import cli, interop, model  # noqa: E402
 from mosaic_jax.train.inputs import token_pixels  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/flux_ms.py[:variant]", lock_config=True)
@@ -72,4 +71,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_absl(main)

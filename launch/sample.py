@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from mosaic_jax import sample  # noqa: E402
+from mosaic_jax import cli, sample  # noqa: E402
 from mosaic_jax.parallel import distributed  # noqa: E402
 from mosaic_jax.train import inputs, trained_model  # noqa: E402
 
@@ -55,7 +55,7 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   what = p.add_mutually_exclusive_group(required=True)
   what.add_argument("--cases", help='JSON list of {"index", "prompt", "image_paths"} (the official format)')
   what.add_argument("--prompt", help="one prompt; its references come from --ref")
@@ -135,4 +135,4 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

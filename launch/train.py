@@ -11,8 +11,10 @@ is joined whenever jax's own cluster detection finds one (SLURM, Open MPI, Cloud
 jobs, or JAX_COORDINATOR_ADDRESS with a detected process count); `--distributed` insists on it. If one
 process fails, every process exits non-zero within about MOSAIC_HEARTBEAT_TIMEOUT_S (30) seconds.
 
-Exit status: 0 done; 1 an error; 143 (128 + SIGTERM) preempted after saving, so that a scheduler
-restarts the job.
+Exit status: 0 done; 2 a user error (one line naming the field, file or value: a bad config, a config
+that cannot resume the workdir, a checkpoint that failed to save), 1 an internal error (a traceback);
+143 (128 + SIGTERM) preempted after the checkpoint was committed, so that a scheduler restarts the job.
+`--verbose` (or MOSAIC_VERBOSE=1) shows tracebacks and the INFO lines of orbax, absl and TFDS.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mosaic_jax import cli  # noqa: E402
 from mosaic_jax.parallel import distributed  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/flux_ms.py[:variant]", lock_config=True)
@@ -46,4 +49,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run_absl(main)

@@ -99,7 +99,7 @@ def test_two_processes_train_preempt_resume_and_restore_on_one(one_process_run, 
   saved = os.listdir(workdir / "checkpoints")
   assert len(saved) == 1 and int(saved[0]) >= 2, saved
   step = int(saved[0])
-  assert f"preempted (SIGTERM): saved step {step}" in results[0][1]
+  assert f"preempted (SIGTERM): step {step} committed" in results[0][1]
   # Only process 0 speaks: process 1 printed none of the console lines.
   assert "step 1/4" in results[0][1] and "step 1/" not in results[1][1], results[1][1][-2000:]
   # Both LoRA exports, written from the committed checkpoint of the sharded state.

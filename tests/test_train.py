@@ -17,22 +17,11 @@ import jax
 import numpy as np
 import pytest
 
-from train_fixtures import flux_ms, tensorboard_scalars, tiny_config  # noqa: E402
+from train_fixtures import compilation_cache, flux_ms, tensorboard_scalars, tiny_config  # noqa: E402,F401
 from mosaic_jax.train import ConfigError, train_and_evaluate  # noqa: E402
 from mosaic_jax.train import inputs as inputs_lib  # noqa: E402
 from mosaic_jax.train import step as step_lib  # noqa: E402
 from mosaic_jax.train import trainer  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """The runs below compile one identical step: share it through the persistent cache."""
-  previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  yield
-  jax.config.update("jax_compilation_cache_dir", previous[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +86,24 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_losses(first_run, data
 
 
 def test_rerun_with_more_steps_resumes_from_the_latest_checkpoint(first_run, data_dir):
+  """total_steps is safe to change on resume: allowed, and recorded beside the untouched config.json."""
   workdir, _ = first_run
+  first_config = open(os.path.join(workdir, "config.json")).read()
   more = train_and_evaluate(tiny_config(data_dir, total_steps=5), workdir)
   assert more["status"] == "done" and sorted(more["losses"]) == [5]
   assert "5" in os.listdir(os.path.join(workdir, "checkpoints"))
+  assert open(os.path.join(workdir, "config.json")).read() == first_config
+  history = [json.loads(line) for line in open(os.path.join(workdir, "config_history.jsonl"))]
+  assert history[-1]["changed"]["total_steps"] == [4, 5] and history[-1]["config"]["total_steps"] == 5
+
+
+def test_resuming_with_a_changed_model_or_optimizer_is_refused_before_anything_is_written(first_run, data_dir,
+                                                                                         no_compilation):
+  workdir, _ = first_run
+  before = {name: open(os.path.join(workdir, name)).read() for name in ("config.json",)}
+  with pytest.raises(ConfigError, match=r"cannot change \(lora_rank: 4 -> 8; optimizer\.learning_rate: "):
+    train_and_evaluate(tiny_config(data_dir, lora_rank=8, **{"optimizer.learning_rate": 1e-2}), workdir)
+  assert {name: open(os.path.join(workdir, name)).read() for name in before} == before
 
 
 def test_flux_random_runs_the_recipe_step_with_random_weights(data_dir, tmp_path):
@@ -311,6 +314,9 @@ def test_nan_guard_stops_at_the_bad_step_and_keeps_the_last_good_checkpoint(firs
   assert os.listdir(os.path.join(workdir, "lora")) == ["2"]
 
   # checkpoint_every=1: before the guard checked the updated weights, step 3 was saved with NaN weights.
+  # A resume may not change the learning rate: without the workdir's config.json (a workdir from before
+  # configs were recorded) nothing is compared.
+  os.remove(os.path.join(workdir, "config.json"))
   with pytest.raises(FloatingPointError, match=r"at step 3 .*last good checkpoint \(step 2\)"):
     train_and_evaluate(tiny_config(data_dir, checkpoint_every=1, **{"optimizer.learning_rate": 1e39}), workdir)
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
@@ -319,6 +325,7 @@ def test_nan_guard_stops_at_the_bad_step_and_keeps_the_last_good_checkpoint(firs
   assert int(saved["step"]) == 2
   leaves = jax.tree_util.tree_leaves(saved)
   assert len(leaves) > 10 and all(np.isfinite(np.asarray(leaf)).all() for leaf in leaves)
+  os.remove(os.path.join(workdir, "config.json"))  # back to the first run's learning rate
   resumed = train_and_evaluate(tiny_config(data_dir), workdir)
   assert resumed["status"] == "done" and sorted(resumed["losses"]) == [3, 4]
   np.testing.assert_allclose([resumed["losses"][s] for s in (3, 4)], [uninterrupted["losses"][s] for s in (3, 4)],

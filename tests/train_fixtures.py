@@ -11,6 +11,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 
 import flux_ms  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """The runs of a test module compile one identical step: share it through the persistent cache
+  (import this fixture into the module; its directory is also the JAX_COMPILATION_CACHE_DIR that
+  subprocess runs may be given)."""
+  import jax
+  previous = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+  directory = str(tmp_path_factory.mktemp("jax_cache"))
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  yield directory
+  jax.config.update("jax_compilation_cache_dir", previous[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
 
 # The demo shrunk to 64 px, 2 references, patch 8 (16 px per token, 4x4 tokens: the smallest sequence),
 # one block of each kind, every loss term in play by step 3.
@@ -56,6 +72,8 @@ def tensorboard_scalars(folder: str) -> dict[str, list[tuple[int, float]]]:
     offset = 0
     while offset < len(data):
       length = int.from_bytes(data[offset:offset + 8], "little")
+      if offset + 12 + length + 4 > len(data):  # a record cut short by a killed writer
+        break
       event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
       offset += 12 + length + 4
       for value in event.summary.value:

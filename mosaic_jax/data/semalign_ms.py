@@ -28,9 +28,11 @@ A custom config (other sizes, counts, seed) is a `SemalignMsConfig` with its own
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Iterator
 
 import tensorflow_datasets as tfds
+import tqdm
 
 from mosaic_jax.data import build_report, folder, released_layout, schema, synthetic
 from mosaic_jax.data.image_ops import encode_png
@@ -130,5 +132,6 @@ class SemalignMs(tfds.core.GeneratorBasedBuilder):
       report.count(build_report.WRITTEN)
       self.info.metadata.setdefault("build_report", {})[split] = report.as_dict()
       yield key, example
-    print(report.format(), flush=True)
+    # On lines of its own: tqdm clears the build's progress bars, prints, then redraws them.
+    tqdm.tqdm.write(report.format(), file=sys.stdout)
     self.info.metadata.setdefault("build_report", {})[split] = report.as_dict()

@@ -77,8 +77,9 @@ def exit_on_failure():
     yield
   except (KeyboardInterrupt, SystemExit):
     raise
-  except BaseException:  # pylint: disable=broad-except
-    if jax.process_count() <= 1:
+  except BaseException as error:  # pylint: disable=broad-except
+    from mosaic_jax import cli  # pylint: disable=import-outside-toplevel
+    if jax.process_count() <= 1 or cli.is_user_error(error):  # cli.guarded prints one line, exits at once
       raise
     print(f"process {jax.process_index()} of {jax.process_count()} failed:", file=sys.stderr)
     traceback.print_exc()

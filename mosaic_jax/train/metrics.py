@@ -108,7 +108,11 @@ class Logger:
       return
     if self.first_step is None:
       self.first_step, self.started = step, time.perf_counter()
-    remaining = max(self.total_steps - step, 0) * step_time
+    # The ETA from the average step time since the first logged step (compilation excluded): a window
+    # of recent steps swings with every checkpoint and sample.
+    done = step - self.first_step
+    average = (time.perf_counter() - self.started) / done if done else step_time
+    remaining = max(self.total_steps - step, 0) * average
     eta = time.strftime("%H:%M:%S", time.gmtime(remaining))
     terms = " ".join(f"{k.removeprefix('loss_')}={float(values[k]):.4f}" for k in
                      ("loss", "loss_mse", "loss_scal", "loss_mdl") if k in values)

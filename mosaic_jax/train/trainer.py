@@ -29,6 +29,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from mosaic_jax import interop, model, parallel
+from mosaic_jax.cli import unknown_field_message
 from mosaic_jax.data import make_iterator, to_global_arrays
 from mosaic_jax.encoders import training_latents
 from mosaic_jax.model.config import REMAT_POLICIES
@@ -38,6 +39,7 @@ from mosaic_jax.train import evaluate as evaluate_lib
 from mosaic_jax.train import inputs as inputs_lib
 from mosaic_jax.train import metrics as metrics_lib
 from mosaic_jax.train import step as step_lib
+from mosaic_jax.train import workdir_config
 from mosaic_jax.train.inputs import ConfigError
 
 TRAINABLE_CHOICES = ("lora", "base+lora", "base")
@@ -74,8 +76,7 @@ def check_config(config) -> None:
     known = set().union(*(_fields(c) for c in references))
     unknown = sorted(_fields(config) - known)
     if unknown:
-      raise ConfigError(f"unknown config field(s) {unknown}: not a field of configs/flux_ms.py "
-                        "(misspelt override?).")
+      raise ConfigError(unknown_field_message(unknown, known) + ".")
   if config.model not in model.config.PRESETS:
     raise ConfigError(f"config.model={config.model!r}: expected one of {model.config.PRESETS}.")
   try:
@@ -318,9 +319,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   # 1. config
   check_config(config)
-  if is_leader():  # one writer; every path through etils.epath, so gs:// workdirs work
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    (epath.Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2))
+  # Compared with the workdir's before anything is written; one writer; every path through etils.epath,
+  # so gs:// workdirs work.
+  changed = workdir_config.check_and_record(config, workdir, write=is_leader())
+  if changed:
+    say("resuming with changed settings (recorded in config_history.jsonl): "
+        + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
 
   # 2. mesh and model
   mesh = parallel.make_mesh(config.mesh.to_dict())
@@ -378,13 +382,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
   start_step = 0
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    abstract_state = jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
-    state, data_state = checkpointer.restore(latest, abstract_state)
+  abstract_state = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
+  resumed = checkpointer.restore_newest_good(abstract_state, cfg, report=say)  # verified, else older
+  if resumed is not None:
+    start_step, state, data_state = resumed
     iterator.set_state(data_state)
-    start_step = latest
     say(f"resumed from {checkpointer.directory} at step {start_step}")
 
   n_trainable = sum(x.size for x in jax.tree_util.tree_leaves(state["trainable"]))
@@ -433,15 +436,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if not bool(metrics["finite"]):
       # Saves are asynchronous: let the last good one commit before the error ends the process
       # (an uncaught exception would otherwise leave it as an unreadable *.orbax-checkpoint-tmp).
-      checkpointer.wait()  # the last good one committed, and exported
-      last_good = checkpointer.latest_step()
-      checkpointer.close()
+      checkpointer.close()  # the last good one committed, and exported (or CheckpointError)
+      last_good = checkpointer.last_committed()
       logger.close()  # flush the logs up to the bad step
+      where = (f"non-finite loss, gradient or update at step {pending_step} (loss {metrics['loss']}, grad norm "
+               f"{metrics['grad_norm']}): stopped; ")
+      if start_step and pending_step == start_step + 1:  # the first step on restored weights
+        where += (f"it is the first step after resuming from checkpoint step {start_step} in "
+                  f"{checkpointer.directory}, which is possibly corrupt (move checkpoints/{start_step} aside "
+                  "and rerun to resume from an older step); if not, ")
       raise FloatingPointError(
-          f"non-finite loss, gradient or update at step {pending_step} (loss {metrics['loss']}, grad norm "
-          f"{metrics['grad_norm']}): stopped; "
-          + (f"the last good checkpoint (step {last_good}) in {checkpointer.directory} is intact"
-             if last_good is not None else f"no checkpoint was written to {checkpointer.directory}")
+          where + (f"the last good checkpoint (step {last_good}) in {checkpointer.directory} is intact"
+                   if last_good is not None else f"no checkpoint was written to {checkpointer.directory}")
           + " (lower the learning rate, or check the data).")
     losses_by_step[pending_step] = float(metrics["loss"])
     window_steps += 1
@@ -463,7 +469,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       logger.console(pending_step, values, step_time)
       window_start, window_steps = time.perf_counter(), 0
 
-  with checkpoint_lib.PreemptionFlag() as preempted:
+  with checkpoint_lib.PreemptionFlag() as preempted, checkpointer.stopping_cleanly():
     while step < config.total_steps:
       host_batch = next(iterator)
       r = host_batch["refs" if "refs" in host_batch else "ref_means"].shape[1]  # images, or cached features
@@ -477,7 +483,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         finish(*pending)
         pending = None
         checkpointer.save(step, state, iterator.get_state(), cfg)
-      checkpointer.export_committed()  # LoRA exports of committed saves, in the background
+      checkpointer.poll()  # a failed save stops the run here; committed ones get checksums and exports
       if config.sample_every and step % config.sample_every == 0 and step < config.total_steps:
         with jax.set_mesh(mesh):  # the sampler is traced here
           if sample_batch is None:
@@ -488,12 +494,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                           current.get("base", base), current.get("lora"), cfg, encoders, sample_batch[0],
                           config, logger, step)
       if stop:
-        say(f"preempted (SIGTERM): saved step {step} to {checkpointer.directory}; exiting")
         status = "preempted"
         break
     if pending is not None:
       finish(*pending)
-  checkpointer.close()
+    checkpointer.close()
+  if status == "preempted":
+    say(f"preempted (SIGTERM): step {step} committed to {checkpointer.directory}; exiting")
 
   # 7. evaluation
   table = None

@@ -1,0 +1,218 @@
+"""The launch scripts' front door: a user error is one line on stderr and exit status 2, without a
+traceback; internal errors keep their tracebacks; third-party log lines stay off the console.
+
+  `--verbose` (any script; or MOSAIC_VERBOSE=1): tracebacks of user errors too, and the INFO/WARNING
+  lines of orbax, absl, TFDS and jax.
+
+A user error is bad input the user can fix (a config field, a path, a file's content): the exception
+types listed in USER_ERRORS, the configuration flags' parse errors (an unknown `--config.x` override
+gets the trainer's "unknown field" message with a did-you-mean), and argparse's errors. After the line
+is printed the process ends at once (os._exit): no shutdown barrier of a multi-process job, and no
+background writer (orbax, tensorstore) dying noisily with the interpreter.
+
+  absl scripts:     cli.run_absl(main)           (instead of app.run(main))
+  argparse scripts: parser = cli.ArgumentParser(...); cli.run(main)
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib.util
+import logging
+import os
+import sys
+import traceback
+from typing import Any, Callable
+
+USER_ERROR_EXIT_STATUS = 2
+
+# "module:class" of every user-error type; a type counts only once its module is imported.
+USER_ERRORS = (
+    "mosaic_jax.train.inputs:ConfigError", "mosaic_jax.train.checkpoint:CheckpointError",
+    "mosaic_jax.sample:SampleInputError", "mosaic_jax.interop.tensor_table:CheckpointError",
+    "mosaic_jax.interop.lora_file:LoraFileError", "mosaic_jax.interop.safetensors_io:SafetensorsError",
+    "mosaic_jax.text:TokenizerFilesError", "mosaic_jax.data.cached_features:CacheError",
+    "mosaic_jax.data.image_ops:ImageDecodeError",
+)
+
+
+class UserError(Exception):
+  """Bad input found by a launch script itself."""
+
+
+def verbose() -> bool:
+  return "--verbose" in sys.argv or os.environ.get("MOSAIC_VERBOSE", "") not in ("", "0")
+
+
+def _strip_verbose(argv: list[str]) -> list[str]:
+  return [a for a in argv if a != "--verbose"]
+
+
+def is_user_error(error: BaseException) -> bool:
+  if isinstance(error, UserError):
+    return True
+  for spec in USER_ERRORS:
+    module, name = spec.split(":")
+    cls = getattr(sys.modules.get(module), name, None)
+    if cls is not None and isinstance(error, cls):
+      return True
+  return False
+
+
+def _exit_with(message: str) -> None:
+  if verbose():
+    traceback.print_exc()
+  print(f"error: {' '.join(message.split())}", file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(USER_ERROR_EXIT_STATUS)  # pylint: disable=protected-access
+
+
+def guarded(main: Callable[..., Any], *args) -> Any:
+  """main(*args); a user error ends the process with one line and status 2."""
+  try:
+    return main(*args)
+  except BaseException as error:  # pylint: disable=broad-except
+    if is_user_error(error):
+      _exit_with(str(error))
+    raise
+
+
+# ---- the console ----------------------------------------------------------------------------------
+
+class _ThirdPartyFilter(logging.Filter):
+  """Hides INFO/WARNING records, and orbax's records of errors the trainer reports itself (a failed
+  save is raised as one CheckpointError, with orbax's cause in it)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if "/orbax/" in record.pathname:
+      return record.levelno >= logging.CRITICAL
+    return record.levelno >= logging.ERROR
+
+
+def quiet_third_party_logs() -> None:
+  """Unless --verbose: absl's handler (where absl.logging, orbax, TFDS and jax log) shows errors only."""
+  if verbose():
+    return
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  from absl import logging as absl_logging
+  absl_logging.get_absl_handler().addFilter(_ThirdPartyFilter())
+  absl_logging.use_absl_handler()
+  root = logging.getLogger()
+  for handler in root.handlers:
+    handler.addFilter(_ThirdPartyFilter())
+
+
+# ---- absl scripts (ml_collections config files) ---------------------------------------------------
+
+def _config_overrides(argv: list[str]) -> list[str]:
+  """The dotted field paths of the --config.a.b=value overrides on the command line."""
+  out = []
+  for arg in argv:
+    if arg.startswith("--config."):
+      out.append(arg[len("--config."):].split("=", 1)[0])
+  return out
+
+
+def _unknown_override(config, argv: list[str]) -> str | None:
+  """The trainer's "unknown field" message for the first override that names no field of `config`."""
+  if config is None:
+    return None
+  for path in _config_overrides(argv):
+    node = config
+    parts = path.split(".")
+    for depth, part in enumerate(parts):
+      keys = list(node.keys()) if hasattr(node, "keys") else []
+      if part not in keys:
+        if depth and parts[depth - 1] == "model_overrides":
+          break  # FluxConfig's fields, checked by the trainer
+        return unknown_field_message([".".join(parts[:depth + 1])],
+                                     [".".join(parts[:depth] + [k]) for k in keys])
+      node = node[part]
+  return None
+
+
+def unknown_field_message(unknown: list[str], known) -> str:
+  """"unknown config field(s) [...]: not a field of configs/flux_ms.py (did you mean ...?)"."""
+  hints = []
+  for name in unknown:
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    if close:
+      hints.append(f"--config.{close[0]} for {name}")
+  hint = f"did you mean {', '.join(hints)}?" if hints else "misspelt override?"
+  return f"unknown config field(s) {sorted(unknown)}: not a field of configs/flux_ms.py ({hint})"
+
+
+def _config_of_command_line(argv: list[str]):
+  """The ConfigDict that --config FILE[:variant] names, or None (unreadable: reported as it is)."""
+  spec = None
+  for i, arg in enumerate(argv):
+    if arg == "--config" and i + 1 < len(argv):
+      spec = argv[i + 1]
+    elif arg.startswith("--config="):
+      spec = arg[len("--config="):]
+  if not spec:
+    return None
+  path, _, variant = spec.partition(":")
+  try:
+    loader = importlib.util.spec_from_file_location("_command_line_config", path)
+    module = importlib.util.module_from_spec(loader)
+    loader.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()
+  except Exception:  # pylint: disable=broad-except  # absl's own message says what is wrong
+    return None
+
+
+def _parse_absl_flags(argv: list[str]) -> list[str]:
+  from absl import flags
+  argv = _strip_verbose(argv)
+  try:
+    return flags.FLAGS(argv)
+  except Exception as error:  # pylint: disable=broad-except  # flags.Error, or ml_collections' own
+    message = _unknown_override(_config_of_command_line(argv), argv)
+    if message is None:
+      lines = [line.strip() for line in str(error).strip().strip("'\"").splitlines() if line.strip()]
+      # A config file's own error comes as a traceback in the text: its first and last lines say it.
+      message = "command line: " + (" ".join(lines[:1] + lines[1:][-1:]) if lines else type(error).__name__)
+    _exit_with(message)
+    raise  # unreachable
+
+
+def run_absl(main: Callable[[list[str]], Any]) -> None:
+  """app.run(main) with one-line user errors (flags and main's own) and quiet third-party logs."""
+  from absl import app
+
+  def main_with_guard(argv):
+    from absl import flags
+    quiet_third_party_logs()
+    if "config" in flags.FLAGS:  # a config file is loaded on first use: its errors are the user's
+      try:
+        flags.FLAGS["config"].value.keys()  # a placeholder that raises the load error
+      except Exception as error:  # pylint: disable=broad-except
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        _exit_with(f"--config: the config file could not be loaded ({lines[-1] if lines else error!r})")
+    return guarded(main, argv)
+
+  app.run(main_with_guard, flags_parser=_parse_absl_flags)
+
+
+# ---- argparse scripts -----------------------------------------------------------------------------
+
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse whose errors are one line (the usage is one --help away) with status 2; knows --verbose."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.add_argument("--verbose", action="store_true",
+                      help="tracebacks of user errors and third-party log lines (or MOSAIC_VERBOSE=1)")
+
+  def error(self, message):
+    print(f"error: {self.prog}: {message} (see --help)", file=sys.stderr)
+    sys.exit(USER_ERROR_EXIT_STATUS)
+
+
+def run(main: Callable[[], Any]) -> Any:
+  """main() of an argparse script, with one-line user errors and quiet third-party logs."""
+  quiet_third_party_logs()
+  return guarded(main)

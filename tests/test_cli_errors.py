@@ -1,0 +1,77 @@
+"""Every launch script's user errors, through the real command line: one line on stderr naming the
+field, file or value, exit status 2, no traceback (which --verbose brings back)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "configs", "flux_ms.py") + ":demo"
+
+
+def _run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, os.path.join(ROOT, "launch", script), *args], capture_output=True,
+                        text=True, timeout=300, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
+
+
+def _one_line_error(result: subprocess.CompletedProcess) -> str:
+  assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and "\\n" not in errors[0], result.stderr[-3000:]
+  return errors[0]
+
+
+def test_train_unknown_override_gets_the_trainers_message_with_a_did_you_mean(tmp_path):
+  line = _one_line_error(_run("train.py", "--config", DEMO, "--workdir", str(tmp_path), "--config.total_step=3"))
+  assert "unknown config field(s) ['total_step']" in line and "did you mean --config.total_steps" in line, line
+  line = _one_line_error(_run("train.py", "--config", DEMO, "--workdir", str(tmp_path), "--config.nonexistent=1"))
+  assert "unknown config field(s) ['nonexistent']" in line, line
+  assert not os.listdir(tmp_path)  # nothing written
+
+
+def test_train_config_error_is_one_line_and_verbose_shows_the_traceback(tmp_path):
+  args = ("--config", DEMO, "--workdir", str(tmp_path / "run"), "--config.resolution=30")
+  line = _one_line_error(_run("train.py", *args))
+  assert "config.resolution=30: expected a positive multiple of" in line, line
+  verbose = _run("train.py", *args, "--verbose")
+  assert verbose.returncode == 2 and "Traceback" in verbose.stderr and "ConfigError" in verbose.stderr
+
+
+def test_train_missing_config_file_is_one_line(tmp_path):
+  line = _one_line_error(_run("train.py", "--config", str(tmp_path / "no_such.py"), "--workdir", str(tmp_path)))
+  assert "no_such.py" in line, line
+
+
+def test_forward_bad_config_value_is_one_line():
+  line = _one_line_error(_run("forward.py", "--config", DEMO, "--config.num_refs=x"))
+  assert "num_refs" in line, line
+
+
+def test_encode_dataset_unknown_override_is_one_line(tmp_path):
+  line = _one_line_error(_run("encode_dataset.py", "--config", DEMO, "--out", str(tmp_path / "out"),
+                              "--config.dataset.nmae=x"))
+  assert "unknown config field(s) ['dataset.nmae']" in line and "--config.dataset.name" in line, line
+
+
+def test_sample_input_error_is_one_line(tmp_path):
+  cases = tmp_path / "cases.json"
+  cases.write_text(json.dumps([{"index": "0", "prompt": "a cat", "image_paths": []}]))
+  line = _one_line_error(_run("sample.py", "--cases", str(cases), "--ref", "cat.png", "--checkpoint", str(tmp_path)))
+  assert "--ref goes with --prompt" in line, line
+  line = _one_line_error(_run("sample.py", "--prompt", "a cat", "--checkpoint", str(tmp_path), "--size", "5x"))
+  assert "size '5x'" in line, line
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("--config", "folder", "--data_dir", "DATA"), "--config folder needs --manual_dir"),
+    (("--config", "nonsense", "--data_dir", "DATA"), "invalid choice: 'nonsense'"),
+])
+def test_build_dataset_errors_are_one_line(tmp_path, args, expected):
+  line = _one_line_error(_run("build_dataset.py", *[a.replace("DATA", str(tmp_path)) for a in args]))
+  assert expected in line, line

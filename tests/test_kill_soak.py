@@ -1,0 +1,22 @@
+"""Kill soak (short): launch/train.py on the tiny config SIGKILLed 10 times at random moments (in steps,
+in saves, in exports) and restarted each time ends with every logged loss and the final LoRA files
+bit-identical to an uninterrupted run's. The long version: benchmarks/kill_soak.py."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from train_fixtures import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import kill_soak  # noqa: E402
+
+
+def test_ten_random_kills_end_with_the_uninterrupted_losses_and_lora(tmp_path):
+  result = kill_soak.soak(str(tmp_path / "tfds"), str(tmp_path), kills=10, steps=30, seed=0)
+  print(result)
+  assert result["kills"] == 10 and result["runs"] == 11
+  assert result["losses_compared"] == 30 and result["losses_identical"], result
+  assert result["lora_identical"], result
