@@ -12,19 +12,15 @@
 """
 
 import dataclasses
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from mosaic_jax import losses, model  # noqa: E402
-from timing import best_time  # noqa: E402
-from mosaic_jax.model import attention  # noqa: E402
-from mosaic_jax.model.attention_stats import Correspondences, block_statistics, statistics_from_maps  # noqa: E402
+from mosaic_jax import losses, model
+from timing import best_time
+from mosaic_jax.model import attention
+from mosaic_jax.model.attention_stats import Correspondences, block_statistics, statistics_from_maps
 
 
 def _pairs(rng, b, k, r, m, n):

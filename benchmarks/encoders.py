@@ -18,24 +18,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from timing import best_time
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from timing import best_time  # noqa: E402
-
-from mosaic_jax.data import cached_features, make_iterator  # noqa: E402
-from mosaic_jax.data.pipeline import RAW_IMAGE_DECODERS, PipelineConfig  # noqa: E402
-from mosaic_jax.data.semalign_ms import SemalignMs, SemalignMsConfig  # noqa: E402
-from mosaic_jax.encoders import FluxEncoders  # noqa: E402
-from mosaic_jax.model import clip, t5, vae  # noqa: E402
-from mosaic_jax.model.autoencoder import Autoencoder  # noqa: E402
-from mosaic_jax.train.inputs import ByteTokenizers, step_batch  # noqa: E402
+from mosaic_jax.data import cached_features, make_iterator
+from mosaic_jax.data.pipeline import RAW_IMAGE_DECODERS, PipelineConfig
+from mosaic_jax.data.semalign_ms import SemalignMs, SemalignMsConfig
+from mosaic_jax.encoders import FluxEncoders
+from mosaic_jax.model import clip, t5, vae
+from mosaic_jax.model.autoencoder import Autoencoder
+from mosaic_jax.train.inputs import ByteTokenizers, step_batch
 
 
 def configs(size):

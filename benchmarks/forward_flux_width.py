@@ -10,17 +10,13 @@ blocks, random float32 weights; 512 px target (1024 tokens), 512 text tokens, 51
 
 import argparse
 import dataclasses
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from mosaic_jax import model  # noqa: E402
+from mosaic_jax import model
 
 
 def main():

@@ -19,10 +19,8 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mosaic_jax.evaluation.dino import DEFAULT_DINO_EPS  # noqa: E402
-from mosaic_jax.evaluation.dreambench import EvaluationInputError  # noqa: E402
+from mosaic_jax.evaluation.dino import DEFAULT_DINO_EPS
+from mosaic_jax.evaluation.dreambench import EvaluationInputError
 
 
 def build_parser() -> argparse.ArgumentParser:

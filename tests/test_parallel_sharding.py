@@ -81,9 +81,7 @@ def _fsdp_flops_child() -> dict:
   """In a 4-CPU-device process: per-device FLOPs of the recipe's step (a narrow FLUX, 2 references)
   on an fsdp=4 mesh and on one device, for the same global batch of 4."""
   import dataclasses
-  import sys
-  sys.path.insert(0, os.path.join(ROOT, "configs"))
-  import flux_ms
+  from mosaic_jax.configs import flux_ms
   from mosaic_jax.model.autoencoder import Autoencoder
   from mosaic_jax.model.vae import VaeConfig
   from mosaic_jax.train import trainer
@@ -108,8 +106,7 @@ def test_fsdp_devices_compute_their_own_examples_only():
   compiler kept the fsdp-sharded weights in place and gathered activations instead (measured 0.39 of
   the one-device step here; at FLUX.1-dev scale [8, ...] attention scores on each of 8 devices)."""
   flags = [os.environ.get("XLA_FLAGS"), "--xla_force_host_platform_device_count=4"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(filter(None, flags)),
-             PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(filter(None, flags)))
   child = subprocess.run([sys.executable, os.path.abspath(__file__), "fsdp_flops"], env=env, capture_output=True,
                          text=True, timeout=600)
   assert child.returncode == 0 and "RESULT " in child.stdout, child.stdout[-3000:] + child.stderr[-3000:]
