@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mosaic_jax import parallel
-from mosaic_jax.model.autoencoder import pack_latents, to_model_latents, unpack_latents
+from mosaic_jax.model.latents import pack_latents, to_model_latents, unpack_latents
 from mosaic_jax.model.config import FluxConfig
 from mosaic_jax.model.embeddings import image_ids, reference_ids, text_ids
 from mosaic_jax.model.transformer import FluxInputs, forward

@@ -15,7 +15,8 @@ from mosaic_jax.interop.safetensors_io import SafetensorsFile, save_safetensors
 from mosaic_jax.interop.tensor_table import CheckpointError
 from mosaic_jax.interop.vae_checkpoint import load_vae
 from mosaic_jax.model import pixel_autoencoder, vae
-from mosaic_jax.model.autoencoder import Autoencoder, from_model_latents, sample_posterior, to_model_latents
+from mosaic_jax.model.autoencoder import Autoencoder
+from mosaic_jax.model.latents import from_model_latents, sample_posterior, to_model_latents
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -188,7 +189,7 @@ def test_pixel_autoencoder_layout_and_errors():
 
 def test_pack_latents_matches_diffusers_flux_packing():
   from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
-  from mosaic_jax.model.autoencoder import pack_latents, unpack_latents
+  from mosaic_jax.model.latents import pack_latents, unpack_latents
   z = np.random.default_rng(4).normal(size=(2, 6, 4, 16)).astype(np.float32)  # NHWC
   ref = FluxPipeline._pack_latents(torch.from_numpy(z).permute(0, 3, 1, 2), 2, 16, 6, 4).numpy()
   tokens = pack_latents(jnp.asarray(z))
