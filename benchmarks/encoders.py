@@ -94,7 +94,7 @@ def main():
   vae_cfg, t5_cfg, clip_cfg, resolution, t5_len = configs(args.size)
   on_cpu = jax.devices()[0].platform == "cpu"
   text_dtype = jnp.dtype(args.dtype or ("float32" if on_cpu else "bfloat16"))
-  key = jax.random.PRNGKey(0)
+  key = jax.random.key(0)
   b = args.batch
   print(f"device {jax.devices()[0].device_kind} ({jax.device_count()}x); size {args.size}, batch {b}, "
         f"text dtype {text_dtype.name}, VAE float32 at {resolution} px, T5 {t5_len} tokens")

@@ -30,7 +30,7 @@ def main():
   args = parser.parse_args()
 
   cfg = dataclasses.replace(model.flux1_dev(), num_layers=2, num_single_layers=2, attention_impl=args.attention)
-  params = model.init_params(jax.random.PRNGKey(0), cfg, jnp.dtype(args.dtype))
+  params = model.init_params(jax.random.key(0), cfg, jnp.dtype(args.dtype))
   grid = args.resolution // 16
   rng = np.random.default_rng(0)
   forward = jax.jit(model.forward, static_argnums=(2, 4))

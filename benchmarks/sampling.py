@@ -47,8 +47,8 @@ def main():
                             num_single_layers=args.single, independent_refs=True,
                             attention_impl=args.attention)
   dtype = jnp.dtype(args.dtype)
-  params = model.init_params(jax.random.PRNGKey(0), cfg, dtype)
-  lora = model.init_lora(jax.random.PRNGKey(1), params, cfg, rank=16, dtype=dtype)
+  params = model.init_params(jax.random.key(0), cfg, dtype)
+  lora = model.init_lora(jax.random.key(1), params, cfg, rank=16, dtype=dtype)
   grid, b = args.size // 16, args.batch
   rng = np.random.default_rng(0)
   common = dict(

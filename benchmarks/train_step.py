@@ -52,8 +52,8 @@ def _batch(rng, batch, grid, ref_grid, num_refs, text_len, cfg, pairs):
 
 
 def time_step(cfg, config, batch_size, grid, num_refs, text_len, trains_base, lora_rank, steps, pairs):
-  params = model.init_params(jax.random.PRNGKey(0), cfg, jnp.float32)
-  lora = model.init_lora(jax.random.PRNGKey(1), params, cfg, lora_rank)
+  params = model.init_params(jax.random.key(0), cfg, jnp.float32)
+  lora = model.init_lora(jax.random.key(1), params, cfg, lora_rank)
   trainable = {"base": params, "lora": lora} if trains_base else {"lora": lora}
   base = {} if trains_base else params
   settings = _settings(config)

@@ -25,7 +25,7 @@ def build_model(config):
     cfg = model.config.with_overrides(cfg, config.model_overrides)
   else:
     cfg = model.config.preset(config.model, config.model_overrides)
-    params = model.init_params(jax.random.PRNGKey(config.seed), cfg, dtype)
+    params = model.init_params(jax.random.key(config.seed), cfg, dtype)
   lora = interop.load_lora(config.lora, cfg) if config.lora else None
   return cfg, params, lora
 

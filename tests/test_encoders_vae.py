@@ -100,7 +100,7 @@ def test_encode_and_decode_match_diffusers(saved_vae, loaded_vae, images):
 def test_posterior_sample_and_flux_latent_map():
   mean = jnp.full((1, 2, 2, 16), 0.5)
   posterior = vae.Posterior(mean=mean, std=jnp.full_like(mean, 0.25))
-  draws = jnp.stack([sample_posterior(posterior, jax.random.PRNGKey(i)) for i in range(64)])
+  draws = jnp.stack([sample_posterior(posterior, jax.random.key(i)) for i in range(64)])
   assert abs(float(draws.mean()) - 0.5) < 0.05 and abs(float(draws.std()) - 0.25) < 0.03
   z = jnp.linspace(-2, 2, 16)
   np.testing.assert_allclose(to_model_latents(z, 0.3611, 0.1159), (z - 0.1159) * 0.3611, rtol=1e-6)

@@ -50,8 +50,8 @@ def test_dimensions_the_mesh_does_not_divide_stay_replicated():
 
 def test_optimizer_moments_and_ema_follow_their_parameters():
   cfg = model.tiny()
-  params = jax.eval_shape(lambda: model.init_params(jax.random.PRNGKey(0), cfg))
-  lora = jax.eval_shape(lambda: model.init_lora(jax.random.PRNGKey(1), model.init_params(jax.random.PRNGKey(0), cfg),
+  params = jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg))
+  lora = jax.eval_shape(lambda: model.init_lora(jax.random.key(1), model.init_params(jax.random.key(0), cfg),
                                                 cfg, 4))
   opt_state = jax.eval_shape(optax.adamw(1e-3).init, lora)
   mesh = AbstractMesh((1, 2, 2), ("data", "fsdp", "tensor"))  # shapes only: no devices needed
@@ -68,8 +68,8 @@ def test_every_lora_factor_is_split_over_fsdp():
   """Both factors (and so their Adam moments and EMA copies) divide over fsdp alone: one by its embed
   dimension, the other by its rank dimension."""
   cfg = model.tiny()
-  params = jax.eval_shape(lambda: model.init_params(jax.random.PRNGKey(0), cfg))
-  lora = jax.eval_shape(lambda: model.init_lora(jax.random.PRNGKey(1), params, cfg, 4))
+  params = jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg))
+  lora = jax.eval_shape(lambda: model.init_lora(jax.random.key(1), params, cfg, 4))
   mesh = AbstractMesh((1, 4, 1), ("data", "fsdp", "tensor"))
   specs = jax.tree_util.tree_flatten_with_path(parallel.tree_shardings(lora, mesh))[0]
   assert specs

@@ -142,7 +142,7 @@ def _tiny_text_encoders(config, seed: int):
   t5_cfg = dataclasses.replace(t5.tiny(), d_model=t5_width)
   clip_cfg = dataclasses.replace(clip.tiny(), hidden_size=clip_width, max_position_embeddings=16,
                                  eos_token_id=clip.tiny().vocab_size - 1)
-  t5_key, clip_key = jax.random.split(jax.random.PRNGKey(seed + 1_000_003))
+  t5_key, clip_key = jax.random.split(jax.random.key(seed + 1_000_003))
   return dict(t5_config=t5_cfg, t5_params=t5.init_params(t5_key, t5_cfg), clip_config=clip_cfg,
               clip_params=clip.init_params(clip_key, clip_cfg),
               tokenizers=ByteTokenizers(t5_cfg.vocab_size, config.text_len, clip_cfg.max_position_embeddings))
@@ -160,7 +160,7 @@ def random_encoders(config, seed: int = 0) -> FluxEncoders:
   the recipe's exact shapes with no downloaded file, to check a machine before the weights are there.
   What it trains on means nothing."""
   vae_cfg = VaeConfig()
-  vae_params = vae.init_params(jax.random.PRNGKey(seed + 2_000_003), vae_cfg)
+  vae_params = vae.init_params(jax.random.key(seed + 2_000_003), vae_cfg)
   return FluxEncoders(Autoencoder("vae", vae_cfg, vae_params), **_tiny_text_encoders(config, seed))
 
 
