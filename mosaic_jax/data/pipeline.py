@@ -343,9 +343,5 @@ def make_iterator(source, num_refs: Sequence[int], config: PipelineConfig, proce
   return InputIterator(source, num_refs, config, process_index, process_count)
 
 
-def steps_per_epoch(num_refs: Sequence[int], global_batch_size: int) -> int:
-  return BatchPlan(num_refs, global_batch_size, seed=0).batches_per_epoch
-
-
 __all__ = ["PipelineConfig", "BatchPlan", "InputIterator", "make_iterator", "open_split",
-           "prepare_example", "stack_examples", "steps_per_epoch", "dropout_flags"]
+           "prepare_example", "stack_examples", "dropout_flags"]
