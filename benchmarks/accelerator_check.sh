@@ -18,10 +18,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-# Missing from the device image (KINDS.md lists what it has); pure-Python ones are built here as wheels.
+# Missing from the device image (KINDS.md lists what it has); pure-Python ones are built here as wheels
+# (setuptools: it builds the editable install of mosaic_jax there, offline).
 # protobuf too: grain needs >= 5.28 and the image's version is not known; this one is what our tests use.
 BINARY_WHEELS=(grain array-record dm-tree protobuf)
-PURE_WHEELS=(ml-collections tensorboardX tensorflow-datasets immutabledict promise simple-parsing termcolor toml
+PURE_WHEELS=(setuptools ml-collections tensorboardX tensorflow-datasets immutabledict promise simple-parsing termcolor toml
              tensorflow-metadata googleapis-common-protos importlib-resources docstring-parser portpicker)
 
 if [[ "${1:-}" == fetch ]]; then
@@ -39,6 +40,7 @@ fi
 OUT=${OUT:-/tmp/accelerator_check}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps .whl/*.whl 2>&1 | tail -3
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tail -3  # mosaic_jax itself
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())" \
   | tee -a "$OUT/device.txt"

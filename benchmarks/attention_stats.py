@@ -12,19 +12,15 @@
 """
 
 import dataclasses
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from mosaic_jax import losses, model  # noqa: E402
-from timing import best_time  # noqa: E402
-from mosaic_jax.model import attention  # noqa: E402
-from mosaic_jax.model.attention_stats import Correspondences, block_statistics, statistics_from_maps  # noqa: E402
+from mosaic_jax import losses, model
+from timing import best_time
+from mosaic_jax.model import attention
+from mosaic_jax.model.attention_stats import Correspondences, block_statistics, statistics_from_maps
 
 
 def _pairs(rng, b, k, r, m, n):
@@ -86,8 +82,8 @@ def block_time_with_statistics(num_layers=3, grid=16, num_refs=6, text_len=64):
   cfg = dataclasses.replace(model.tiny(num_layers=num_layers, num_single_layers=0), attention_head_dim=64,
                             num_attention_heads=6, axes_dims_rope=(8, 28, 28), in_channels=64,
                             joint_attention_dim=256, pooled_projection_dim=64)
-  params = model.init_params(jax.random.PRNGKey(0), cfg)
-  lora = model.init_lora(jax.random.PRNGKey(1), params, cfg, rank=16)
+  params = model.init_params(jax.random.key(0), cfg)
+  lora = model.init_lora(jax.random.key(1), params, cfg, rank=16)
   rng = np.random.default_rng(0)
   n = grid * grid
   inputs = model.FluxInputs(
@@ -116,7 +112,7 @@ def block_time_with_statistics(num_layers=3, grid=16, num_refs=6, text_len=64):
 
 def masked_versus_dense(grid=16, num_refs=6, text_len=64, heads=6, head_dim=64):
   n = grid * grid
-  keys = jax.random.split(jax.random.PRNGKey(0), 6)
+  keys = jax.random.split(jax.random.key(0), 6)
   t = text_len + n
   q, k, v = (jax.random.normal(kk, (1, t, heads, head_dim)) for kk in keys[:3])
   qr, kr, vr = (jax.random.normal(kk, (1, num_refs, n, heads, head_dim)) for kk in keys[3:])

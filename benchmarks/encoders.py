@@ -18,24 +18,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from timing import best_time
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from timing import best_time  # noqa: E402
-
-from mosaic_jax.data import cached_features, make_iterator  # noqa: E402
-from mosaic_jax.data.pipeline import RAW_IMAGE_DECODERS, PipelineConfig  # noqa: E402
-from mosaic_jax.data.semalign_ms import SemalignMs, SemalignMsConfig  # noqa: E402
-from mosaic_jax.encoders import FluxEncoders  # noqa: E402
-from mosaic_jax.model import clip, t5, vae  # noqa: E402
-from mosaic_jax.model.autoencoder import Autoencoder  # noqa: E402
-from mosaic_jax.train.inputs import ByteTokenizers, step_batch  # noqa: E402
+from mosaic_jax.data import cached_features, make_iterator
+from mosaic_jax.data.pipeline import RAW_IMAGE_DECODERS, PipelineConfig
+from mosaic_jax.data.semalign_ms import SemalignMs, SemalignMsConfig
+from mosaic_jax.encoders import FluxEncoders
+from mosaic_jax.model import clip, t5, vae
+from mosaic_jax.model.autoencoder import Autoencoder
+from mosaic_jax.train.inputs import ByteTokenizers, step_batch
 
 
 def configs(size):
@@ -97,7 +94,7 @@ def main():
   vae_cfg, t5_cfg, clip_cfg, resolution, t5_len = configs(args.size)
   on_cpu = jax.devices()[0].platform == "cpu"
   text_dtype = jnp.dtype(args.dtype or ("float32" if on_cpu else "bfloat16"))
-  key = jax.random.PRNGKey(0)
+  key = jax.random.key(0)
   b = args.batch
   print(f"device {jax.devices()[0].device_kind} ({jax.device_count()}x); size {args.size}, batch {b}, "
         f"text dtype {text_dtype.name}, VAE float32 at {resolution} px, T5 {t5_len} tokens")

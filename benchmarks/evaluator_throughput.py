@@ -12,19 +12,15 @@ protocols), which runs on the host beside the towers.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
+from timing import best_time
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from timing import best_time  # noqa: E402
-
-from mosaic_jax.evaluation import preprocess, vit  # noqa: E402
-from mosaic_jax.evaluation.clip_model import text_embeddings  # noqa: E402
-from mosaic_jax.model import clip as clip_text  # noqa: E402
+from mosaic_jax.evaluation import preprocess, vit
+from mosaic_jax.evaluation.clip_model import text_embeddings
+from mosaic_jax.model import clip as clip_text
 
 CLIP_B32_TEXT = clip_text.ClipTextConfig(hidden_size=512, intermediate_size=2048, num_attention_heads=8,
                                          eos_token_id=49407)

@@ -10,17 +10,13 @@ blocks, random float32 weights; 512 px target (1024 tokens), 512 text tokens, 51
 
 import argparse
 import dataclasses
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from mosaic_jax import model  # noqa: E402
+from mosaic_jax import model
 
 
 def main():
@@ -34,7 +30,7 @@ def main():
   args = parser.parse_args()
 
   cfg = dataclasses.replace(model.flux1_dev(), num_layers=2, num_single_layers=2, attention_impl=args.attention)
-  params = model.init_params(jax.random.PRNGKey(0), cfg, jnp.dtype(args.dtype))
+  params = model.init_params(jax.random.key(0), cfg, jnp.dtype(args.dtype))
   grid = args.resolution // 16
   rng = np.random.default_rng(0)
   forward = jax.jit(model.forward, static_argnums=(2, 4))

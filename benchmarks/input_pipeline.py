@@ -17,17 +17,14 @@ import hashlib
 import io
 import json
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mosaic_jax.data import pipeline  # noqa: E402
-from mosaic_jax.data.semalign_ms import SemalignMs, SemalignMsConfig  # noqa: E402
+from mosaic_jax.data import pipeline
+from mosaic_jax.data.semalign_ms import SemalignMs, SemalignMsConfig
 
 
 def _photo_like(rng, height, width):

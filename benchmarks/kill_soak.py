@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import os
 import random
 import signal
@@ -23,12 +24,22 @@ import tempfile
 import threading
 import time
 
+from mosaic_jax.train import inputs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from train_fixtures import tensorboard_scalars, tiny_config, train_command  # noqa: E402
 
-from mosaic_jax.train import inputs  # noqa: E402
+def _load(path: str, name: str):
+  """The module at path (the tests' tiny training command, which this soak shares)."""
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+_train_fixtures = _load(os.path.join(ROOT, "tests", "train_fixtures.py"), "train_fixtures")
+tensorboard_scalars, tiny_config, train_command = (_train_fixtures.tensorboard_scalars, _train_fixtures.tiny_config,
+                                                   _train_fixtures.train_command)
 
 
 def _environment(cache_dir: str) -> dict:

@@ -22,37 +22,27 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image, ImageDraw
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image, ImageDraw  # noqa: E402
-
-from mosaic_jax import losses, model  # noqa: E402
-from mosaic_jax.data import correspondence, schema, synthetic  # noqa: E402
-from mosaic_jax.data.image_ops import encode_png  # noqa: E402
-from mosaic_jax.data.pipeline import prepare_example, stack_examples  # noqa: E402
-from mosaic_jax.model import FluxInputs, forward, image_ids, pack_latents, reference_ids, text_ids  # noqa: E402
-from mosaic_jax.train import inputs as inputs_lib  # noqa: E402
-from mosaic_jax.train.evaluate import _neighbourhood_hits, _neighbourhood_size  # noqa: E402
-from mosaic_jax.train.step import pack_references  # noqa: E402
-from mosaic_jax.train.trainer import _model_latents  # noqa: E402
+from mosaic_jax import losses, model
+from mosaic_jax.configs import flux_ms
+from mosaic_jax.data import correspondence, schema, synthetic
+from mosaic_jax.data.image_ops import encode_png
+from mosaic_jax.data.pipeline import prepare_example, stack_examples
+from mosaic_jax.model import FluxInputs, forward, image_ids, pack_latents, reference_ids, text_ids
+from mosaic_jax.train import inputs as inputs_lib
+from mosaic_jax.train.evaluate import _neighbourhood_hits, _neighbourhood_size
+from mosaic_jax.train.step import pack_references
+from mosaic_jax.train.trainer import _model_latents
 
 LOST_FACTOR = 1.0
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def demo_config(variant: str):
-  spec = importlib.util.spec_from_file_location("flux_ms", os.path.join(REPO, "configs", "flux_ms.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
 
 
 def load_trained(workdir: str, config, ema: bool):
@@ -220,7 +210,7 @@ def main():
   p.add_argument("--ema", action="store_true", help="the EMA weights instead of the trained ones")
   p.add_argument("--out", help="folder for the table and plot (default: the workdir)")
   args = p.parse_args()
-  config = demo_config(args.variant)
+  config = flux_ms.get_config(args.variant)
   cfg, params, lora, step = load_trained(args.workdir, config, args.ema)
   encoders = inputs_lib.make_encoders(config)
   print(f"{args.workdir} at step {step}; lost = own-region mass < {LOST_FACTOR} x region share; "

@@ -39,17 +39,26 @@ TEXT_WIDTH, POOLED_WIDTH = 256, 128
 LORA_PARAMS = 4_100_096  # both sides must train exactly this many
 
 
+def _recipe_config(code: str):
+  """The recipe config of checkout `code`, read from its configs/flux_ms.py as `--config` reads it (a
+  baseline checkout may predate the config's move into the package)."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.spec_from_file_location("flux_ms", os.path.join(code, "configs", "flux_ms.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config("default")
+
+
 def build_ours(threads: int, remat: str | None = None, code: str = ROOT):
   """(compiled step, state, base, batch, lora parameter count, model config) of the trainer's step on
-  SHAPES, with mosaic_jax (and configs/) imported from the checkout `code`."""
-  sys.path[:0] = [code, os.path.join(code, "configs")]
+  SHAPES, with the recipe config of checkout `code` (whose mosaic_jax this process imports: the
+  installed one, or the baseline's that `measure` puts on PYTHONPATH)."""
   import dataclasses  # pylint: disable=import-outside-toplevel
 
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
 
-  import flux_ms  # pylint: disable=import-outside-toplevel
   from mosaic_jax import model, parallel  # pylint: disable=import-outside-toplevel
   from mosaic_jax.model.autoencoder import Autoencoder  # pylint: disable=import-outside-toplevel
   from mosaic_jax.model.vae import VaeConfig  # pylint: disable=import-outside-toplevel
@@ -57,7 +66,7 @@ def build_ours(threads: int, remat: str | None = None, code: str = ROOT):
   from mosaic_jax.train import trainer  # pylint: disable=import-outside-toplevel
 
   c = SHAPES
-  config = flux_ms.get_config("default")  # the recipe: remat policy, optimizer, EMA, loss weights
+  config = _recipe_config(code)  # the recipe: remat policy, optimizer, EMA, loss weights
   config.dtype = "float32"
   config.lora_rank = c["rank"]
   config.batch_size = 1
@@ -164,6 +173,8 @@ def measure(side: str, threads: int, steps: int, official: str, remat: str | Non
     env["XLA_FLAGS"] = (f"{env.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'}"
                         f" intra_op_parallelism_threads={threads}").strip()
     env["JAX_PLATFORMS"] = "cpu"
+    if code != ROOT:  # a baseline checkout: its mosaic_jax, not the installed one
+      env["PYTHONPATH"] = os.pathsep.join(filter(None, [code, env.get("PYTHONPATH", "")]))
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--threads", str(threads), "--steps", str(steps),
            "--code", code]
     if remat:

@@ -26,13 +26,10 @@ import gzip
 import json
 import os
 import re
-import sys
 import tempfile
 import time
 
-sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
-
-import official_compare  # noqa: E402  (builds the step the comparison times)
+import official_compare  # builds the step the comparison times (benchmarks/ is the script's folder)
 
 _SHAPE = re.compile(r"^[a-z]\w*\[([0-9,]*)\]")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*?) ([a-z][a-z0-9-]*)\((.*)$")

@@ -19,17 +19,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from mosaic_jax import model, sample  # noqa: E402
+from mosaic_jax import model, sample
 
 
 def main():
@@ -51,8 +47,8 @@ def main():
                             num_single_layers=args.single, independent_refs=True,
                             attention_impl=args.attention)
   dtype = jnp.dtype(args.dtype)
-  params = model.init_params(jax.random.PRNGKey(0), cfg, dtype)
-  lora = model.init_lora(jax.random.PRNGKey(1), params, cfg, rank=16, dtype=dtype)
+  params = model.init_params(jax.random.key(0), cfg, dtype)
+  lora = model.init_lora(jax.random.key(1), params, cfg, rank=16, dtype=dtype)
   grid, b = args.size // 16, args.batch
   rng = np.random.default_rng(0)
   common = dict(

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 
 def parse_args():
@@ -66,13 +65,10 @@ def main():
   elif args.cpu_devices:  # before jax starts
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.cpu_devices}"
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  sys.path[:0] = [root, os.path.join(root, "configs")]
-
   import dataclasses  # pylint: disable=import-outside-toplevel
 
   import jax  # pylint: disable=import-outside-toplevel
-  import flux_ms  # pylint: disable=import-outside-toplevel
+  from mosaic_jax.configs import flux_ms  # pylint: disable=import-outside-toplevel
   from mosaic_jax import model, parallel  # pylint: disable=import-outside-toplevel
   from mosaic_jax.model.autoencoder import Autoencoder  # pylint: disable=import-outside-toplevel
   from mosaic_jax.model.vae import VaeConfig  # pylint: disable=import-outside-toplevel
@@ -171,7 +167,7 @@ def compile_sampler(name, transformer, refs, steps):
 
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import flux_ms  # pylint: disable=import-outside-toplevel
+  from mosaic_jax.configs import flux_ms  # pylint: disable=import-outside-toplevel
   from mosaic_jax import model, parallel, sample  # pylint: disable=import-outside-toplevel
   from mosaic_jax.train import tpu_compile  # pylint: disable=import-outside-toplevel
 

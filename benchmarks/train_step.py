@@ -16,23 +16,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import os
-import sys
 import time
 import types
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-import flux_ms  # noqa: E402
-from mosaic_jax import model  # noqa: E402
-from mosaic_jax.train import metrics as metrics_lib  # noqa: E402
-from mosaic_jax.train import step as step_lib  # noqa: E402
-from mosaic_jax.train.inputs import token_pixels  # noqa: E402
+from mosaic_jax import model
+from mosaic_jax.configs import flux_ms
+from mosaic_jax.train import metrics as metrics_lib
+from mosaic_jax.train import step as step_lib
+from mosaic_jax.train.inputs import token_pixels
 
 
 def _settings(config):
@@ -57,8 +52,8 @@ def _batch(rng, batch, grid, ref_grid, num_refs, text_len, cfg, pairs):
 
 
 def time_step(cfg, config, batch_size, grid, num_refs, text_len, trains_base, lora_rank, steps, pairs):
-  params = model.init_params(jax.random.PRNGKey(0), cfg, jnp.float32)
-  lora = model.init_lora(jax.random.PRNGKey(1), params, cfg, lora_rank)
+  params = model.init_params(jax.random.key(0), cfg, jnp.float32)
+  lora = model.init_lora(jax.random.key(1), params, cfg, lora_rank)
   trainable = {"base": params, "lora": lora} if trains_base else {"lora": lora}
   base = {} if trains_base else params
   settings = _settings(config)

@@ -14,17 +14,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-import flux_ms  # noqa: E402
-from mosaic_jax.train import inputs, train_and_evaluate  # noqa: E402
+from mosaic_jax.configs import flux_ms
+from mosaic_jax.train import inputs, train_and_evaluate
 
 
 def demo_config(data_dir: str, steps: int, cached: str = ""):

@@ -11,15 +11,11 @@ The build report (skipped / patched examples by reason) is printed at the end of
 
 from __future__ import annotations
 
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import tensorflow_datasets as tfds
 
-import tensorflow_datasets as tfds  # noqa: E402
-
-from mosaic_jax import cli  # noqa: E402
-from mosaic_jax.data.semalign_ms import SOURCES, SemalignMs, SemalignMsConfig  # noqa: E402
+from mosaic_jax import cli
+from mosaic_jax.data.semalign_ms import SOURCES, SemalignMs, SemalignMsConfig
 
 
 def main(argv=None):

@@ -11,15 +11,11 @@ training refuses a cache written under different settings. What is stored: mosai
 
 from __future__ import annotations
 
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
+from ml_collections import config_flags
 
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from mosaic_jax import cli  # noqa: E402
+from mosaic_jax import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/flux_ms.py[:variant]", lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "new directory for the cached features (never overwritten)")

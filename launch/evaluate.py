@@ -19,14 +19,13 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mosaic_jax.evaluation.dino import DEFAULT_DINO_EPS  # noqa: E402
-from mosaic_jax.evaluation.dreambench import EvaluationInputError  # noqa: E402
+from mosaic_jax import cli
+from mosaic_jax.evaluation.dino import DEFAULT_DINO_EPS
+from mosaic_jax.evaluation.dreambench import EvaluationInputError
 
 
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--cases", required=True, help="UNO dreambench_*ip.json or a MOSAIC cases file")
   p.add_argument("--dreambench", required=True, help="DreamBench images: one folder of real views per subject")
   p.add_argument("--generated", required=True,
@@ -93,19 +92,8 @@ def run(args) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> list[str]:
-  args = build_parser().parse_args(argv)
-  from mosaic_jax.interop.tensor_table import CheckpointError
-  from mosaic_jax.text import TokenizerFilesError
-  user_errors = (EvaluationInputError, CheckpointError, TokenizerFilesError)
-  if args.checkpoint:  # the sampler (and its imports) only when generating
-    from mosaic_jax.sample import SampleInputError
-    user_errors += (SampleInputError,)
-  try:
-    return run(args)
-  except user_errors as e:
-    print(f"error: {e}", file=sys.stderr)
-    raise SystemExit(2)
+  return run(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
-  main()
+  cli.run(main)

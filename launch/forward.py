@@ -5,19 +5,15 @@
       --config.lora=/ckpt/mosaic_lora.safetensors
 """
 
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from ml_collections import config_flags
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from mosaic_jax import cli, interop, model  # noqa: E402
-from mosaic_jax.train.inputs import token_pixels  # noqa: E402
+from mosaic_jax import cli, interop, model
+from mosaic_jax.train.inputs import token_pixels
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/flux_ms.py[:variant]", lock_config=True)
 
@@ -29,7 +25,7 @@ def build_model(config):
     cfg = model.config.with_overrides(cfg, config.model_overrides)
   else:
     cfg = model.config.preset(config.model, config.model_overrides)
-    params = model.init_params(jax.random.PRNGKey(config.seed), cfg, dtype)
+    params = model.init_params(jax.random.key(config.seed), cfg, dtype)
   lora = interop.load_lora(config.lora, cfg) if config.lora else None
   return cfg, params, lora
 

@@ -15,7 +15,7 @@
 #   --zone ZONE, --project PROJECT   xpk: where the cluster is [GKE_ZONE, GKE_PROJECT; gcloud's]
 #   --tpu-type TYPE        v4-N, v5p-N, v5litepod-N (v5e-N), v6e-N [TPU_TYPE; v5p-8]
 #   --num-slices N         xpk only [GKE_NUM_SLICES; 1]
-#   --image IMAGE          an image holding this repository and its requirements [GKE_IMAGE];
+#   --image IMAGE          an image holding this repository, installed (pip install -e .) [GKE_IMAGE];
 #                          required for jobset; for xpk, without it xpk builds one from this folder
 #                          on --base-image [GKE_BASE_IMAGE; python:3.11] and the pods pip install
 #   --repo-dir DIR         where the image holds the repository [GKE_REPO_DIR; /app]
@@ -81,7 +81,7 @@ case "$MODE" in
       command="cd $(quote "$REPO_DIR") && $(quote_args "${TRAIN[@]}")"
     else  # xpk copies --script-dir into an image built on the base image
       image=(--base-docker-image="$BASE_IMAGE" --script-dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)")
-      command="pip install -q -r requirements.txt 'jax[tpu]' && $(quote_args "${TRAIN[@]}")"
+      command="pip install -q -r requirements.txt -e . 'jax[tpu]' && $(quote_args "${TRAIN[@]}")"
     fi
     run xpk workload create --cluster="$CLUSTER" --workload="$NAME" --tpu-type="$TPU_TYPE" \
       --num-slices="$NUM_SLICES" "${image[@]}" "${where[@]}" --command="$command"

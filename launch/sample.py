@@ -24,15 +24,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
 
-import jax  # noqa: E402
-
-from mosaic_jax import cli, sample  # noqa: E402
-from mosaic_jax.parallel import distributed  # noqa: E402
-from mosaic_jax.train import inputs, trained_model  # noqa: E402
+from mosaic_jax import cli, sample
+from mosaic_jax.parallel import distributed
+from mosaic_jax.train import inputs, trained_model
 
 
 def parse_size(text: str) -> tuple[int, int]:

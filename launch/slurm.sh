@@ -15,7 +15,7 @@
 #   --cpus-per-task N      [MOSAIC_CPUS_PER_TASK; 8]
 #   --partition P, --account A, --time T   [MOSAIC_PARTITION, MOSAIC_ACCOUNT, MOSAIC_TIME; cluster's defaults]
 #   --job-name NAME        [MOSAIC_JOB_NAME; mosaic]
-#   --python PY            a Python with the requirements, on every node [MOSAIC_PYTHON; python]
+#   --python PY            a Python with this package installed (pip install -e .), on every node [MOSAIC_PYTHON; python]
 #   --config SPEC          [MOSAIC_CONFIG; configs/flux_ms.py]
 #   --workdir DIR          required, on a file system every node sees (or gs://) [MOSAIC_WORKDIR]
 #   --logs DIR             where SLURM writes the job's output [MOSAIC_LOGS; slurm_logs]

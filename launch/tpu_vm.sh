@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Trains on a Cloud TPU VM slice: creates a queued resource, waits until it is ACTIVE, copies this
 # repository (its tracked files, uncommitted edits included) to every worker and installs it there
-# (a uv venv with --python-version, requirements.txt and jax[tpu]),
+# (a uv venv with --python-version, this package (pip install -e .) and jax[tpu]),
 # runs the same `python launch/train.py` on all workers at once, copies each worker's log back and
 # deletes the slice (also when a step fails; --keep leaves it).
 #
@@ -105,7 +105,7 @@ run git -C "$REPO" archive --format=tar.gz -o "$archive" "${snapshot:-HEAD}"
 run gcloud compute tpus tpu-vm scp "$archive" "$NAME:mosaic_jax.tar.gz" --worker=all "${WHERE[@]}"
 install="set -euo pipefail; rm -rf mosaic_jax; mkdir mosaic_jax; tar -xzf mosaic_jax.tar.gz -C mosaic_jax; cd mosaic_jax"
 install+="; PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --user uv; ~/.local/bin/uv venv -q --python $(quote "$PYTHON_VERSION") .venv"
-install+="; ~/.local/bin/uv pip install -q --python .venv/bin/python -r requirements.txt 'jax[tpu]'"
+install+="; ~/.local/bin/uv pip install -q --python .venv/bin/python -r requirements.txt -e . 'jax[tpu]'"
 run gcloud compute tpus tpu-vm ssh "$NAME" --worker=all "${WHERE[@]}" --command="$install"
 
 train="$(quote_args .venv/bin/python launch/train.py --config "$CONFIG" --workdir "$WORKDIR" "${TRAIN_FLAGS[@]}")"

@@ -19,16 +19,13 @@ that cannot resume the workdir, a checkpoint that failed to save), 1 an internal
 
 from __future__ import annotations
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
+from ml_collections import config_flags
 
-from absl import flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from mosaic_jax import cli  # noqa: E402
-from mosaic_jax.parallel import distributed  # noqa: E402
+from mosaic_jax import cli
+from mosaic_jax.parallel import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/flux_ms.py[:variant]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, logs, LoRA exports and samples go here")

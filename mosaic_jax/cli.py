@@ -33,7 +33,8 @@ USER_ERRORS = (
     "mosaic_jax.sample:SampleInputError", "mosaic_jax.interop.tensor_table:CheckpointError",
     "mosaic_jax.interop.lora_file:LoraFileError", "mosaic_jax.interop.safetensors_io:SafetensorsError",
     "mosaic_jax.text:TokenizerFilesError", "mosaic_jax.data.cached_features:CacheError",
-    "mosaic_jax.data.image_ops:ImageDecodeError",
+    "mosaic_jax.data.image_ops:ImageDecodeError", "mosaic_jax.evaluation.dreambench:EvaluationInputError",
+    "mosaic_jax.data.pipeline:DatasetError",
 )
 
 

@@ -21,7 +21,8 @@ from mosaic_jax import text
 from mosaic_jax.interop.text_encoder_checkpoint import load_clip_text_encoder, load_t5_encoder
 from mosaic_jax.interop.vae_checkpoint import load_vae
 from mosaic_jax.model import clip, t5
-from mosaic_jax.model.autoencoder import Autoencoder, Posterior, sample_posterior, to_model_latents
+from mosaic_jax.model.autoencoder import Autoencoder
+from mosaic_jax.model.latents import Posterior, sample_posterior, to_model_latents
 
 # The encoder outputs a train step needs, whether computed on the fly or read from a cache
 # (data/cached_features.py): raw posterior statistics, so that every step can draw a fresh target

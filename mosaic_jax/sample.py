@@ -40,7 +40,7 @@ import numpy as np
 
 from mosaic_jax import parallel
 from mosaic_jax.model.attention_stats import Correspondences
-from mosaic_jax.model.autoencoder import pack_latents, to_model_latents, unpack_latents
+from mosaic_jax.model.latents import pack_latents, to_model_latents, unpack_latents
 from mosaic_jax.model.config import FluxConfig
 from mosaic_jax.model.embeddings import image_ids, reference_ids, text_ids
 from mosaic_jax.model.transformer import FluxInputs, forward
@@ -352,7 +352,7 @@ def _encode_references(autoencoder, images, scaling_factor: float, shift_factor:
 
 def _initial_noise(seed: int, latent_height: int, latent_width: int, channels: int) -> np.ndarray:
   """N(0, 1) latents of one seed, packed to tokens [N, 4C]; independent of how seeds are batched."""
-  z = jax.random.normal(jax.random.PRNGKey(seed), (1, latent_height, latent_width, channels), jnp.float32)
+  z = jax.random.normal(jax.random.key(seed), (1, latent_height, latent_width, channels), jnp.float32)
   return np.asarray(pack_latents(z))[0]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import os
 
 import numpy as np
@@ -21,6 +22,28 @@ os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *_FAST_COMP
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# The PyTorch references the parity tests compare against (requirements-test.txt). Without them more
+# than half of the suite would skip and the run would pass having checked little, so a missing one
+# stops the run with one line, unless MOSAIC_SKIP_REFERENCES=1 asks for the tests that do not need them.
+REFERENCES = ("torch", "diffusers", "transformers", "peft", "safetensors")
+
+
+def _missing(name: str) -> bool:
+  try:
+    return importlib.util.find_spec(name) is None
+  except ValueError:  # sys.modules[name] is None: Python's mark of a module that must not be imported
+    return True
+
+
+def pytest_configure(config):
+  del config
+  missing = [name for name in REFERENCES if _missing(name)]
+  if missing and os.environ.get("MOSAIC_SKIP_REFERENCES") != "1":
+    raise pytest.UsageError(
+        f"the PyTorch references {', '.join(missing)} are not installed: pip install -r requirements-test.txt "
+        "(or MOSAIC_SKIP_REFERENCES=1 runs only the tests that do not need them)")
+
 
 TINY_FLUX = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
                  num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=12,

@@ -11,7 +11,7 @@ from mosaic_jax.model import attention
 
 
 def _qkv(seed, b, t, r, m, h, d, dtype=jnp.float32):
-  keys = jax.random.split(jax.random.PRNGKey(seed), 6)
+  keys = jax.random.split(jax.random.key(seed), 6)
   main = [jax.random.normal(k, (b, t, h, d), dtype) for k in keys[:3]]
   refs = [jax.random.normal(k, (b, r, m, h, d), dtype) for k in keys[3:]]
   return (*main, *refs)
@@ -39,7 +39,7 @@ def test_query_chunks_give_the_same_values_and_gradients(independent):
   """Chunks of 4 queries (dividing neither the 11 main nor the 7 reference queries) against dense
   masked attention; also with cached reference keys and without references."""
   q, k, v, qr, kr, vr = _qkv(1, 2, 11, 3, 7, 2, 8)
-  weights = jax.random.normal(jax.random.PRNGKey(5), (2, 11 + 3 * 7, 2, 8))
+  weights = jax.random.normal(jax.random.key(5), (2, 11 + 3 * 7, 2, 8))
 
   def projected(fn):
     def loss(*args):
@@ -111,7 +111,7 @@ def test_cudnn_gradients_equal_the_float32_xla_path(independent):
   if jax.devices()[0].platform != "gpu":
     pytest.skip("needs an NVIDIA GPU")
   inputs = _qkv(3, 2, 256, 3, 128, 4, 64, jnp.bfloat16)
-  weights = jax.random.normal(jax.random.PRNGKey(4), (2, 256 + 3 * 128, 4, 64))
+  weights = jax.random.normal(jax.random.key(4), (2, 256 + 3 * 128, 4, 64))
 
   def grads(impl, args):
     def loss(*a):
@@ -132,7 +132,7 @@ import jax, numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from mosaic_jax.model import attention
 mesh = jax.make_mesh((2, 2), ("data", "tensor"), axis_types=(AxisType.Explicit, AxisType.Explicit))
-keys = jax.random.split(jax.random.PRNGKey(0), 6)
+keys = jax.random.split(jax.random.key(0), 6)
 main = [jax.random.normal(k, (2, 256, 2, 128)) for k in keys[:3]]
 refs = [jax.random.normal(k, (2, 2, 128, 2, 128)) for k in keys[3:]]
 expected = attention.dense_masked_attention(*main, *refs)
@@ -166,9 +166,7 @@ def test_splash_runs_under_shard_map_on_a_sharded_batch_and_heads():
   import os
   import subprocess
   import sys
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-             PYTHONPATH=root)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", _SHARDED_SPLASH], env=env, capture_output=True, text=True,
                           timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -41,9 +41,9 @@ def test_block_statistics_equal_materialized_maps():
 
 
 def _lora(params):
-  lora = model.init_lora(jax.random.PRNGKey(1), params, CFG, rank=4)
+  lora = model.init_lora(jax.random.key(1), params, CFG, rank=4)
   leaves, treedef = jax.tree_util.tree_flatten(lora)
-  keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+  keys = jax.random.split(jax.random.key(2), len(leaves))
   return jax.tree_util.tree_unflatten(treedef, [jax.random.normal(k, x.shape) * 0.2
                                                 for k, x in zip(keys, leaves)])
 
@@ -74,7 +74,7 @@ def _loss_terms(params, cfg, inputs, pairs, efficient):
 
 @pytest.mark.parametrize("num_refs", [1, 2, 4])
 def test_losses_and_lora_gradients_match_materialized(num_refs):
-  params = model.init_params(jax.random.PRNGKey(0), CFG)
+  params = model.init_params(jax.random.key(0), CFG)
   # Sharper attention than the default init, so the losses and gradients are far from trivial.
   params["transformer_blocks"]["attn"]["norm_q"]["scale"] *= 3.0
   lora = _lora(params)

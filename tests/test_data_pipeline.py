@@ -189,3 +189,29 @@ def test_global_arrays_carry_the_sharding_and_values(split):
     global_batch.to_global_arrays(
         {"target": batch["target"]},
         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, None, None, "data")))
+
+
+def test_open_split_refuses_a_split_it_cannot_read_whole(tmp_path):
+  """One opener with one set of checks: a folder never built, and metadata.json edited so that a split
+  is missing, empty, or has one reference count too few."""
+  import glob
+  import json
+  import shutil
+  data_dir, _, _ = data_fixtures.tiny_synthetic()
+  name = "semalign_ms/synthetic_tiny"
+  with pytest.raises(pipeline.DatasetError, match=r"synthetic_tiny in .*nothing: not built there"):
+    pipeline.open_split(name, "train", str(tmp_path / "nothing"))  # a custom config: only its files define it
+  with pytest.raises(pipeline.DatasetError, match=r"not built \(no dataset_info.json\)"):
+    pipeline.open_split("semalign_ms/synthetic", "train", str(tmp_path / "nothing"))  # a registered one
+  copy = tmp_path / "copy"
+  shutil.copytree(data_dir, copy)
+  (metadata_path,) = glob.glob(str(copy / "semalign_ms" / "synthetic_tiny" / "*" / "metadata.json"))
+  original = json.loads(open(metadata_path).read())
+  for num_refs, message in (({"validation": original["num_refs"]["validation"]}, r"no num_refs for split 'train'"),
+                            ({**original["num_refs"], "train": []}, r"split 'train' is empty"),
+                            ({**original["num_refs"], "train": original["num_refs"]["train"][:-1]},
+                             r"split 'train' has 12 records but 11 num_refs entries")):
+    with open(metadata_path, "w") as f:
+      json.dump({**original, "num_refs": num_refs}, f)
+    with pytest.raises(pipeline.DatasetError, match=message):
+      pipeline.open_split(name, "train", str(copy))

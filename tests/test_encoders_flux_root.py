@@ -75,7 +75,7 @@ def test_cached_dataset_gives_the_training_inputs_of_on_the_fly_encoding(flux_ro
     expected, got = step_batch(raw_batch, encoders), step_batch(cached_batch, encoders)
     assert set(FEATURE_KEYS) <= set(got) and sorted(got) == sorted(expected)
     assert np.all(got["target_std"] > 0)
-    key = jax.random.PRNGKey(batches)
+    key = jax.random.key(batches)
     from_cache = training_latents(got, cfg.scaling_factor, cfg.shift_factor, key)
     on_the_fly = training_latents(expected, cfg.scaling_factor, cfg.shift_factor, key)
     for name in ("target", "refs", "text", "pooled"):

@@ -228,6 +228,6 @@ def test_clip_old_prefixed_files_load(saved_clip, tmp_path):
 
 def test_clip_rejects_too_many_tokens():
   cfg = clip.tiny()
-  params = clip.init_params(jax.random.PRNGKey(0), cfg)
+  params = clip.init_params(jax.random.key(0), cfg)
   with pytest.raises(ValueError, match="max_position_embeddings=16"):
     clip.encode(params, cfg, jnp.zeros((1, 17), jnp.int32))

@@ -15,7 +15,8 @@ from mosaic_jax.interop.safetensors_io import SafetensorsFile, save_safetensors
 from mosaic_jax.interop.tensor_table import CheckpointError
 from mosaic_jax.interop.vae_checkpoint import load_vae
 from mosaic_jax.model import pixel_autoencoder, vae
-from mosaic_jax.model.autoencoder import Autoencoder, from_model_latents, sample_posterior, to_model_latents
+from mosaic_jax.model.autoencoder import Autoencoder
+from mosaic_jax.model.latents import from_model_latents, sample_posterior, to_model_latents
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -99,7 +100,7 @@ def test_encode_and_decode_match_diffusers(saved_vae, loaded_vae, images):
 def test_posterior_sample_and_flux_latent_map():
   mean = jnp.full((1, 2, 2, 16), 0.5)
   posterior = vae.Posterior(mean=mean, std=jnp.full_like(mean, 0.25))
-  draws = jnp.stack([sample_posterior(posterior, jax.random.PRNGKey(i)) for i in range(64)])
+  draws = jnp.stack([sample_posterior(posterior, jax.random.key(i)) for i in range(64)])
   assert abs(float(draws.mean()) - 0.5) < 0.05 and abs(float(draws.std()) - 0.25) < 0.03
   z = jnp.linspace(-2, 2, 16)
   np.testing.assert_allclose(to_model_latents(z, 0.3611, 0.1159), (z - 0.1159) * 0.3611, rtol=1e-6)
@@ -188,7 +189,7 @@ def test_pixel_autoencoder_layout_and_errors():
 
 def test_pack_latents_matches_diffusers_flux_packing():
   from diffusers.pipelines.flux.pipeline_flux import FluxPipeline
-  from mosaic_jax.model.autoencoder import pack_latents, unpack_latents
+  from mosaic_jax.model.latents import pack_latents, unpack_latents
   z = np.random.default_rng(4).normal(size=(2, 6, 4, 16)).astype(np.float32)  # NHWC
   ref = FluxPipeline._pack_latents(torch.from_numpy(z).permute(0, 3, 1, 2), 2, 16, 6, 4).numpy()
   tokens = pack_latents(jnp.asarray(z))

@@ -79,9 +79,9 @@ def test_checkpoint_errors_name_every_bad_key(flux_folder, tmp_path):
 
 
 def _random_lora(cfg, params, rank, seed):
-  lora = model.init_lora(jax.random.PRNGKey(seed), params, cfg, rank)
+  lora = model.init_lora(jax.random.key(seed), params, cfg, rank)
   leaves, treedef = jax.tree_util.tree_flatten(lora)
-  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
   return jax.tree_util.tree_unflatten(treedef, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
 
 

@@ -4,14 +4,14 @@ bit-identical to an uninterrupted run's. The long version: benchmarks/kill_soak.
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import sys
 
 from train_fixtures import ROOT
 
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-import kill_soak  # noqa: E402
+_spec = importlib.util.spec_from_file_location("kill_soak", os.path.join(ROOT, "benchmarks", "kill_soak.py"))
+kill_soak = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(kill_soak)
 
 
 def test_ten_random_kills_end_with_the_uninterrupted_losses_and_lora(tmp_path):

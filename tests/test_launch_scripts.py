@@ -65,7 +65,7 @@ def test_tpu_vm_dry_run():
     assert option(step, "--worker") == "all"
   setup = option(install, "--command")
   assert "tar -xzf mosaic_jax.tar.gz -C mosaic_jax" in setup and "uv venv -q --python 3.11 .venv" in setup
-  assert "pip install -q --python .venv/bin/python -r requirements.txt 'jax[tpu]'" in setup
+  assert "pip install -q --python .venv/bin/python -r requirements.txt -e . 'jax[tpu]'" in setup
   # The training command: one ssh to all workers, whose remote shell reads back the user's flags intact.
   remote = option(train, "--command")
   assert remote.startswith("set -o pipefail; cd mosaic_jax && ") and remote.endswith(" 2>&1 | tee train.log")
@@ -121,7 +121,7 @@ def test_gke_xpk_dry_run():
   assert option(create, "--cluster") == "pods" and option(create, "--tpu-type") == "v5litepod-16"
   assert option(create, "--num-slices") == "2" and option(create, "--script-dir") == REPO
   setup, train = option(create, "--command").split(" && ")
-  assert shlex.split(setup) == ["pip", "install", "-q", "-r", "requirements.txt", "jax[tpu]"]
+  assert shlex.split(setup) == ["pip", "install", "-q", "-r", "requirements.txt", "-e", ".", "jax[tpu]"]
   assert shlex.split(train) == train_argv("gs://bucket/run")
   out = launch("gke.sh", "--dry-run", "--cluster", "pods", "--image", "reg/mosaic:1", "--workdir", "gs://b/r").stdout
   (create,) = commands(out)

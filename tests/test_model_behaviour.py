@@ -17,11 +17,11 @@ CFG = model.tiny(num_layers=2, num_single_layers=2)
 
 @pytest.fixture(scope="module")
 def params_and_lora():
-  params = model.init_params(jax.random.PRNGKey(0), CFG)
-  lora = model.init_lora(jax.random.PRNGKey(1), params, CFG, rank=4)
+  params = model.init_params(jax.random.key(0), CFG)
+  lora = model.init_lora(jax.random.key(1), params, CFG, rank=4)
   # Non-zero B so the LoRA changes something (init leaves B at zero).
   leaves, treedef = jax.tree_util.tree_flatten_with_path(lora)
-  keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+  keys = jax.random.split(jax.random.key(2), len(leaves))
   lora = jax.tree_util.tree_unflatten(treedef, [
       jax.random.normal(k, x.shape) * 0.3 if path[-1].key == "lora_B" else x
       for k, (path, x) in zip(keys, leaves)])
@@ -45,7 +45,7 @@ def _first_block(params, lora, txt, img, refs, num_refs, ref_hw=(3, 3)):
 
 
 def _branch_states(seed, num_refs=2, batch=2):
-  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
   d = CFG.hidden_size
   return (jax.random.normal(k1, (batch, 4, d)), jax.random.normal(k2, (batch, 6, d)),
           jax.random.normal(k3, (batch, num_refs, 9, d)))
@@ -83,7 +83,7 @@ def test_lora_changes_reference_tokens_only(params_and_lora):
 def test_references_do_not_see_each_other(params_and_lora):
   params, lora = params_and_lora
   txt, img, refs = _branch_states(1, num_refs=3)
-  changed = refs.at[:, 2].set(jax.random.normal(jax.random.PRNGKey(9), refs[:, 2].shape))
+  changed = refs.at[:, 2].set(jax.random.normal(jax.random.key(9), refs[:, 2].shape))
   _, i_a, r_a = _first_block(params, lora, txt, img, refs, 3)
   _, i_b, r_b = _first_block(params, lora, txt, img, changed, 3)
   np.testing.assert_array_equal(r_a[:, :2], r_b[:, :2])  # ref_1, ref_2 untouched by ref_3

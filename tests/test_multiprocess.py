@@ -36,7 +36,7 @@ def data_dir(tmp_path_factory):
 def _env(devices: int, **extra) -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "JAX_COORDINATOR"))}
   env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), MOSAIC_HEARTBEAT_TIMEOUT_S="10",
-             PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH")])),
+             PYTHONPATH=os.pathsep.join(filter(None, [os.path.join(ROOT, "tests"), os.environ.get("PYTHONPATH")])),
              PYTHONUNBUFFERED="1", **extra)
   return env
 

@@ -50,8 +50,8 @@ def test_dimensions_the_mesh_does_not_divide_stay_replicated():
 
 def test_optimizer_moments_and_ema_follow_their_parameters():
   cfg = model.tiny()
-  params = jax.eval_shape(lambda: model.init_params(jax.random.PRNGKey(0), cfg))
-  lora = jax.eval_shape(lambda: model.init_lora(jax.random.PRNGKey(1), model.init_params(jax.random.PRNGKey(0), cfg),
+  params = jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg))
+  lora = jax.eval_shape(lambda: model.init_lora(jax.random.key(1), model.init_params(jax.random.key(0), cfg),
                                                 cfg, 4))
   opt_state = jax.eval_shape(optax.adamw(1e-3).init, lora)
   mesh = AbstractMesh((1, 2, 2), ("data", "fsdp", "tensor"))  # shapes only: no devices needed
@@ -68,8 +68,8 @@ def test_every_lora_factor_is_split_over_fsdp():
   """Both factors (and so their Adam moments and EMA copies) divide over fsdp alone: one by its embed
   dimension, the other by its rank dimension."""
   cfg = model.tiny()
-  params = jax.eval_shape(lambda: model.init_params(jax.random.PRNGKey(0), cfg))
-  lora = jax.eval_shape(lambda: model.init_lora(jax.random.PRNGKey(1), params, cfg, 4))
+  params = jax.eval_shape(lambda: model.init_params(jax.random.key(0), cfg))
+  lora = jax.eval_shape(lambda: model.init_lora(jax.random.key(1), params, cfg, 4))
   mesh = AbstractMesh((1, 4, 1), ("data", "fsdp", "tensor"))
   specs = jax.tree_util.tree_flatten_with_path(parallel.tree_shardings(lora, mesh))[0]
   assert specs
@@ -81,9 +81,7 @@ def _fsdp_flops_child() -> dict:
   """In a 4-CPU-device process: per-device FLOPs of the recipe's step (a narrow FLUX, 2 references)
   on an fsdp=4 mesh and on one device, for the same global batch of 4."""
   import dataclasses
-  import sys
-  sys.path.insert(0, os.path.join(ROOT, "configs"))
-  import flux_ms
+  from mosaic_jax.configs import flux_ms
   from mosaic_jax.model.autoencoder import Autoencoder
   from mosaic_jax.model.vae import VaeConfig
   from mosaic_jax.train import trainer
@@ -108,8 +106,7 @@ def test_fsdp_devices_compute_their_own_examples_only():
   compiler kept the fsdp-sharded weights in place and gathered activations instead (measured 0.39 of
   the one-device step here; at FLUX.1-dev scale [8, ...] attention scores on each of 8 devices)."""
   flags = [os.environ.get("XLA_FLAGS"), "--xla_force_host_platform_device_count=4"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(filter(None, flags)),
-             PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(filter(None, flags)))
   child = subprocess.run([sys.executable, os.path.abspath(__file__), "fsdp_flops"], env=env, capture_output=True,
                          text=True, timeout=600)
   assert child.returncode == 0 and "RESULT " in child.stdout, child.stdout[-3000:] + child.stderr[-3000:]

@@ -76,8 +76,8 @@ def test_no_reference_sampling_equals_diffusers_flux_pipeline(torch_flux, flux_p
 def mosaic_inputs(flux_params):
   """A MOSAIC batch for the tiny model: 2 references, a random LoRA with non-zero B (so it acts)."""
   cfg, params = flux_params
-  lora = init_lora(jax.random.PRNGKey(0), params, cfg, rank=4)
-  lora = jax.tree_util.tree_map(lambda a: a + 0.1 * jax.random.normal(jax.random.PRNGKey(1), a.shape), lora)
+  lora = init_lora(jax.random.key(0), params, cfg, rank=4)
+  lora = jax.tree_util.tree_map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(1), a.shape), lora)
   rng = np.random.default_rng(2)
   n_refs, ref_grid, grid_h, grid_w = 2, 3, 4, 6
   inputs = dict(

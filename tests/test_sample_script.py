@@ -35,8 +35,8 @@ def load_launcher():
 
 def write_lora(path, cfg, seed, rank=2):
   """A random MOSAIC LoRA file for cfg (B non-zero, so it changes the references)."""
-  params = model.init_params(jax.random.PRNGKey(seed), cfg)
-  lora = model.init_lora(jax.random.PRNGKey(seed), params, cfg, rank)
+  params = model.init_params(jax.random.key(seed), cfg)
+  lora = model.init_lora(jax.random.key(seed), params, cfg, rank)
   lora = jax.tree_util.tree_map(lambda a: a + 0.05, lora)
   os.makedirs(os.path.dirname(path), exist_ok=True)
   save_lora(str(path), lora, cfg)

@@ -6,20 +6,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from mosaic_jax import model, parallel
+from mosaic_jax.configs import flux_ms
 from mosaic_jax.model.autoencoder import Autoencoder
 from mosaic_jax.model.vae import VaeConfig
 from mosaic_jax.train import metrics, trainer, tpu_compile
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
-import flux_ms  # noqa: E402
 
 SLICE = "v5e-4"
 

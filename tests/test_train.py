@@ -149,8 +149,7 @@ def _sample_workdir(checkpoint: str, output, extra=()) -> dict:
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   run = subprocess.run([sys.executable, os.path.join(root, "launch", "sample.py"), "--checkpoint", checkpoint,
                         "--prompt", "two things", *refs, "--steps", "2", "--output", str(output / "out"),
-                        "--no_progress", *extra], capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, PYTHONPATH=root))
+                        "--no_progress", *extra], capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
   (folder,) = os.listdir(output / "out")
   assert sorted(os.listdir(output / "out" / folder)) == ["0_seed0.png", "0_seed0_panel.png", "run.json"]
@@ -381,10 +380,8 @@ def test_multi_device_meshes_shard_the_state_and_reproduce_the_one_device_losses
   """4 CPU devices in a child process (the device count is fixed when JAX starts): fsdp x tensor and
   data x tensor meshes, a resume across meshes, against the 1-device run's losses (same seed and data)."""
   _, one_device = first_run
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   flags = [os.environ.get("XLA_FLAGS"), "--xla_force_host_platform_device_count=4"]  # + conftest's fast compile
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(filter(None, flags)),
-             PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(filter(None, flags)))
   child = subprocess.run([sys.executable, os.path.abspath(__file__), "multidevice", data_dir,
                           str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=600)
   assert child.returncode == 0 and "RESULT " in child.stdout, child.stdout[-4000:] + child.stderr[-4000:]

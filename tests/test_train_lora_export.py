@@ -33,9 +33,9 @@ _forward = jax.jit(model.forward, static_argnums=(2,))
 
 
 def _random_lora(cfg, params, rank, seed):
-  lora = model.init_lora(jax.random.PRNGKey(seed), params, cfg, rank)
+  lora = model.init_lora(jax.random.key(seed), params, cfg, rank)
   leaves, treedef = jax.tree_util.tree_flatten(lora)
-  keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
   return jax.tree_util.tree_unflatten(treedef, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
 
 

@@ -7,11 +7,11 @@ import glob
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
+import pytest
 
-import flux_ms  # noqa: E402
-import pytest  # noqa: E402
+from mosaic_jax.configs import flux_ms
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -14,8 +14,8 @@
 """
 
 from mosaic_jax.data.global_batch import to_global_arrays
-from mosaic_jax.data.pipeline import (BatchPlan, InputIterator, PipelineConfig, make_iterator,
+from mosaic_jax.data.pipeline import (BatchPlan, DatasetError, InputIterator, PipelineConfig, make_iterator,
                                       open_split)
 
-__all__ = ["BatchPlan", "InputIterator", "PipelineConfig", "make_iterator", "open_split",
+__all__ = ["BatchPlan", "DatasetError", "InputIterator", "PipelineConfig", "make_iterator", "open_split",
            "to_global_arrays"]

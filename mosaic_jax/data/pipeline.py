@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Sequence
 
 import grain
@@ -85,18 +86,39 @@ class _RawBytes(tfds.decode.Decoder):
 RAW_IMAGE_DECODERS = {"target": _RawBytes(), "refs": {"image": _RawBytes(), "target_mask": _RawBytes()}}
 
 
-def open_split(name: str, split: str, data_dir: str | None = None):
-  """(random-access source of undecoded records, per-record reference counts) for a built split."""
-  import mosaic_jax.data.semalign_ms  # pylint: disable=import-outside-toplevel,unused-import  # registers the builder
-  builder = tfds.builder(name, data_dir=data_dir)
-  per_split = builder.info.metadata.get("num_refs", {}) if builder.info.metadata else {}
+class DatasetError(ValueError):
+  """A split that is not built, is empty, or whose reference counts do not match its records."""
+
+
+def is_built(builder) -> bool:
+  return os.path.exists(os.path.join(builder.data_dir, "dataset_info.json"))
+
+
+def open_split(name: str, split: str, data_dir: str | None = None, builder=None):
+  """(random-access source of undecoded records, per-record reference counts) of a built split, checked:
+  built, the split present and non-empty, one reference count per record. `builder`: the dataset's tfds
+  builder where the registry cannot make it from `name` (a custom synthetic config); by default
+  tfds.builder(name, data_dir)."""
+  if builder is None:
+    import mosaic_jax.data.semalign_ms  # pylint: disable=import-outside-toplevel,unused-import  # registers the builder
+    try:
+      builder = tfds.builder(name, data_dir=data_dir)
+    except (ValueError, tfds.core.registered.DatasetNotFoundError) as error:  # an unknown config, not built there
+      raise DatasetError(f"dataset {name} in {data_dir}: not built there, and not a registered config "
+                         f"({str(error).splitlines()[0]})") from error
+  where = f"dataset {name} in {builder.data_dir}"
+  if not is_built(builder):
+    raise DatasetError(f"{where}: not built (no dataset_info.json); build it with launch/build_dataset.py.")
+  per_split = (builder.info.metadata or {}).get("num_refs", {})
   if split not in per_split:
-    raise KeyError(f"{name} in {data_dir}: metadata.json has no num_refs for split {split!r} "
-                   f"(has {sorted(per_split)}); was it built by mosaic_jax.data.semalign_ms?")
-  source = builder.as_data_source(split, decoders=RAW_IMAGE_DECODERS)
+    raise DatasetError(f"{where}: metadata.json has no num_refs for split {split!r} (has {sorted(per_split)}); "
+                       "was it built by mosaic_jax.data.semalign_ms?")
   num_refs = np.asarray(per_split[split], np.int64)
+  if len(num_refs) == 0:
+    raise DatasetError(f"{where}: split {split!r} is empty.")
+  source = builder.as_data_source(split, decoders=RAW_IMAGE_DECODERS)
   if len(num_refs) != len(source):
-    raise ValueError(f"{name}/{split}: {len(source)} records but {len(num_refs)} num_refs entries")
+    raise DatasetError(f"{where}: split {split!r} has {len(source)} records but {len(num_refs)} num_refs entries.")
   return source, num_refs
 
 
@@ -343,9 +365,5 @@ def make_iterator(source, num_refs: Sequence[int], config: PipelineConfig, proce
   return InputIterator(source, num_refs, config, process_index, process_count)
 
 
-def steps_per_epoch(num_refs: Sequence[int], global_batch_size: int) -> int:
-  return BatchPlan(num_refs, global_batch_size, seed=0).batches_per_epoch
-
-
-__all__ = ["PipelineConfig", "BatchPlan", "InputIterator", "make_iterator", "open_split",
-           "prepare_example", "stack_examples", "steps_per_epoch", "dropout_flags"]
+__all__ = ["DatasetError", "PipelineConfig", "BatchPlan", "InputIterator", "make_iterator", "open_split",
+           "prepare_example", "stack_examples", "dropout_flags"]

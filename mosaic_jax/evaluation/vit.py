@@ -19,7 +19,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from mosaic_jax.model.clip import _ACTIVATIONS, layer_norm_affine
+from mosaic_jax.model.clip import _ACTIVATIONS, check_encoder_config, layer_norm_affine
 from mosaic_jax.model.layers import linear, random_params
 
 
@@ -38,11 +38,7 @@ class VitConfig:
   projection_dim: int | None = None  # CLIP's `visual_projection` (no bias)
 
   def __post_init__(self):
-    if self.hidden_act not in _ACTIVATIONS:
-      raise ValueError(f"hidden_act={self.hidden_act!r}: expected one of {sorted(_ACTIVATIONS)}.")
-    if self.hidden_size % self.num_attention_heads:
-      raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
-                       f"{self.num_attention_heads}.")
+    check_encoder_config(self)
     if self.image_size % self.patch_size:
       raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}.")
 

@@ -73,17 +73,26 @@ def normalize_t5_entries(entries: dict[str, Entry]) -> dict[str, Entry]:
   return entries
 
 
-def load_t5_encoder(path: str, dtype=jnp.bfloat16, place: Callable | None = None) -> tuple[T5Config, dict]:
-  """(config, params) from a transformers T5EncoderModel folder (or a FLUX root with `text_encoder_2/`)."""
-  folder = resolve_folder(path, "text_encoder_2", "transformers")
+def _load_transformers_encoder(path: str, flux_subfolder: str, model_class: str, config_class, normalize,
+                               targets, dtype, place):
+  """(config, params) of a transformers `model_class` folder (or a FLUX root's `flux_subfolder`):
+  config_class read from its config.json, weights normalized to our names and fitted to `targets`."""
+  folder = resolve_folder(path, flux_subfolder, "transformers")
   try:
-    cfg = T5Config.from_transformers_config(read_config_json(folder, "transformers T5EncoderModel", TRANSFORMERS_WEIGHTS, TRANSFORMERS_INDEX),
-                                            source=os.path.join(folder, "config.json"))
+    cfg = config_class.from_transformers_config(
+        read_config_json(folder, f"transformers {model_class}", TRANSFORMERS_WEIGHTS, TRANSFORMERS_INDEX),
+        source=os.path.join(folder, "config.json"))
   except (TypeError, ValueError) as e:
     raise CheckpointError(str(e)) from e
-  entries = normalize_t5_entries(folder_entries(folder, TRANSFORMERS_WEIGHTS, TRANSFORMERS_INDEX))
-  params = assemble(entries, t5_targets(cfg), f"{folder} does not fit the T5 encoder config {cfg}", dtype, place)
+  entries = normalize(folder_entries(folder, TRANSFORMERS_WEIGHTS, TRANSFORMERS_INDEX))
+  params = assemble(entries, targets(cfg), f"{folder} does not fit the {model_class} config {cfg}", dtype, place)
   return cfg, params
+
+
+def load_t5_encoder(path: str, dtype=jnp.bfloat16, place: Callable | None = None) -> tuple[T5Config, dict]:
+  """(config, params) from a transformers T5EncoderModel folder (or a FLUX root with `text_encoder_2/`)."""
+  return _load_transformers_encoder(path, "text_encoder_2", "T5EncoderModel", T5Config, normalize_t5_entries,
+                                    t5_targets, dtype, place)
 
 
 # ---- CLIP -----------------------------------------------------------------------------------------
@@ -108,12 +117,5 @@ def normalize_clip_entries(entries: dict[str, Entry]) -> dict[str, Entry]:
 def load_clip_text_encoder(path: str, dtype=jnp.bfloat16,
                            place: Callable | None = None) -> tuple[ClipTextConfig, dict]:
   """(config, params) from a transformers CLIPTextModel folder (or a FLUX root with `text_encoder/`)."""
-  folder = resolve_folder(path, "text_encoder", "transformers")
-  try:
-    cfg = ClipTextConfig.from_transformers_config(read_config_json(folder, "transformers CLIPTextModel", TRANSFORMERS_WEIGHTS, TRANSFORMERS_INDEX),
-                                                  source=os.path.join(folder, "config.json"))
-  except (TypeError, ValueError) as e:
-    raise CheckpointError(str(e)) from e
-  entries = normalize_clip_entries(folder_entries(folder, TRANSFORMERS_WEIGHTS, TRANSFORMERS_INDEX))
-  params = assemble(entries, clip_targets(cfg), f"{folder} does not fit the CLIP text config {cfg}", dtype, place)
-  return cfg, params
+  return _load_transformers_encoder(path, "text_encoder", "CLIPTextModel", ClipTextConfig, normalize_clip_entries,
+                                    clip_targets, dtype, place)

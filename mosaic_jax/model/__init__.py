@@ -3,11 +3,12 @@ its attention and statistics, LoRA, and the encoders (VAE, pixel autoencoder, T5
 
 from mosaic_jax.model import clip, pixel_autoencoder, t5, vae
 from mosaic_jax.model.attention_stats import AttentionStatistics, Correspondences
-from mosaic_jax.model.autoencoder import (Autoencoder, Posterior, from_model_latents, pack_latents,
-                                          sample_posterior, to_model_latents, unpack_latents)
+from mosaic_jax.model.autoencoder import Autoencoder
 from mosaic_jax.model.clip import ClipTextConfig
 from mosaic_jax.model.config import FluxConfig, flux1_dev, tiny
 from mosaic_jax.model.embeddings import image_ids, reference_ids, text_ids
+from mosaic_jax.model.latents import (Posterior, from_model_latents, pack_latents, sample_posterior,
+                                      to_model_latents, unpack_latents)
 from mosaic_jax.model.lora import init_lora, lora_shapes, target_modules
 from mosaic_jax.model.pixel_autoencoder import PixelAutoencoderConfig
 from mosaic_jax.model.t5 import T5Config

@@ -1,62 +1,26 @@
 """The one interface every image autoencoder offers (the FLUX VAE, the exact pixel autoencoder).
 
 Training and sampling only need: encode images -> a diagonal Gaussian posterior over latents, decode
-latents -> images, and the affine map between raw latents and what the DiT sees:
-`model_latent = (z - shift_factor) * scaling_factor` (FLUX: shift 0.1159, scaling 0.3611). Layouts are
-NHWC: images [B, H, W, 3] in [-1, 1], latents [B, H/f, W/f, latent_channels].
+latents -> images, and the affine map between raw latents and what the DiT sees (latents.py). Layouts
+are NHWC: images [B, H, W, 3] in [-1, 1], latents [B, H/f, W/f, latent_channels].
 
 `Autoencoder` binds a config, its params and the module that implements it, so callers choose the
-autoencoder once (config) and never branch on its kind.
+autoencoder once (config) and never branch on its kind. The implementations import only latents.py,
+so this file can import them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 
+from mosaic_jax.model import pixel_autoencoder, vae
+from mosaic_jax.model.latents import Posterior, from_model_latents, sample_posterior, to_model_latents
 
-class Posterior(NamedTuple):
-  """Diagonal Gaussian over raw latents; float32 arrays [B, h, w, C]. std is 0 for deterministic encoders."""
-  mean: jax.Array
-  std: jax.Array
-
-
-def sample_posterior(posterior: Posterior, key) -> jax.Array:
-  """mean + std * eps, eps ~ N(0, 1): the target latent draw of the training recipe."""
-  eps = jax.random.normal(key, posterior.mean.shape, jnp.float32)
-  return posterior.mean + posterior.std * eps
-
-
-def to_model_latents(z, scaling_factor: float, shift_factor: float):
-  """Raw latents -> what the DiT sees: (z - shift) * scale."""
-  return (z - shift_factor) * scaling_factor
-
-
-def from_model_latents(latents, scaling_factor: float, shift_factor: float):
-  """The inverse of to_model_latents, before decoding."""
-  return latents / scaling_factor + shift_factor
-
-
-def pack_latents(z):
-  """NHWC latents [B, h, w, C] -> DiT tokens [B, (h/2)(w/2), 4C], row-major over 2x2 patches, each token
-  channel-major (c, row, col): diffusers' `b c (h 2) (w 2) -> b (h w) (c 2 2)` on NHWC input."""
-  b, h, w, c = z.shape
-  if h % 2 or w % 2:
-    raise ValueError(f"pack_latents: latent height and width must be even, got {h}x{w}.")
-  z = z.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4)
-  return z.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(tokens, height: int, width: int):
-  """The inverse of pack_latents: tokens [B, (h/2)(w/2), 4C] -> NHWC latents [B, h, w, C]."""
-  b, n, c4 = tokens.shape
-  if n != (height // 2) * (width // 2) or c4 % 4:
-    raise ValueError(f"unpack_latents: {n} tokens of {c4} channels do not make a {height}x{width} latent.")
-  z = tokens.reshape(b, height // 2, width // 2, c4 // 4, 2, 2).transpose(0, 1, 4, 2, 5, 3)
-  return z.reshape(b, height, width, c4 // 4)
+# kind -> the module with `encode(params, cfg, images) -> Posterior` and `decode(params, cfg, z)`.
+IMPLEMENTATIONS = {"vae": vae, "pixel": pixel_autoencoder}
 
 
 @jax.tree_util.register_dataclass
@@ -74,14 +38,9 @@ class Autoencoder:
 
   @property
   def _module(self):
-    # Imported here: vae.py and pixel_autoencoder.py import Posterior from this file.
-    if self.kind == "vae":
-      from mosaic_jax.model import vae
-      return vae
-    if self.kind == "pixel":
-      from mosaic_jax.model import pixel_autoencoder
-      return pixel_autoencoder
-    raise ValueError(f"unknown autoencoder kind {self.kind!r}; expected 'vae' or 'pixel'.")
+    if self.kind not in IMPLEMENTATIONS:
+      raise ValueError(f"unknown autoencoder kind {self.kind!r}; expected one of {sorted(IMPLEMENTATIONS)}.")
+    return IMPLEMENTATIONS[self.kind]
 
   @property
   def latent_channels(self) -> int:

@@ -34,6 +34,16 @@ _ACTIVATIONS = {
 }
 
 
+def check_encoder_config(cfg) -> None:
+  """What every CLIP-style encoder config must hold (this text tower, evaluation/vit.py's vision towers):
+  a supported activation and a hidden size made of whole heads."""
+  if cfg.hidden_act not in _ACTIVATIONS:
+    raise ValueError(f"hidden_act={cfg.hidden_act!r}: expected one of {sorted(_ACTIVATIONS)}.")
+  if cfg.hidden_size % cfg.num_attention_heads:
+    raise ValueError(f"hidden_size={cfg.hidden_size} is not divisible by num_attention_heads="
+                     f"{cfg.num_attention_heads}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class ClipTextConfig:
   """Named like transformers' CLIPTextConfig. Defaults are FLUX's CLIP-L text encoder (123M parameters)."""
@@ -48,11 +58,7 @@ class ClipTextConfig:
   eos_token_id: int = 2
 
   def __post_init__(self):
-    if self.hidden_act not in _ACTIVATIONS:
-      raise ValueError(f"hidden_act={self.hidden_act!r}: expected one of {sorted(_ACTIVATIONS)}.")
-    if self.hidden_size % self.num_attention_heads:
-      raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
-                       f"{self.num_attention_heads}.")
+    check_encoder_config(self)
 
   @property
   def head_dim(self) -> int:

@@ -18,7 +18,7 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from mosaic_jax.model.autoencoder import Posterior
+from mosaic_jax.model.latents import Posterior
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@ resnets.1.conv1`, `decoder.mid_block.attentions.0.to_q`, ...). Leaves: a conv is
 out] (HWIO), "bias": [out]}, a linear {"kernel": [in, out], "bias"}, a GroupNorm {"scale", "bias"}.
 
 FLUX's VAE has no quant convs: the encoder's `conv_out` gives (mean, logvar) directly and the decoder
-starts at its `conv_in`. The DiT sees `(z - shift_factor) * scaling_factor` (see autoencoder.py).
+starts at its `conv_in`. The DiT sees `(z - shift_factor) * scaling_factor` (see latents.py).
 Precision: convs and matmuls accumulate in float32 and round to the parameter dtype; GroupNorm and the
 attention softmax run in float32 (diffusers upcasts the FLUX VAE to float32 anyway: force_upcast).
 """
@@ -19,7 +19,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from mosaic_jax.model.autoencoder import Posterior
+from mosaic_jax.model.latents import Posterior
 from mosaic_jax.model.layers import linear, random_params
 
 

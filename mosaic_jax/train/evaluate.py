@@ -21,7 +21,7 @@ from PIL import Image
 from mosaic_jax import losses
 from mosaic_jax import sample as sampler
 from mosaic_jax.model import FluxInputs, forward, image_ids, pack_latents, reference_ids, text_ids
-from mosaic_jax.model.autoencoder import unpack_latents
+from mosaic_jax.model.latents import unpack_latents
 from mosaic_jax.parallel import on_mesh
 from mosaic_jax.train.step import pack_references
 

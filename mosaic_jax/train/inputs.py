@@ -81,13 +81,14 @@ def open_dataset(config, split: str, build_if_missing: bool = True):
 
 
 def open_raw_dataset(dataset_config, split: str, build_if_missing: bool = True):
-  """(record source, per-record reference counts) of a raw split; builds a synthetic dataset on first use."""
-  from mosaic_jax.data.pipeline import RAW_IMAGE_DECODERS
+  """(record source, per-record reference counts) of a raw split (pipeline.open_split's checks); builds a
+  synthetic dataset on first use."""
+  from mosaic_jax.data import pipeline
   if not dataset_config.data_dir:
     raise ConfigError("config.dataset.data_dir is empty: pass --config.dataset.data_dir=DIR (a directory "
                       "holding the built semalign_ms dataset; see launch/build_dataset.py).")
   builder = _builder(dataset_config)
-  if not os.path.isdir(builder.data_dir) or not os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+  if not pipeline.is_built(builder):
     buildable = dataset_config.build.num_train > 0
     if not (build_if_missing and buildable):
       raise ConfigError(
@@ -95,14 +96,10 @@ def open_raw_dataset(dataset_config, split: str, build_if_missing: bool = True):
           "launch/build_dataset.py or pass --config.dataset.data_dir=DIR where it was built.")
     print(f"building {dataset_config.name} into {builder.data_dir} (first use)", flush=True)
     builder.download_and_prepare()
-  per_split = (builder.info.metadata or {}).get("num_refs", {})
-  if split not in per_split:
-    raise ConfigError(f"dataset {dataset_config.name} in {builder.data_dir} has no split {split!r} "
-                      f"(has {sorted(per_split)}).")
-  num_refs = np.asarray(per_split[split], np.int64)
-  if len(num_refs) == 0:
-    raise ConfigError(f"dataset {dataset_config.name} split {split!r} in {builder.data_dir} is empty.")
-  return builder.as_data_source(split, decoders=RAW_IMAGE_DECODERS), num_refs
+  try:
+    return pipeline.open_split(dataset_config.name, split, builder=builder)
+  except pipeline.DatasetError as error:
+    raise ConfigError(f"{error} (--config.dataset.data_dir={dataset_config.data_dir})") from error
 
 
 # ---- encoders ------------------------------------------------------------------------------------
@@ -142,7 +139,7 @@ def _tiny_text_encoders(config, seed: int):
   t5_cfg = dataclasses.replace(t5.tiny(), d_model=t5_width)
   clip_cfg = dataclasses.replace(clip.tiny(), hidden_size=clip_width, max_position_embeddings=16,
                                  eos_token_id=clip.tiny().vocab_size - 1)
-  t5_key, clip_key = jax.random.split(jax.random.PRNGKey(seed + 1_000_003))
+  t5_key, clip_key = jax.random.split(jax.random.key(seed + 1_000_003))
   return dict(t5_config=t5_cfg, t5_params=t5.init_params(t5_key, t5_cfg), clip_config=clip_cfg,
               clip_params=clip.init_params(clip_key, clip_cfg),
               tokenizers=ByteTokenizers(t5_cfg.vocab_size, config.text_len, clip_cfg.max_position_embeddings))
@@ -160,7 +157,7 @@ def random_encoders(config, seed: int = 0) -> FluxEncoders:
   the recipe's exact shapes with no downloaded file, to check a machine before the weights are there.
   What it trains on means nothing."""
   vae_cfg = VaeConfig()
-  vae_params = vae.init_params(jax.random.PRNGKey(seed + 2_000_003), vae_cfg)
+  vae_params = vae.init_params(jax.random.key(seed + 2_000_003), vae_cfg)
   return FluxEncoders(Autoencoder("vae", vae_cfg, vae_params), **_tiny_text_encoders(config, seed))
 
 

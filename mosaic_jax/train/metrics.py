@@ -11,9 +11,9 @@ MLP width F, L double + L' single blocks, head_dim h, LoRA rank r:
   SCAL/MDL statistics:       2 D R M N per double block (logits against target keys)
   embedders / output:        2 C D (N + R M) + 2 D_text D S + 2 D C N
 
-  step = 3 x forward when the base is trained (activations + weights gradients),
-         2 x forward + 2 x LoRA-forward when only the LoRA is (no base weight gradient),
-  plus the statistics' backward recomputation (1 x their forward).
+  step = 3 x forward when the base is trained (forward, activation and weight gradients),
+         2 x base forward + 3 x LoRA forward when only the LoRA is (no base weight gradient),
+  and 4 x the statistics' forward (3 x, plus their recomputation in the backward pass).
 MFU = step FLOPs / (step time x devices x peak FLOP/s per device).
 """
 
@@ -104,8 +104,7 @@ class Logger:
     self.writer = None
     if enabled:
       self.writer = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
-    self.started = time.perf_counter()
-    self.first_step = None
+    self.first_step = self.started = None  # the first console line's step and time: the ETA's origin
 
   def scalars(self, step: int, values: dict) -> None:
     if self.writer is not None:

@@ -129,7 +129,7 @@ def train_step(state: dict, frozen_base: Any, batch: dict, *, cfg: FluxConfig, c
   """One optimizer step; a non-finite loss, gradient or updated weight leaves the state untouched
   (metrics say so)."""
   step = state["step"]
-  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), step)
+  key = jax.random.fold_in(jax.random.key(config.seed), step)
   compute = functools.partial(loss_terms, cfg=cfg, config=config)  # remat: per block, cfg.remat_policy
   (loss, metrics), grads = jax.value_and_grad(compute, has_aux=True)(
       state["trainable"], frozen_base, batch, key, step)
