@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import einops
 import jax
 import jax.numpy as jnp
 
@@ -39,17 +40,15 @@ def from_model_latents(latents, scaling_factor: float, shift_factor: float):
 def pack_latents(z):
   """NHWC latents [B, h, w, C] -> DiT tokens [B, (h/2)(w/2), 4C], row-major over 2x2 patches, each token
   channel-major (c, row, col): diffusers' `b c (h 2) (w 2) -> b (h w) (c 2 2)` on NHWC input."""
-  b, h, w, c = z.shape
+  _, h, w, _ = z.shape
   if h % 2 or w % 2:
     raise ValueError(f"pack_latents: latent height and width must be even, got {h}x{w}.")
-  z = z.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 5, 2, 4)
-  return z.reshape(b, (h // 2) * (w // 2), c * 4)
+  return einops.rearrange(z, "b (h ph) (w pw) c -> b (h w) (c ph pw)", ph=2, pw=2)
 
 
 def unpack_latents(tokens, height: int, width: int):
   """The inverse of pack_latents: tokens [B, (h/2)(w/2), 4C] -> NHWC latents [B, h, w, C]."""
-  b, n, c4 = tokens.shape
+  _, n, c4 = tokens.shape
   if n != (height // 2) * (width // 2) or c4 % 4:
     raise ValueError(f"unpack_latents: {n} tokens of {c4} channels do not make a {height}x{width} latent.")
-  z = tokens.reshape(b, height // 2, width // 2, c4 // 4, 2, 2).transpose(0, 1, 4, 2, 5, 3)
-  return z.reshape(b, height, width, c4 // 4)
+  return einops.rearrange(tokens, "b (h w) (c ph pw) -> b (h ph) (w pw) c", h=height // 2, ph=2, pw=2)

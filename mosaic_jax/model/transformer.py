@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import NamedTuple, Optional
 
+import einops
 import jax
 import jax.numpy as jnp
 
@@ -128,11 +129,11 @@ def _pin_mlp(x, cfg):
 
 
 def _heads(x, cfg):
-  return _pin_heads(x.reshape(x.shape[:-1] + (cfg.num_attention_heads, cfg.attention_head_dim)), cfg)
+  return _pin_heads(einops.rearrange(x, "... (heads d) -> ... heads d", heads=cfg.num_attention_heads), cfg)
 
 
 def _merge_heads(x):
-  return x.reshape(x.shape[:-2] + (-1,))
+  return einops.rearrange(x, "... heads d -> ... (heads d)")
 
 
 def _qkv(p, x, cfg, lora, names=("to_q", "to_k", "to_v"), norms=("norm_q", "norm_k")):
