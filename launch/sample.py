@@ -6,7 +6,12 @@
       --seeds 0 1 2 --batch_size 3 --independent_refs
 
 Each run writes into a new folder `<output>/run-<time>/`: `<index>_seed<seed>.png`, a panel
-`<index>_seed<seed>_panel.png` (references, then the result) and run.json (the settings).
+`<index>_seed<seed>_panel.png` (references, then the result) and run.json (the settings). With
+`--save_attention`, per case with references also `<index>_seed<seed>_attention.png`: each reference's
+attention over the target (the statistic SCAL and MDL train, averaged over every denoising step) as a
+heatmap over the result, one colour per reference (the references framed in their colours on top; then
+all heatmaps together, then each alone), and the maps themselves in `<index>_seed<seed>_attention.npy`
+([R, grid height, grid width], each summing to 1). Such a run samples without the reference KV cache.
 
 `--mesh DATA,FSDP,TENSOR` places the transformer as training does: `--mesh 1,-1,1` splits FLUX.1-dev
 over every chip (16 GB TPU v5e chips cannot hold its 24 GB whole); the batch (`--batch_size` pairs of
@@ -81,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                       "LoRA files this project exported say so themselves")
   p.add_argument("--ref_cache", choices=("auto", "on", "off"), default="auto",
                  help="reference KV cache; auto: on exactly when --independent_refs (else approximate)")
+  p.add_argument("--save_attention", action="store_true",
+                 help="also write each reference's attention over the result as heatmaps "
+                      "(<index>_seed<seed>_attention.png/.npy); samples without the reference KV cache")
   p.add_argument("--attention", choices=("xla", "cudnn", "splash"), default="xla",
                  help="attention kernel: cudnn on NVIDIA GPUs (bf16), splash on TPUs")
   p.add_argument("--dtype", default="bfloat16", help="transformer and text-encoder dtype")
@@ -114,7 +122,7 @@ def main(argv: list[str] | None = None) -> list[str]:
       height=size[0], width=size[1], ref_size=args.ref_size or (config.ref_resolution if config else sample.DEFAULT_SIZE),
       steps=args.steps or (config.sample_steps if config else sample.DEFAULT_STEPS), guidance=guidance,
       seeds=tuple(args.seeds), batch_size=args.batch_size, max_refs=args.max_refs,
-      ref_cache={"auto": None, "on": True, "off": False}[args.ref_cache])
+      ref_cache={"auto": None, "on": True, "off": False}[args.ref_cache], save_attention=args.save_attention)
   token_pixels = 16 if config is None else inputs.token_pixels(config)
   sample.validate_request(cases, options, token_pixels)  # before any weight is read
   if run is None:

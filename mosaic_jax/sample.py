@@ -12,6 +12,13 @@ Reference KV cache: with `use_ref_cache`, the first step runs the full model and
 reference keys and values; the remaining steps run only text and target tokens against them. That is
 exact when `cfg.independent_refs` (references attend only to themselves, so their keys and values do
 not depend on the step) and an approximation otherwise (references then see the noisy target).
+
+Attention heatmaps (`SampleOptions.save_attention`): each reference's attention over the target,
+a_r(j) = mean over r's tokens of A(i, j) with A the losses' statistic (model/attention_stats.py: per
+double block the softmax over target keys, averaged over heads and double blocks), recorded at every
+denoising step (at that step's noisy target) and averaged over all of them; each reference's map sums
+to 1 over the target tokens. The cached steps run without reference queries, so a run that records
+the attention samples without the reference KV cache (run.json says so).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mosaic_jax import parallel
+from mosaic_jax.model.attention_stats import Correspondences
 from mosaic_jax.model.latents import pack_latents, to_model_latents, unpack_latents
 from mosaic_jax.model.config import FluxConfig
 from mosaic_jax.model.embeddings import image_ids, reference_ids, text_ids
@@ -101,10 +109,10 @@ def step_listener(fn: Callable[[int], None]) -> Iterator[None]:
     _step_listeners.remove(fn)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "use_ref_cache", "report_steps"))
+@functools.partial(jax.jit, static_argnames=("cfg", "use_ref_cache", "report_steps", "record_attention"))
 def denoise(params, lora, cfg: FluxConfig, noise_tokens, text, text_ids, pooled, target_ids, sigmas,
             guidance, refs=None, ref_ids=None, use_ref_cache: bool = False,
-            report_steps: bool = False):
+            report_steps: bool = False, record_attention: bool = False):
   """Runs the Euler flow-matching loop from noise to clean latent tokens; one compile per shape.
 
   params, lora: the transformer (interop.load_flux_transformer) and MOSAIC LoRA pytree (or None).
@@ -118,9 +126,12 @@ def denoise(params, lora, cfg: FluxConfig, noise_tokens, text, text_ids, pooled,
                 (model.reference_ids).
   use_ref_cache: compute the references' keys and values at the first step only (module docstring).
   report_steps: call the host listeners of `step_listener` after each step.
+  record_attention: also return each reference's attention over the target, a_r(j) [B, R, N] float32
+                (the losses' statistic, module docstring), averaged over every step; not with the cache.
 
-  Returns the final latent tokens [B, N, C] in float32 (unpack_latents + the VAE decode them). The
-  latents stay float32 between steps whatever the parameter dtype.
+  Returns the final latent tokens [B, N, C] in float32 (unpack_latents + the VAE decode them), and
+  with record_attention the attention as well. The latents stay float32 between steps whatever the
+  parameter dtype.
   """
   batch, num_tokens, channels = noise_tokens.shape
   if sigmas.ndim != 1 or sigmas.shape[0] < 2:
@@ -148,6 +159,25 @@ def denoise(params, lora, cfg: FluxConfig, noise_tokens, text, text_ids, pooled,
     return x + (sigmas[step + 1] - sigmas[step]) * velocity.astype(jnp.float32)
 
   x = noise_tokens.astype(jnp.float32)
+  if record_attention:
+    if has_refs and use_ref_cache:
+      raise ValueError("denoise: record_attention needs every step to run the references (the cached steps "
+                       "have no reference queries); turn use_ref_cache off.")
+    num_refs = refs.shape[1] if has_refs else 0
+    # One padding pair per row: the statistics' reference attention is what is kept, pairs are unused.
+    no_pairs = Correspondences(*(jnp.zeros((batch, 1), jnp.int32),) * 3, jnp.zeros((batch, 1), bool))
+
+    def recorded_step(step, carry):
+      x, total = carry
+      velocity, aux = forward(params, lora, cfg, inputs_at(x, step, has_refs), correspondences=no_pairs)
+      if has_refs:
+        total = total + aux["attention_statistics"].reference_attention.astype(jnp.float32)
+      return euler(x, step, velocity), total
+
+    x, total = jax.lax.fori_loop(0, num_steps, recorded_step,
+                                 (x, jnp.zeros((batch, num_refs, num_tokens), jnp.float32)))
+    return x, total / num_steps
+
   if has_refs and use_ref_cache:
     # Step 0 runs the full model (so it equals the uncached step) and keeps the references' keys/values.
     velocity, aux = forward(params, lora, cfg, inputs_at(x, 0, True), return_ref_kv=True)
@@ -189,6 +219,7 @@ class SampleOptions:
   batch_size: int = 1
   ref_cache: Optional[bool] = None
   max_refs: int = DEFAULT_MAX_REFS
+  save_attention: bool = False
 
 
 def read_cases(path: str) -> list[Case]:
@@ -356,6 +387,12 @@ class Sampler:
       if theirs is not None and ours != theirs:
         raise SampleInputError(f"the transformer expects {what} {ours}, the text encoder gives {theirs}.")
     self.use_ref_cache = cfg.independent_refs if options.ref_cache is None else bool(options.ref_cache)
+    # Recording the attention needs the references at every step: such a run goes without the cache.
+    self.cache_dropped_for_attention = self.use_ref_cache and options.save_attention
+    if self.cache_dropped_for_attention:
+      logging.warning("save_attention: the reference KV cache's steps run without the references' queries, so "
+                      "this run samples without the cache to record their attention at every step.")
+      self.use_ref_cache = False
     if self.use_ref_cache and not cfg.independent_refs:
       logging.warning(
           "Reference KV cache on a model without independent_refs: references are computed once, at the "
@@ -404,10 +441,11 @@ class Sampler:
     return latent_h, latent_w, opts.ref_size // self.size_multiple
 
   def sample_batch(self, items: Sequence[tuple[Case, int]], on_step: Callable[[int], None] | None = None,
-                   report_steps: bool = False) -> dict[int, np.ndarray]:
+                   report_steps: bool = False, attention: dict | None = None) -> dict[int, np.ndarray]:
     """One batch of exactly batch_size (case, seed) pairs, every case with the same reference count.
     Every process calls it with the same items. Returns {row: uint8 image [H, W, 3]} for the rows this
-    process holds."""
+    process holds. With options.save_attention and references, `attention` (a dict) receives
+    {row: a_r(j) [R, N] float32} for the same rows (module docstring)."""
     opts, b = self.options, self.options.batch_size
     if len(items) != b or len({len(case.image_paths) for case, _ in items}) != 1:
       raise ValueError(f"sample_batch: expected {b} items with one reference count, got {len(items)}.")
@@ -421,6 +459,7 @@ class Sampler:
     refs = None if refs[0] is None else np.stack(refs)
     to_global = lambda x: jax.make_array_from_process_local_data(
         self.batch_sharding, np.asarray(x), (b,) + np.shape(x)[1:])
+    record = opts.save_attention and refs is not None
     with jax.set_mesh(self.mesh), step_listener(on_step) if on_step else contextlib.nullcontext():
       tokens = denoise(
           self.params, self.lora, self.cfg, to_global(noise), to_global(t5_states),
@@ -428,11 +467,12 @@ class Sampler:
           parallel.on_mesh(flow_sigmas(opts.steps, grid_h * grid_w)), parallel.on_mesh(np.float32(opts.guidance)),
           None if refs is None else to_global(refs),
           None if refs is None else parallel.on_mesh(reference_ids(refs.shape[1], ref_grid, ref_grid)),
-          use_ref_cache=self.use_ref_cache, report_steps=report_steps)
-    rows = {}
-    for shard in tokens.addressable_shards:  # this process's rows, decoded on its own devices
-      for offset, r in enumerate(range(b)[shard.index[0]]):
-        rows.setdefault(r, np.asarray(shard.data[offset]))
+          use_ref_cache=self.use_ref_cache, report_steps=report_steps, record_attention=record)
+    if record:
+      tokens, maps = tokens
+      if attention is not None:
+        attention.update(_local_rows(maps, b))
+    rows = _local_rows(tokens, b)  # this process's rows, decoded on its own devices
     order = sorted(rows)
     decoded = np.asarray(_decode_tokens(self.encoders.autoencoder, np.stack([rows[r] for r in order]),
                                         latent_h, latent_w))
@@ -453,19 +493,26 @@ class Sampler:
         out.append(chunk + [None] * (b - len(chunk)))
     return out
 
-  def _run_batch(self, batch, on_step=None, report_steps=False):
+  def _run_batch(self, batch, on_step=None, report_steps=False, attention=None):
     real = [item for item in batch if item is not None]
     padded = real + [real[-1]] * (len(batch) - len(real))
-    images = self.sample_batch(padded, on_step, report_steps)
+    images = self.sample_batch(padded, on_step, report_steps, attention)
     return {r: (batch[r], image) for r, image in images.items() if batch[r] is not None}
 
-  def sample_owned(self, cases: Sequence[Case], on_step: Callable[[int], None] | None = None):
+  def sample_owned(self, cases: Sequence[Case], on_step: Callable[[int], None] | None = None,
+                   attention: dict | None = None):
     """Yields ((case, seed), uint8 image) for every pair this process owns, in batches over the mesh;
-    every process must iterate it to the end (each batch is a collective)."""
+    every process must iterate it to the end (each batch is a collective). With options.save_attention,
+    `attention` (a dict) receives each yielded pair's a_r(j) [R, N] under (case.index, seed) first
+    (pairs without references have none)."""
     for batch in self.batches(cases):
-      results = self._run_batch(batch, on_step, on_step is not None)
+      maps = {}
+      results = self._run_batch(batch, on_step, on_step is not None, maps)
       for r in self.owned_rows:
         if r in results:
+          if attention is not None and r in maps:
+            (case, seed), _ = results[r]
+            attention[(case.index, seed)] = maps[r]
           yield results[r]
 
   def generate(self, case: Case, seeds: Sequence[int] | None = None,
@@ -487,30 +534,69 @@ class Sampler:
   def run(self, cases: Sequence[Case], output_dir: str, progress: bool = True) -> list[str]:
     """Samples every case and seed into one fresh run folder under output_dir (the same folder for every
     process); returns the files this process wrote: `<index>_seed<seed>.png` and
-    `<index>_seed<seed>_panel.png` (references, then the result)."""
+    `<index>_seed<seed>_panel.png` (references, then the result); with options.save_attention, for a
+    case with references, `<index>_seed<seed>_attention.png` (evaluation.heatmaps.attention_panel: the
+    references framed in their colours above the result, all references' heatmaps, then each one's)
+    and `<index>_seed<seed>_attention.npy` (the maps, float32 [R, grid height, grid width], each
+    summing to 1)."""
     from PIL import Image
     from tqdm.auto import tqdm
     self.check(cases)
     leader = jax.process_index() == 0
     run_dir = _shared_run_dir(output_dir)
     if leader:
+      settings = {"model": self.source, "options": dataclasses.asdict(self.options), "ref_cache": self.use_ref_cache,
+                  "independent_refs": self.cfg.independent_refs, "mesh": dict(self.mesh.shape),
+                  "processes": jax.process_count(), "cases": [dataclasses.asdict(c) for c in cases]}
+      if self.options.save_attention:
+        settings["attention"] = {
+            "maps": "a_r(j): mean over reference r's tokens of the softmax over target keys, averaged over "
+                    "heads and double blocks (the SCAL/MDL statistic), recorded at every denoising step "
+                    "and averaged over the steps; each map sums to 1 over the target tokens",
+            "steps": list(range(self.options.steps)),
+            "ref_cache_dropped": self.cache_dropped_for_attention,
+            "files": [f"{_safe_name(c.index)}_seed{s}_attention{x}" for c in cases if c.image_paths
+                      for s in self.options.seeds for x in (".png", ".npy")]}
       with open(os.path.join(run_dir, "run.json"), "w", encoding="utf-8") as f:
-        json.dump({"model": self.source, "options": dataclasses.asdict(self.options), "ref_cache": self.use_ref_cache,
-                   "independent_refs": self.cfg.independent_refs, "mesh": dict(self.mesh.shape),
-                   "processes": jax.process_count(), "cases": [dataclasses.asdict(c) for c in cases]}, f, indent=2)
+        json.dump(settings, f, indent=2)
     bar = tqdm(total=len(self.batches(cases)) * self.options.steps, desc="steps", unit="step",
                disable=not (progress and leader))
-    written = []
-    for (case, seed), image in self.sample_owned(cases, (lambda _: bar.update(1)) if progress else None):
+    written, attention = [], {}
+    for (case, seed), image in self.sample_owned(cases, (lambda _: bar.update(1)) if progress else None,
+                                                 attention):
       refs = [Image.fromarray(_to_uint8(load_reference(p, self.options.ref_size))) for p in case.image_paths]
       result = Image.fromarray(image)
       name = _safe_name(case.index)
-      for suffix, picture in (("", result), ("_panel", side_by_side(refs + [result]))):
+      pictures = [("", result), ("_panel", side_by_side(refs + [result]))]
+      maps = attention.pop((case.index, seed), None)
+      if maps is not None:
+        grid = self._geometry()[0] // 2, self._geometry()[1] // 2
+        pictures.append(("_attention", Image.fromarray(_attention_panel(image, maps, grid, refs))))
+        file = os.path.join(run_dir, f"{name}_seed{seed}_attention.npy")
+        np.save(file, maps.reshape(len(refs), *grid))
+        written.append(file)
+      for suffix, picture in pictures:
         file = os.path.join(run_dir, f"{name}_seed{seed}{suffix}.png")
         picture.save(file)
         written.append(file)
     bar.close()
     return written
+
+
+def _local_rows(array, batch: int) -> dict[int, np.ndarray]:
+  """{row: host copy} of the batch rows of a [B, ...] array that this process's devices hold."""
+  rows = {}
+  for shard in array.addressable_shards:
+    for offset, r in enumerate(range(batch)[shard.index[0]]):
+      rows.setdefault(r, np.asarray(shard.data[offset]))
+  return rows
+
+
+def _attention_panel(image: np.ndarray, maps: np.ndarray, grid: tuple[int, int], refs) -> np.ndarray:
+  """The heatmap panel of one result: tiles of the result's size, at least 128 px, at most 512 px."""
+  from mosaic_jax.evaluation.heatmaps import attention_panel
+  tile = min(max(128, *image.shape[:2]), 512)
+  return attention_panel(image, maps, grid, [np.asarray(r) for r in refs], tile=tile)
 
 
 def _with_options(sampler: Sampler, options: SampleOptions) -> Sampler:

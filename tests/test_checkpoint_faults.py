@@ -171,6 +171,42 @@ def test_a_corrupt_latest_step_is_reported_and_the_run_falls_back(uninterrupted,
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]  # step 4 made again
 
 
+def test_processes_hash_disjoint_shares_of_a_step_and_one_of_them_finds_the_flipped_file(uninterrupted, tmp_path):
+  """Each of n processes hashes every n-th file (checkpoint.verify_step's share): the flipped file is
+  found by exactly one share, and by the whole."""
+  from etils import epath
+  from mosaic_jax.train.checkpoint import verify_step
+  workdir = tmp_path / "run"
+  shutil.copytree(uninterrupted[0], workdir)
+  broken_file = _flip_bytes_in_largest_file(str(workdir / "checkpoints" / "4"))
+  directory, checksums = epath.Path(workdir / "checkpoints"), epath.Path(workdir / "checksums")
+  whole = verify_step(directory, checksums, 4)
+  assert whole[0] is not None and broken_file in whole[0], whole
+  for n in (2, 3):
+    found = [verify_step(directory, checksums, 4, (i, n))[0] for i in range(n)]
+    assert sum(problem is not None for problem in found) == 1, found
+    assert [problem for problem in found if problem] == [whole[0]]
+  assert verify_step(directory, checksums, 2, (1, 2)) == (None, True)
+
+
+def test_with_every_step_unusable_the_run_starts_over_with_the_uninterrupted_weights(uninterrupted, data_dir,
+                                                                                     tmp_path, capsys):
+  """Both steps corrupt: a resuming run builds its weights as shapes only (it expects to restore them),
+  so when nothing restores it must draw them after all, exactly as a fresh run does."""
+  source, reference = uninterrupted
+  workdir = str(tmp_path / "run")
+  shutil.copytree(source, workdir)
+  for step in ("2", "4"):
+    _flip_bytes_in_largest_file(os.path.join(workdir, "checkpoints", step))
+  capsys.readouterr()
+  resumed = train_and_evaluate(tiny_config(data_dir), workdir)
+  out = capsys.readouterr().out.splitlines()
+  assert any(line.startswith("no usable checkpoint in ") and "starting from step 0" in line for line in out), out
+  assert sorted(resumed["losses"]) == [1, 2, 3, 4]
+  np.testing.assert_array_equal([resumed["losses"][s] for s in (1, 2, 3, 4)],
+                                [reference["losses"][s] for s in (1, 2, 3, 4)])
+
+
 def test_a_non_finite_first_step_after_restore_blames_the_checkpoint(uninterrupted, data_dir, tmp_path):
   """Step 2's weights overwritten with NaN through orbax itself, checksums recorded for them (as if the
   arrays were bad when saved): the files verify, and the first step on them is reported as coming from a

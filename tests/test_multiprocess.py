@@ -220,13 +220,14 @@ def flux_root(tmp_path_factory):
 
 def test_sampling_as_two_processes_writes_the_one_process_images_once_each(flux_root, tmp_path):
   """3 cases x 2 seeds in batches of 4 over fsdp=4 (the transformer split over both processes): the
-  files of one process with 4 devices, written once between the two, with the same pixels."""
+  files of one process with 4 devices (attention heatmaps included), written once between the two,
+  with the same pixels and attention maps."""
   from PIL import Image
   root, work = flux_root
   command = [sys.executable, os.path.join(ROOT, "launch", "sample.py"), "--cases", str(work / "cases.json"),
              "--checkpoint", str(root), "--seeds", "0", "1", "--batch_size", "4", "--mesh", "1,-1,1",
              "--size", "32", "--ref_size", "32", "--steps", "2", "--t5_max_length", "16", "--dtype", "float32",
-             "--no_progress"]
+             "--no_progress", "--save_attention"]
   start = time.perf_counter()
   two = _wait(_srun(command + ["--output", str(tmp_path / "two")]), timeout=240)
   one = _wait([subprocess.Popen(command + ["--output", str(tmp_path / "one")], env=_env(4), stdout=subprocess.PIPE,
@@ -237,10 +238,15 @@ def test_sampling_as_two_processes_writes_the_one_process_images_once_each(flux_
   (run_two,), (run_one,) = os.listdir(tmp_path / "two"), os.listdir(tmp_path / "one")
   files_two = sorted(os.listdir(tmp_path / "two" / run_two))
   files_one = sorted(os.listdir(tmp_path / "one" / run_one))
-  expected = sorted([f"{c}_seed{s}{x}.png" for c in "abc" for s in (0, 1) for x in ("", "_panel")] + ["run.json"])
+  expected = sorted([f"{c}_seed{s}{x}" for c in "abc" for s in (0, 1)
+                     for x in (".png", "_panel.png", "_attention.png", "_attention.npy")] + ["run.json"])
   assert files_one == files_two == expected
-  assert sum(counts) == 12 and all(counts), counts  # each image written once, by one process, both working
+  assert sum(counts) == 24 and all(counts), counts  # each file written once, by one process, both working
   for name in expected[:-1]:
+    if name.endswith(".npy"):
+      np.testing.assert_allclose(np.load(tmp_path / "one" / run_one / name),
+                                 np.load(tmp_path / "two" / run_two / name), rtol=1e-4, atol=1e-6)
+      continue
     a = np.asarray(Image.open(tmp_path / "one" / run_one / name), np.int16)
     b = np.asarray(Image.open(tmp_path / "two" / run_two / name), np.int16)
     assert np.abs(a - b).max() <= 1, name

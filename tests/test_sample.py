@@ -118,3 +118,34 @@ def test_denoise_reports_each_step_to_the_host(mosaic_inputs):
     sample.denoise(params, lora, cfg, **dict(inputs, refs=None, ref_ids=None), report_steps=True)
     jax.effects_barrier()
   assert sorted(seen) == list(range(5))
+
+
+def test_recorded_attention_is_the_step_mean_of_the_materialized_maps(mosaic_inputs):
+  """denoise(record_attention=True): the same latents, and a_r(j) equal to an Euler loop stepped here
+  with the materialized maps (forward(return_attention_maps=True), not the streamed statistics),
+  averaged over every step; each map sums to 1 and the two references' maps differ."""
+  from mosaic_jax.evaluation.heatmaps import reference_attention_from_maps
+  params, lora, cfg, inputs = mosaic_inputs
+  tokens, attention = sample.denoise(params, lora, cfg, **inputs, record_attention=True)
+  np.testing.assert_allclose(np.asarray(tokens), np.asarray(sample.denoise(params, lora, cfg, **inputs)),
+                             rtol=1e-5, atol=1e-5)
+  sigmas, x, per_step = inputs["sigmas"], inputs["noise_tokens"], []
+  batch = x.shape[0]
+  forward = jax.jit(model.forward, static_argnames=("cfg", "return_attention_maps"))
+  for step in range(len(sigmas) - 1):
+    velocity, aux = forward(params, lora, cfg, model.FluxInputs(
+        target=x, target_ids=inputs["target_ids"], text=inputs["text"], text_ids=inputs["text_ids"],
+        pooled=inputs["pooled"], timestep=np.full((batch,), sigmas[step], np.float32),
+        guidance=np.full((batch,), 3.5, np.float32), refs=inputs["refs"], ref_ids=inputs["ref_ids"]),
+        return_attention_maps=True)
+    per_step.append(reference_attention_from_maps(aux["attention_maps"]))
+    x = x + (sigmas[step + 1] - sigmas[step]) * np.asarray(velocity, np.float32)
+  expected = np.mean(per_step, axis=0)
+  attention = np.asarray(attention)
+  assert attention.shape == (2, 2, 24)
+  np.testing.assert_allclose(attention, expected, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(attention.sum(-1), 1.0, rtol=1e-5)
+  assert np.abs(attention[:, 0] - attention[:, 1]).max() > 1e-3
+  assert np.abs(per_step[0] - per_step[-1]).max() > 1e-4  # the steps differ: the mean is not one step's
+  with pytest.raises(ValueError, match="record_attention needs every step"):
+    sample.denoise(params, lora, cfg, **inputs, record_attention=True, use_ref_cache=True)

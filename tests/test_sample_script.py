@@ -100,6 +100,37 @@ def test_cases_file_with_two_references_writes_every_file(setup, monkeypatch, tm
                                 images[os.path.basename(again[0])])  # deterministic
 
 
+def test_save_attention_writes_heatmap_panels_named_in_run_json(setup, tmp_path):
+  """--save_attention through the command line, with the cache asked for: the run drops the cache,
+  writes per case a panel (references framed on top; result, all heatmaps, each heatmap below) and the
+  maps, each summing to 1 over the 4x4 target tokens, different between the two references."""
+  root, work = setup
+  written = load_launcher().main(
+      ["--cases", str(work / "cases.json"), "--checkpoint", str(root), "--lora", str(work / "workdir"),
+       "--output", str(tmp_path / "out"), "--independent_refs", "--ref_cache", "on", "--save_attention"]
+      + SMALL + ["--size", "64"])
+  run_dir = os.path.dirname(written[0])
+  settings = json.load(open(os.path.join(run_dir, "run.json")))
+  assert settings["ref_cache"] is False and settings["attention"]["ref_cache_dropped"] is True
+  assert settings["attention"]["steps"] == [0, 1, 2]
+  files = [f"{case}_seed0_attention{x}" for case in ("7", "b_2") for x in (".png", ".npy")]
+  assert settings["attention"]["files"] == files
+  assert sorted(os.listdir(run_dir)) == sorted(files + ["run.json"] + [f"{case}_seed0{x}.png" for case in ("7", "b_2")
+                                                                       for x in ("", "_panel")])
+  for case in ("7", "b_2"):
+    panel = np.asarray(Image.open(os.path.join(run_dir, f"{case}_seed0_attention.png")))
+    assert panel.shape == (2 * 128, 4 * 128, 3)  # 128 px tiles: 2 references + result + overlay, 2 rows
+    result = np.asarray(Image.open(os.path.join(run_dir, f"{case}_seed0.png")))
+    np.testing.assert_array_equal(panel[128:, :128], np.repeat(np.repeat(result, 2, 0), 2, 1))
+    assert np.all(panel[:128, :256] == 255)  # no references above the result and the overlay
+    maps = np.load(os.path.join(run_dir, f"{case}_seed0_attention.npy"))
+    assert maps.shape == (2, 4, 4) and maps.dtype == np.float32
+    np.testing.assert_allclose(maps.sum(axis=(1, 2)), 1.0, rtol=1e-5)
+    assert np.abs(maps[0] - maps[1]).max() > 1e-3
+    for r in range(2):  # each reference's own heatmap tile differs from the plain result
+      assert np.abs(panel[128:, (2 + r) * 128:(3 + r) * 128].astype(int) - panel[128:, :128]).max() > 10
+
+
 def test_reference_preprocessing(setup):
   """Transparency on white, cropped to the subject, both sides scaled by 0.9 * size / long side, centred."""
   _, work = setup

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 
 import numpy as np
@@ -78,6 +79,21 @@ def train_step_flops(cfg, shape: StepShape, lora_rank: int, trains_base: bool) -
   return 2 * base + 3 * lora + 4 * stats
 
 
+def _summary_writer_class():
+  """tensorboardX's SummaryWriter, imported without torch: tensorboardX imports torch whenever it is
+  installed (only to accept torch tensors; we log numpy), which cost 1-4 s at every start of a run.
+  torch is kept out of that one import only, and stays importable afterwards."""
+  if "torch" in sys.modules:  # already paid for
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+    return SummaryWriter
+  sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+  finally:
+    del sys.modules["torch"]
+  return SummaryWriter
+
+
 class Logger:
   """tensorboardX scalars and images (process 0) and the console line with progress and ETA."""
 
@@ -87,8 +103,7 @@ class Logger:
     self.enabled = enabled
     self.writer = None
     if enabled:
-      from tensorboardX import SummaryWriter
-      self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self.writer = _summary_writer_class()(os.path.join(workdir, "tensorboard"))
     self.first_step = self.started = None  # the first console line's step and time: the ETA's origin
 
   def scalars(self, step: int, values: dict) -> None:

@@ -129,8 +129,10 @@ def _step_settings(config, autoencoder) -> types.SimpleNamespace:
 
 # ---- 2. model -------------------------------------------------------------------------------------
 
-def build_model(config, mesh, param_rules, logical_rules):
-  """(FluxConfig, base params placed with their shardings, initial LoRA or None)."""
+def build_model(config, mesh, param_rules, logical_rules, draw: bool = True):
+  """(FluxConfig, base params placed with their shardings, initial LoRA or None). draw=False (a run
+  that will restore its trainable weights): randomly initialized trainable parts are returned as
+  shapes only (jax.ShapeDtypeStruct), not drawn (at FLUX.1-dev size a rank-512 LoRA is 7 GB)."""
   dtype = jnp.float32 if config.trainable != "lora" else jnp.dtype(config.dtype)
   overrides = {"remat_policy": config.remat_policy,  # per-block jax.checkpoint in the model
                "logical_rules": parallel.hashable_rules(logical_rules),  # the activation pins' table
@@ -147,16 +149,22 @@ def build_model(config, mesh, param_rules, logical_rules):
     cfg = model.config.with_overrides(cfg, overrides)
   else:
     cfg = model.config.preset(config.model, overrides)
-    params = create_sharded(lambda key: model.init_params(key, cfg, dtype), config.seed, mesh, param_rules,
-                              logical_rules)
+    make = lambda key: model.init_params(key, cfg, dtype)
+    if draw or "base" not in config.trainable:
+      params = create_sharded(make, config.seed, mesh, param_rules, logical_rules)
+    else:
+      params = jax.eval_shape(make, jax.random.key(config.seed))
   lora = None
   if "lora" in config.trainable:
     if config.lora:
       lora = interop.load_lora(os.path.expanduser(config.lora), cfg)
     else:
       shapes = jax.eval_shape(lambda: params)  # the LoRA needs the base's shapes only
-      lora = create_sharded(lambda key: model.init_lora(key, shapes, cfg, config.lora_rank), config.seed + 1,
-                              mesh, param_rules, logical_rules)
+      make = lambda key: model.init_lora(key, shapes, cfg, config.lora_rank)
+      if draw:
+        lora = create_sharded(make, config.seed + 1, mesh, param_rules, logical_rules)
+      else:
+        lora = jax.eval_shape(make, jax.random.key(config.seed + 1))
   return cfg, params, lora
 
 
@@ -358,7 +366,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     raise ConfigError(f"the autoencoder gives {token_pixels} px per token, but the pipeline was set up for "
                       f"{inputs_lib.token_pixels(config)} (inputs.token_pixels).")
   settings = _step_settings(config, encoders.autoencoder)
-  cfg, params, lora = build_model(config, mesh, param_rules, logical_rules)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
+  # A run that resumes restores its trainable weights: they are not drawn at random first.
+  cfg, params, lora = build_model(config, mesh, param_rules, logical_rules,
+                                  draw=checkpointer.latest_step() is None)
   latent_channels = encoders.autoencoder.latent_channels
   if cfg.in_channels != 4 * latent_channels:  # else a shape error deep in the compile
     raise ConfigError(f"the transformer takes {cfg.in_channels} values per token, but the autoencoder gives "
@@ -367,20 +378,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # 4. state, shardings, resumption
   optimizer = step_lib.make_optimizer(settings.optimizer)
-  trainable = {}
-  if "base" in config.trainable:
-    trainable["base"] = params
-  if lora is not None:
-    trainable["lora"] = lora
+  init_state = lambda trainable: step_lib.init_state(trainable, optimizer)
+
+  def trainable_parts(params, lora):
+    return {**({"base": params} if "base" in config.trainable else {}), **({"lora": lora} if lora is not None else {})}
+
+  trainable = trainable_parts(params, lora)
   base = {} if "base" in trainable else params
-  state_shardings = shard(jax.eval_shape(lambda t: step_lib.init_state(t, optimizer), trainable))
+  state_shardings = shard(jax.eval_shape(init_state, trainable))
   # Adam moments and the EMA copy are made in place, in their shardings (never whole on one device).
-  state = jax.jit(lambda t: step_lib.init_state(t, optimizer), out_shardings=state_shardings)(trainable)
+  make_state = jax.jit(init_state, out_shardings=state_shardings)
+  drawn = not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(trainable))
+  state = make_state(trainable) if drawn else jax.eval_shape(init_state, trainable)
   base_shardings = shard(base)
   batch_shardings = parallel.batch_sharding(mesh, logical_rules)
   metric_sharding = parallel.replicated(mesh)
 
-  checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
   start_step = 0
   abstract_state = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
@@ -389,6 +402,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     start_step, state, data_state = resumed
     iterator.set_state(data_state)
     say(f"resumed from {checkpointer.directory} at step {start_step}")
+  elif not drawn:  # every step was unusable (reported above): start from step 0 with drawn weights
+    cfg, params, lora = build_model(config, mesh, param_rules, logical_rules)
+    trainable = trainable_parts(params, lora)
+    base = {} if "base" in trainable else params
+    state = make_state(trainable)
 
   n_trainable = sum(x.size for x in jax.tree_util.tree_leaves(state["trainable"]))
   n_base = sum(x.size for x in jax.tree_util.tree_leaves(params))
