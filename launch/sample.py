@@ -1,4 +1,4 @@
-"""Prompt + reference images -> images with FLUX.1-dev and a MOSAIC LoRA (the work: mosaic_jax/sample.py).
+"""Prompt + reference images -> images with FLUX.1-dev and a MOSAIC LoRA (the work: mosaic_jax/sample_driver.py).
 
   python launch/sample.py --checkpoint /ckpt/FLUX.1-dev --lora mosaic_lora.safetensors \\
       --prompt "a cat wearing the hat" --ref cat.png --ref hat.png --output samples/
@@ -27,7 +27,7 @@ import os
 
 import jax
 
-from mosaic_jax import cli, sample
+from mosaic_jax import cli, sample, sample_driver
 from mosaic_jax.parallel import distributed
 from mosaic_jax.train import inputs, trained_model
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> list[str]:
   if args.cases:
     if args.ref:
       raise sample.SampleInputError("--ref goes with --prompt; a cases file lists its own image_paths.")
-    cases = sample.read_cases(args.cases)
+    cases = sample_driver.read_cases(args.cases)
   else:
     cases = [sample.Case("0", args.prompt, tuple(args.ref))]
   run = trained_model.find_run(args.checkpoint)
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     sampler = sample.load_trained_sampler(args.checkpoint, options, step=args.step, ema=not args.no_ema,
                                           attention_impl=args.attention, mesh_shape=args.mesh)
   with distributed.exit_on_failure():
-    written = sampler.run(cases, args.output, progress=not args.no_progress)
+    written = sample_driver.write_run(sampler, cases, args.output, progress=not args.no_progress)
   where = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
   print(f"{where}wrote {len(written)} files" + (f" to {os.path.dirname(written[0])}" if written else ""))
   return written

@@ -4,9 +4,10 @@ Two layers:
 
 - The jittable core, for anyone who already has embeddings and latents (the trainer logs samples
   with it): `flow_sigmas` (the shifted schedule) and `denoise` (the whole Euler loop in one jit).
-- The driver behind `launch/sample.py`: cases (prompt + reference image paths) -> PNG files.
-  `validate_request` checks every input before anything is loaded or compiled, `load_reference`
-  does the official reference preprocessing, `Sampler` holds the loaded models and samples cases.
+- The sampler of cases (prompt + reference image paths) -> uint8 images, used by launch/sample.py
+  (through sample_driver.py, which writes the files) and by evaluation: `validate_request` checks
+  every input before anything is loaded or compiled, `load_reference` does the official reference
+  preprocessing, `Sampler` holds the loaded models and the mesh and samples cases in batches.
 
 Reference KV cache: with `use_ref_cache`, the first step runs the full model and keeps every block's
 reference keys and values; the remaining steps run only text and target tokens against them. That is
@@ -25,9 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import functools
-import json
 import logging
 import math
 import os
@@ -38,9 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mosaic_jax import parallel
+from mosaic_jax import images, parallel
 from mosaic_jax.model.attention_stats import Correspondences
-from mosaic_jax.model.latents import pack_latents, to_model_latents, unpack_latents
+from mosaic_jax.model.latents import pack_latents, to_model_latents
 from mosaic_jax.model.config import FluxConfig
 from mosaic_jax.model.embeddings import image_ids, reference_ids, text_ids
 from mosaic_jax.model.transformer import FluxInputs, forward
@@ -222,40 +221,6 @@ class SampleOptions:
   save_attention: bool = False
 
 
-def read_cases(path: str) -> list[Case]:
-  """Cases from an official-format JSON file: a list of {"index", "prompt", "image_paths"}.
-
-  Relative image paths are taken from the current folder or, failing that, from the file's folder.
-  """
-  path = os.fspath(path)
-  try:
-    with open(path, encoding="utf-8") as f:
-      entries = json.load(f)
-  except OSError as e:
-    raise SampleInputError(f"{path}: cannot read the cases file ({e.strerror or e}).") from e
-  except json.JSONDecodeError as e:
-    raise SampleInputError(f"{path}: not valid JSON ({e}).") from e
-  if not isinstance(entries, list):
-    raise SampleInputError(f"{path}: expected a JSON list of {{\"index\", \"prompt\", \"image_paths\"}} "
-                           f"objects, got {type(entries).__name__}.")
-  base = os.path.dirname(os.path.abspath(path))
-  cases = []
-  for position, entry in enumerate(entries):
-    where = f"{path}: entry {position}"
-    if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
-      raise SampleInputError(f"{where}: expected an object with a string \"prompt\", got {entry!r}.")
-    image_paths = entry.get("image_paths", [])
-    if not isinstance(image_paths, list) or not all(isinstance(p, str) for p in image_paths):
-      raise SampleInputError(f"{where}: \"image_paths\" must be a list of strings, got {image_paths!r}.")
-    resolved = []
-    for p in image_paths:
-      beside_file = os.path.join(base, p)
-      resolved.append(beside_file if not os.path.isabs(p) and not os.path.exists(p)
-                      and os.path.exists(beside_file) else p)
-    cases.append(Case(str(entry.get("index", position)), entry["prompt"], tuple(resolved)))
-  return cases
-
-
 def validate_request(cases: Sequence[Case], options: SampleOptions, size_multiple: int = 16) -> None:
   """Every check that needs no model: raised before anything is loaded or compiled.
 
@@ -335,14 +300,7 @@ def resolve_lora_file(path: str) -> str:
   return max(found, key=preference)
 
 
-# ---- the driver: models in, PNG files out --------------------------------------------------------
-
-@functools.partial(jax.jit, static_argnames=("latent_height", "latent_width"))
-def _decode_tokens(autoencoder, tokens, latent_height: int, latent_width: int):
-  """Latent tokens [B, N, C] -> uint8 images [B, H, W, 3]."""
-  images = autoencoder.decode_model_latents(unpack_latents(tokens, latent_height, latent_width))
-  return jnp.round((jnp.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(jnp.uint8)
-
+# ---- the sampler: models in, images out -----------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("scaling_factor", "shift_factor"))
 def _encode_references(autoencoder, images, scaling_factor: float, shift_factor: float):
@@ -435,7 +393,8 @@ class Sampler:
     return np.asarray(_encode_references(self.encoders.autoencoder, images, float(cfg.scaling_factor),
                                          float(cfg.shift_factor)))
 
-  def _geometry(self):
+  def latent_geometry(self) -> tuple[int, int, int]:
+    """(latent height, latent width, reference token grid side) of the options' sizes."""
     opts = self.options
     latent_h, latent_w = opts.height // (self.size_multiple // 2), opts.width // (self.size_multiple // 2)
     return latent_h, latent_w, opts.ref_size // self.size_multiple
@@ -449,7 +408,7 @@ class Sampler:
     opts, b = self.options, self.options.batch_size
     if len(items) != b or len({len(case.image_paths) for case, _ in items}) != 1:
       raise ValueError(f"sample_batch: expected {b} items with one reference count, got {len(items)}.")
-    latent_h, latent_w, ref_grid = self._geometry()
+    latent_h, latent_w, ref_grid = self.latent_geometry()
     grid_h, grid_w = latent_h // 2, latent_w // 2
     local = [items[r] for r in self.held_rows]
     t5_states, pooled = self.encoders.encode_captions([case.prompt for case, _ in local], batch_size=len(local))
@@ -474,7 +433,7 @@ class Sampler:
         attention.update(_local_rows(maps, b))
     rows = _local_rows(tokens, b)  # this process's rows, decoded on its own devices
     order = sorted(rows)
-    decoded = np.asarray(_decode_tokens(self.encoders.autoencoder, np.stack([rows[r] for r in order]),
+    decoded = np.asarray(images.decode_tokens(self.encoders.autoencoder, np.stack([rows[r] for r in order]),
                                         latent_h, latent_w))
     return dict(zip(order, decoded))
 
@@ -520,7 +479,7 @@ class Sampler:
     """uint8 images [len(seeds), H, W, 3] of one case (one process; several processes use `run`)."""
     if jax.process_count() > 1:
       raise RuntimeError("Sampler.generate returns every image to one process; with several processes "
-                         "use Sampler.run, where each process writes its own share.")
+                         "use sample_driver.write_run, where each process writes its own share.")
     seeds = list(self.options.seeds if seeds is None else seeds)
     validate_request([case], dataclasses.replace(self.options, seeds=tuple(seeds)), self.size_multiple)
     sampler = self if tuple(seeds) == self.options.seeds else _with_options(
@@ -531,58 +490,6 @@ class Sampler:
         out[seed] = image
     return np.stack([out[s] for s in seeds])
 
-  def run(self, cases: Sequence[Case], output_dir: str, progress: bool = True) -> list[str]:
-    """Samples every case and seed into one fresh run folder under output_dir (the same folder for every
-    process); returns the files this process wrote: `<index>_seed<seed>.png` and
-    `<index>_seed<seed>_panel.png` (references, then the result); with options.save_attention, for a
-    case with references, `<index>_seed<seed>_attention.png` (evaluation.heatmaps.attention_panel: the
-    references framed in their colours above the result, all references' heatmaps, then each one's)
-    and `<index>_seed<seed>_attention.npy` (the maps, float32 [R, grid height, grid width], each
-    summing to 1)."""
-    from PIL import Image
-    from tqdm.auto import tqdm
-    self.check(cases)
-    leader = jax.process_index() == 0
-    run_dir = _shared_run_dir(output_dir)
-    if leader:
-      settings = {"model": self.source, "options": dataclasses.asdict(self.options), "ref_cache": self.use_ref_cache,
-                  "independent_refs": self.cfg.independent_refs, "mesh": dict(self.mesh.shape),
-                  "processes": jax.process_count(), "cases": [dataclasses.asdict(c) for c in cases]}
-      if self.options.save_attention:
-        settings["attention"] = {
-            "maps": "a_r(j): mean over reference r's tokens of the softmax over target keys, averaged over "
-                    "heads and double blocks (the SCAL/MDL statistic), recorded at every denoising step "
-                    "and averaged over the steps; each map sums to 1 over the target tokens",
-            "steps": list(range(self.options.steps)),
-            "ref_cache_dropped": self.cache_dropped_for_attention,
-            "files": [f"{_safe_name(c.index)}_seed{s}_attention{x}" for c in cases if c.image_paths
-                      for s in self.options.seeds for x in (".png", ".npy")]}
-      with open(os.path.join(run_dir, "run.json"), "w", encoding="utf-8") as f:
-        json.dump(settings, f, indent=2)
-    bar = tqdm(total=len(self.batches(cases)) * self.options.steps, desc="steps", unit="step",
-               disable=not (progress and leader))
-    written, attention = [], {}
-    for (case, seed), image in self.sample_owned(cases, (lambda _: bar.update(1)) if progress else None,
-                                                 attention):
-      refs = [Image.fromarray(_to_uint8(load_reference(p, self.options.ref_size))) for p in case.image_paths]
-      result = Image.fromarray(image)
-      name = _safe_name(case.index)
-      pictures = [("", result), ("_panel", side_by_side(refs + [result]))]
-      maps = attention.pop((case.index, seed), None)
-      if maps is not None:
-        grid = self._geometry()[0] // 2, self._geometry()[1] // 2
-        pictures.append(("_attention", Image.fromarray(_attention_panel(image, maps, grid, refs))))
-        file = os.path.join(run_dir, f"{name}_seed{seed}_attention.npy")
-        np.save(file, maps.reshape(len(refs), *grid))
-        written.append(file)
-      for suffix, picture in pictures:
-        file = os.path.join(run_dir, f"{name}_seed{seed}{suffix}.png")
-        picture.save(file)
-        written.append(file)
-    bar.close()
-    return written
-
-
 def _local_rows(array, batch: int) -> dict[int, np.ndarray]:
   """{row: host copy} of the batch rows of a [B, ...] array that this process's devices hold."""
   rows = {}
@@ -592,66 +499,11 @@ def _local_rows(array, batch: int) -> dict[int, np.ndarray]:
   return rows
 
 
-def _attention_panel(image: np.ndarray, maps: np.ndarray, grid: tuple[int, int], refs) -> np.ndarray:
-  """The heatmap panel of one result: tiles of the result's size, at least 128 px, at most 512 px."""
-  from mosaic_jax.evaluation.heatmaps import attention_panel
-  tile = min(max(128, *image.shape[:2]), 512)
-  return attention_panel(image, maps, grid, [np.asarray(r) for r in refs], tile=tile)
-
-
 def _with_options(sampler: Sampler, options: SampleOptions) -> Sampler:
   """The same loaded sampler with other options (the placed weights are shared, not copied)."""
   other = object.__new__(Sampler)
   other.__dict__.update(sampler.__dict__, options=options)
   return other
-
-
-def _shared_run_dir(output_dir: str) -> str:
-  """new_run_dir on process 0, its name broadcast to the others."""
-  if jax.process_count() == 1:
-    return new_run_dir(output_dir)
-  from jax.experimental import multihost_utils
-  name = new_run_dir(output_dir).encode() if jax.process_index() == 0 else b""
-  encoded = np.zeros(4096, np.uint8)
-  encoded[:len(name)] = np.frombuffer(name, np.uint8)
-  name = bytes(np.asarray(multihost_utils.broadcast_one_to_all(encoded))).rstrip(b"\0").decode()
-  return name
-
-
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-  return np.round((np.clip(image, -1, 1) + 1) * 127.5).astype(np.uint8)
-
-
-def _safe_name(index: str) -> str:
-  return re.sub(r"[^A-Za-z0-9._-]+", "_", index).strip("._") or "case"
-
-
-def side_by_side(images, gap: int = 8):
-  """A white panel holding the images left to right, each scaled to the tallest height."""
-  from PIL import Image
-  height = max(i.height for i in images)
-  scaled = [i if i.height == height else i.resize((max(1, round(i.width * height / i.height)), height),
-                                                  Image.LANCZOS) for i in images]
-  panel = Image.new("RGB", (sum(i.width for i in scaled) + gap * (len(scaled) - 1), height), "white")
-  x = 0
-  for image in scaled:
-    panel.paste(image, (x, 0))
-    x += image.width + gap
-  return panel
-
-
-def new_run_dir(output_dir: str) -> str:
-  """A folder that did not exist before, `<output_dir>/run-<UTC time>[-k]`: reruns never overwrite."""
-  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("run-%Y%m%d-%H%M%S")
-  os.makedirs(output_dir, exist_ok=True)
-  for k in range(1, 10_000):
-    candidate = os.path.join(output_dir, stamp if k == 1 else f"{stamp}-{k}")
-    try:
-      os.makedirs(candidate)
-      return candidate
-    except FileExistsError:
-      continue
-  raise SampleInputError(f"{output_dir}: could not create a fresh run folder.")
 
 
 def load_sampler(checkpoint: str, lora: str | None, options: SampleOptions, dtype=jnp.bfloat16,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mosaic_jax import model, sample
+from mosaic_jax import images, model, sample
 from mosaic_jax.interop import LoraFileError, save_lora
 
 pytest.importorskip("torch")
@@ -148,8 +148,9 @@ def no_compiles(monkeypatch):
   """Fails the test if the sampler reaches any jitted function."""
   def refuse(*args, **kwargs):
     raise AssertionError("compiled before refusing the input")
-  for name in ("denoise", "_decode_tokens", "_encode_references"):
+  for name in ("denoise", "_encode_references"):
     monkeypatch.setattr(sample, name, refuse)
+  monkeypatch.setattr(images, "decode_tokens", refuse)
 
 
 @pytest.mark.parametrize("case", ["missing", "unreadable", "too_many", "bad_size", "empty"])

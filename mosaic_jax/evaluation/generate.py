@@ -10,8 +10,7 @@ import dataclasses
 import os
 from typing import Sequence
 
-from PIL import Image
-
+from mosaic_jax import images
 from mosaic_jax.evaluation.dreambench import EvalCase
 
 
@@ -34,7 +33,7 @@ def generate_images(cases: Sequence[EvalCase], out_dir: str, checkpoint: str, lo
   sampler.check(sample_cases)
   os.makedirs(out_dir, exist_ok=True)
   for (case, seed), image in sampler.sample_owned(sample_cases):
-    Image.fromarray(image).save(os.path.join(out_dir, f"{case.index}_{seed}.png"))
+    images.write_png(os.path.join(out_dir, f"{case.index}_{seed}.png"), image)
   return {"generated_by": "mosaic_jax.sample", "model": sampler.source, "size": size, "ref_size": ref_size,
           "steps": steps, "guidance": guidance, "seeds": list(seeds), "images_per_prompt": len(seeds),
           "independent_refs": sampler.cfg.independent_refs, "sample_options": dataclasses.asdict(options)}

@@ -1,4 +1,4 @@
-"""What the demo measures on held-out samples, and the sample panels.
+"""What the demo measures on held-out samples, and the samples its panels show (images.sample_panel).
 
 Correspondence accuracy: for every valid pair (reference r, reference token i, target token j*),
 whether argmax_j A(i, j) lies on j* or one of its 8 grid neighbours, where A is DESIGN's attention
@@ -15,13 +15,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
-from PIL import Image
 
 from mosaic_jax import losses
 from mosaic_jax import sample as sampler
 from mosaic_jax.model import FluxInputs, forward, image_ids, pack_latents, reference_ids, text_ids
-from mosaic_jax.model.latents import unpack_latents
 from mosaic_jax.parallel import on_mesh
 from mosaic_jax.train.step import pack_references
 
@@ -101,36 +98,3 @@ def sample_targets(params, lora, cfg, batch, num_steps: int, guidance: float, se
                          on_mesh(sampler.flow_sigmas(num_steps, x0.shape[1])),
                          on_mesh(np.full((b,), guidance, np.float32)), refs=refs,
                          ref_ids=on_mesh(reference_ids(refs.shape[1], ref_grid, ref_grid)))
-
-
-def sample_panel(autoencoder, batch, generated_tokens, max_rows: int = 4, min_tile: int = 128) -> np.ndarray:
-  """uint8 [rows * S, (R + 2) * S, 3]: per example its references, the sample, then the real target.
-
-  Tiles smaller than `min_tile` px (the demo's 32 px images) are enlarged by a whole factor, pixels as
-  squares (nearest), so that they can be looked at; S is the enlarged size."""
-  target = batch["target"]
-  h, w = target.shape[1:3]
-  decode = lambda latents: np.asarray(autoencoder.decode_model_latents(latents))
-  generated = decode(unpack_latents(generated_tokens, h, w))
-  real = decode(target)
-  refs = np.asarray(batch["refs"])
-  rows = []
-  for row in range(min(max_rows, target.shape[0])):
-    tiles = [decode(refs[row])[i] for i in range(refs.shape[1])] + [generated[row], real[row]]
-    size = tiles[-1].shape[0]
-    tiles = [np.asarray(Image.fromarray(_to_uint8(t)).resize((size, size))) for t in tiles]
-    rows.append(np.concatenate(tiles, axis=1))
-  panel = np.concatenate(rows, axis=0)
-  zoom = max(1, -(-min_tile // real.shape[1]))  # real: decoded images [B, S, S, 3]
-  return np.repeat(np.repeat(panel, zoom, axis=0), zoom, axis=1)
-
-
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-  return np.clip((np.asarray(image) + 1.0) * 127.5, 0, 255).astype(np.uint8)
-
-
-def write_png(path: str, image: np.ndarray) -> None:
-  path = epath.Path(path)  # local or gs://
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with path.open("wb") as f:
-    Image.fromarray(image).save(f, format="PNG")

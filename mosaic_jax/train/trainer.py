@@ -28,7 +28,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from mosaic_jax import interop, model, parallel
+from mosaic_jax import images, interop, model, parallel
 from mosaic_jax.cli import unknown_field_message
 from mosaic_jax.data import make_iterator, to_global_arrays
 from mosaic_jax.encoders import training_latents
@@ -293,8 +293,8 @@ def write_samples(path, params, lora, cfg, encoders, batch, config, logger=None,
   if not is_leader():
     return path
   host_batch = {k: multihost_utils.process_allgather(batch[k], tiled=True) for k in ("target", "refs")}
-  panel = evaluate_lib.sample_panel(encoders.autoencoder, host_batch, tokens)
-  evaluate_lib.write_png(path, panel)
+  panel = images.sample_panel(encoders.autoencoder, host_batch, tokens)
+  images.write_png(path, panel)
   if logger is not None:
     logger.image(step, "samples", panel)
   return path

@@ -1,0 +1,147 @@
+"""The command-line sampler's files (launch/sample.py): a cases file in, a run folder out.
+
+`read_cases` reads the official cases format; `write_run` samples every case and seed with a
+`sample.Sampler` (the library: models, mesh, batches) into a fresh `run-<UTC time>` folder of PNG files
+(each result, its panel with the references, optionally the attention heatmaps and maps) and a
+run.json that records the model, the options and the cases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import re
+from typing import Sequence
+
+import jax
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from mosaic_jax import images
+from mosaic_jax.sample import Case, SampleInputError, Sampler, load_reference
+
+
+def read_cases(path: str) -> list[Case]:
+  """Cases from an official-format JSON file: a list of {"index", "prompt", "image_paths"}.
+
+  Relative image paths are taken from the current folder or, failing that, from the file's folder.
+  """
+  path = os.fspath(path)
+  try:
+    with open(path, encoding="utf-8") as f:
+      entries = json.load(f)
+  except OSError as e:
+    raise SampleInputError(f"{path}: cannot read the cases file ({e.strerror or e}).") from e
+  except json.JSONDecodeError as e:
+    raise SampleInputError(f"{path}: not valid JSON ({e}).") from e
+  if not isinstance(entries, list):
+    raise SampleInputError(f"{path}: expected a JSON list of {{\"index\", \"prompt\", \"image_paths\"}} "
+                           f"objects, got {type(entries).__name__}.")
+  base = os.path.dirname(os.path.abspath(path))
+  cases = []
+  for position, entry in enumerate(entries):
+    where = f"{path}: entry {position}"
+    if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
+      raise SampleInputError(f"{where}: expected an object with a string \"prompt\", got {entry!r}.")
+    image_paths = entry.get("image_paths", [])
+    if not isinstance(image_paths, list) or not all(isinstance(p, str) for p in image_paths):
+      raise SampleInputError(f"{where}: \"image_paths\" must be a list of strings, got {image_paths!r}.")
+    resolved = []
+    for p in image_paths:
+      beside_file = os.path.join(base, p)
+      resolved.append(beside_file if not os.path.isabs(p) and not os.path.exists(p)
+                      and os.path.exists(beside_file) else p)
+    cases.append(Case(str(entry.get("index", position)), entry["prompt"], tuple(resolved)))
+  return cases
+
+
+def write_run(sampler: Sampler, cases: Sequence[Case], output_dir: str, progress: bool = True) -> list[str]:
+  """Samples every case and seed with `sampler` into one fresh run folder under output_dir (the same
+  folder for every process); returns the files this process wrote: `<index>_seed<seed>.png` and
+  `<index>_seed<seed>_panel.png` (references, then the result); with options.save_attention, for a
+  case with references, `<index>_seed<seed>_attention.png` (evaluation.heatmaps.attention_panel: the
+  references framed in their colours above the result, all references' heatmaps, then each one's)
+  and `<index>_seed<seed>_attention.npy` (the maps, float32 [R, grid height, grid width], each
+  summing to 1)."""
+  sampler.check(cases)
+  leader = jax.process_index() == 0
+  run_dir = _shared_run_dir(output_dir)
+  if leader:
+    settings = {"model": sampler.source, "options": dataclasses.asdict(sampler.options),
+                "ref_cache": sampler.use_ref_cache, "independent_refs": sampler.cfg.independent_refs,
+                "mesh": dict(sampler.mesh.shape), "processes": jax.process_count(),
+                "cases": [dataclasses.asdict(c) for c in cases]}
+    if sampler.options.save_attention:
+      settings["attention"] = {
+          "maps": "a_r(j): mean over reference r's tokens of the softmax over target keys, averaged over "
+                  "heads and double blocks (the SCAL/MDL statistic), recorded at every denoising step "
+                  "and averaged over the steps; each map sums to 1 over the target tokens",
+          "steps": list(range(sampler.options.steps)),
+          "ref_cache_dropped": sampler.cache_dropped_for_attention,
+          "files": [f"{_safe_name(c.index)}_seed{s}_attention{x}" for c in cases if c.image_paths
+                    for s in sampler.options.seeds for x in (".png", ".npy")]}
+    with open(os.path.join(run_dir, "run.json"), "w", encoding="utf-8") as f:
+      json.dump(settings, f, indent=2)
+  bar = tqdm(total=len(sampler.batches(cases)) * sampler.options.steps, desc="steps", unit="step",
+             disable=not (progress and leader))
+  written, attention = [], {}
+  on_step = (lambda _: bar.update(1)) if progress else None
+  for (case, seed), image in sampler.sample_owned(cases, on_step, attention):
+    refs = [Image.fromarray(images.to_uint8(load_reference(p, sampler.options.ref_size)))
+            for p in case.image_paths]
+    result = Image.fromarray(image)
+    name = _safe_name(case.index)
+    pictures = [("", result), ("_panel", images.side_by_side(refs + [result]))]
+    maps = attention.pop((case.index, seed), None)
+    if maps is not None:
+      grid = tuple(side // 2 for side in sampler.latent_geometry()[:2])
+      pictures.append(("_attention", Image.fromarray(_attention_panel(image, maps, grid, refs))))
+      file = os.path.join(run_dir, f"{name}_seed{seed}_attention.npy")
+      np.save(file, maps.reshape(len(refs), *grid))
+      written.append(file)
+    for suffix, picture in pictures:
+      file = os.path.join(run_dir, f"{name}_seed{seed}{suffix}.png")
+      picture.save(file)
+      written.append(file)
+  bar.close()
+  return written
+
+
+def _attention_panel(image: np.ndarray, maps: np.ndarray, grid: tuple[int, int], refs) -> np.ndarray:
+  """The heatmap panel of one result: tiles of the result's size, at least 128 px, at most 512 px."""
+  from mosaic_jax.evaluation.heatmaps import attention_panel
+  tile = min(max(128, *image.shape[:2]), 512)
+  return attention_panel(image, maps, grid, [np.asarray(r) for r in refs], tile=tile)
+
+
+def _shared_run_dir(output_dir: str) -> str:
+  """new_run_dir on process 0, its name broadcast to the others."""
+  if jax.process_count() == 1:
+    return new_run_dir(output_dir)
+  from jax.experimental import multihost_utils
+  name = new_run_dir(output_dir).encode() if jax.process_index() == 0 else b""
+  encoded = np.zeros(4096, np.uint8)
+  encoded[:len(name)] = np.frombuffer(name, np.uint8)
+  name = bytes(np.asarray(multihost_utils.broadcast_one_to_all(encoded))).rstrip(b"\0").decode()
+  return name
+
+
+def _safe_name(index: str) -> str:
+  return re.sub(r"[^A-Za-z0-9._-]+", "_", index).strip("._") or "case"
+
+
+def new_run_dir(output_dir: str) -> str:
+  """A folder that did not exist before, `<output_dir>/run-<UTC time>[-k]`: reruns never overwrite."""
+  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("run-%Y%m%d-%H%M%S")
+  os.makedirs(output_dir, exist_ok=True)
+  for k in range(1, 10_000):
+    candidate = os.path.join(output_dir, stamp if k == 1 else f"{stamp}-{k}")
+    try:
+      os.makedirs(candidate)
+      return candidate
+    except FileExistsError:
+      continue
+  raise SampleInputError(f"{output_dir}: could not create a fresh run folder.")
