@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -40,6 +41,19 @@ USER_ERRORS = (
 
 class UserError(Exception):
   """Bad input found by a launch script itself."""
+
+
+def read_json(path, error: type[Exception]):
+  """The JSON value in a user's file; an unreadable file or invalid JSON raises `error` (a user error
+  type) with one line naming the file."""
+  path = os.fspath(path)
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except OSError as e:
+    raise error(f"{path}: cannot read the file ({e.strerror or e}).") from e
+  except json.JSONDecodeError as e:
+    raise error(f"{path}: not valid JSON ({e}).") from e
 
 
 def verbose() -> bool:

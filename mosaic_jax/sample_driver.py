@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from mosaic_jax import images
+from mosaic_jax import cli, images
 from mosaic_jax.sample import Case, SampleInputError, Sampler, load_reference
 
 
@@ -30,13 +30,7 @@ def read_cases(path: str) -> list[Case]:
   Relative image paths are taken from the current folder or, failing that, from the file's folder.
   """
   path = os.fspath(path)
-  try:
-    with open(path, encoding="utf-8") as f:
-      entries = json.load(f)
-  except OSError as e:
-    raise SampleInputError(f"{path}: cannot read the cases file ({e.strerror or e}).") from e
-  except json.JSONDecodeError as e:
-    raise SampleInputError(f"{path}: not valid JSON ({e}).") from e
+  entries = cli.read_json(path, SampleInputError)
   if not isinstance(entries, list):
     raise SampleInputError(f"{path}: expected a JSON list of {{\"index\", \"prompt\", \"image_paths\"}} "
                            f"objects, got {type(entries).__name__}.")

@@ -21,10 +21,11 @@ prompts_and_classes.txt); a case's kind is `object+object`, `live+live` or `live
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from typing import Sequence
+
+from mosaic_jax import cli
 
 # DreamBench's prompts_and_classes.txt: subject folder -> class.
 DREAMBENCH_CLASSES = {
@@ -81,13 +82,7 @@ def _subject_of(path: str) -> str:
 def read_cases(path: str) -> tuple[list[EvalCase], str]:
   """(cases, format name) from a UNO or MOSAIC cases file; malformed entries are one-line errors."""
   path = os.fspath(path)
-  try:
-    with open(path, encoding="utf-8") as f:
-      entries = json.load(f)
-  except OSError as e:
-    raise EvaluationInputError(f"{path}: cannot read the cases file ({e.strerror or e}).") from e
-  except json.JSONDecodeError as e:
-    raise EvaluationInputError(f"{path}: not valid JSON ({e}).") from e
+  entries = cli.read_json(path, EvaluationInputError)
   if not isinstance(entries, list) or not entries:
     raise EvaluationInputError(f"{path}: expected a non-empty JSON list of {{\"prompt\", \"image_paths\"}} "
                                "objects (UNO's dreambench_*ip.json or the MOSAIC cases format).")
