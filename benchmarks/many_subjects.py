@@ -34,7 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
 
-from mosaic_jax import losses, model  # noqa: E402
+from mosaic_jax import losses  # noqa: E402
 from mosaic_jax.data import correspondence, schema, synthetic  # noqa: E402
 from mosaic_jax.data.image_ops import encode_png  # noqa: E402
 from mosaic_jax.data.pipeline import prepare_example, stack_examples  # noqa: E402
@@ -42,17 +42,19 @@ from mosaic_jax.model import FluxInputs, forward, image_ids, pack_latents, refer
 from mosaic_jax.train import inputs as inputs_lib  # noqa: E402
 from mosaic_jax.train.evaluate import _neighbourhood_hits, _neighbourhood_size  # noqa: E402
 from mosaic_jax.train.step import pack_references  # noqa: E402
-from mosaic_jax.train.trainer import _model_latents  # noqa: E402
+from mosaic_jax.train.settings import settings_from_config  # noqa: E402
+from mosaic_jax.train.trainer import model_latents  # noqa: E402
 
 LOST_FACTOR = 1.0
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def demo_config(variant: str):
+def demo_settings(variant: str):
+  """The trainer's settings of configs/flux_ms.py:variant (no file it names is read)."""
   spec = importlib.util.spec_from_file_location("flux_ms", os.path.join(REPO, "configs", "flux_ms.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(variant)
+  return settings_from_config(module.get_config(variant), check_files=False)
 
 
 def load_trained(workdir: str, config, ema: bool):
@@ -66,18 +68,16 @@ def load_trained(workdir: str, config, ema: bool):
                      "configs/flux_ms.py:demo --workdir ...).")
   state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
   weights = state["ema" if ema else "trainable"]
-  overrides = {"remat_policy": config.remat_policy,
-               **{k: v for k, v in config.model_overrides.items() if v is not None}}
-  cfg = model.config.preset(config.model, overrides)
+  cfg = config.transformer_config()
   return cfg, weights["base"], weights.get("lora"), step
 
 
-def scene_batch(config, encoders, settings, num_refs: int, scenes: int, seed: int):
+def scene_batch(config, encoders, num_refs: int, scenes: int, seed: int):
   """Model-latent batch of `scenes` synthetic scenes with exactly num_refs subjects, and the subjects'
   target regions at token resolution [B, R, N]."""
   size = config.dataset.build.image_size
-  grid = correspondence.token_grid(config.resolution, inputs_lib.token_pixels(config))
-  ref_grid = correspondence.token_grid(config.ref_resolution, inputs_lib.token_pixels(config))
+  grid = correspondence.token_grid(config.resolution, config.token_pixels)
+  ref_grid = correspondence.token_grid(config.ref_resolution, config.token_pixels)
   pipeline = inputs_lib.pipeline_config(config, global_batch_size=scenes, dropout=False,
                                         max_pairs=num_refs * ref_grid * ref_grid)
   examples, regions, pictures = [], [], []
@@ -91,7 +91,7 @@ def scene_batch(config, encoders, settings, num_refs: int, scenes: int, seed: in
     pictures.append((scene.target, scene.refs))
     regions.append(np.stack([correspondence.mask_token_cells(m, config.resolution, grid).reshape(-1)
                              for m in scene.masks]))
-  batch = _model_latents(stack_examples(examples), encoders, settings["scaling"], settings["shift"])
+  batch = model_latents(stack_examples(examples), encoders, config)
   return batch, jnp.asarray(np.stack(regions)), pictures
 
 
@@ -129,11 +129,9 @@ def curve(params, lora, cfg, config, encoders, max_refs: int, scenes: int, seed:
   """The table's rows; with heatmap_dir, also each R's first scene as an attention panel (the maps at
   the middle timestep over the real target, one colour per reference)."""
   from mosaic_jax.evaluation.heatmaps import attention_panel
-  settings = {"scaling": float(encoders.autoencoder.config.scaling_factor),
-              "shift": float(encoders.autoencoder.config.shift_factor)}
   rows = []
   for num_refs in range(1, max_refs + 1):
-    batch, regions, pictures = scene_batch(config, encoders, settings, num_refs, scenes, seed)
+    batch, regions, pictures = scene_batch(config, encoders, num_refs, scenes, seed)
     hits = pairs = chance = jsd = 0.0
     masses, shares = [], []
     for k, t in enumerate(config.eval_timesteps):
@@ -220,7 +218,7 @@ def main():
   p.add_argument("--ema", action="store_true", help="the EMA weights instead of the trained ones")
   p.add_argument("--out", help="folder for the table and plot (default: the workdir)")
   args = p.parse_args()
-  config = demo_config(args.variant)
+  config = demo_settings(args.variant)
   cfg, params, lora, step = load_trained(args.workdir, config, args.ema)
   encoders = inputs_lib.make_encoders(config)
   print(f"{args.workdir} at step {step}; lost = own-region mass < {LOST_FACTOR} x region share; "

@@ -27,7 +27,7 @@ import jax  # noqa: E402
 
 from mosaic_jax import cli, sample  # noqa: E402
 from mosaic_jax.parallel import distributed  # noqa: E402
-from mosaic_jax.train import inputs, trained_model  # noqa: E402
+from mosaic_jax.train import settings_from_config, trained_model  # noqa: E402
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> list[str]:
       steps=args.steps or (config.sample_steps if config else sample.DEFAULT_STEPS), guidance=guidance,
       seeds=tuple(args.seeds), batch_size=args.batch_size, max_refs=args.max_refs,
       ref_cache={"auto": None, "on": True, "off": False}[args.ref_cache])
-  token_pixels = 16 if config is None else inputs.token_pixels(config)
+  # Pixels per token: FLUX's 16, or the training run's autoencoder's (the sampler checks again once loaded).
+  token_pixels = 16 if config is None else settings_from_config(config, check_files=False).token_pixels
   sample.validate_request(cases, options, token_pixels)  # before any weight is read
   if run is None:
     sampler = sample.load_sampler(args.checkpoint, args.lora or None, options, dtype=args.dtype,

@@ -9,19 +9,24 @@ import glob
 import json
 import os
 import signal
+import dataclasses
 import subprocess
 import sys
-import types
 
 import jax
 import numpy as np
 import pytest
 
 from train_fixtures import compilation_cache, flux_ms, tensorboard_scalars, tiny_config  # noqa: E402,F401
-from mosaic_jax.train import ConfigError, train_and_evaluate  # noqa: E402
+from mosaic_jax.model.autoencoder import Autoencoder  # noqa: E402
+from mosaic_jax.model.vae import VaeConfig  # noqa: E402
+from mosaic_jax.train import ConfigError, settings_from_config, train_and_evaluate  # noqa: E402
 from mosaic_jax.train import inputs as inputs_lib  # noqa: E402
 from mosaic_jax.train import step as step_lib  # noqa: E402
 from mosaic_jax.train import trainer  # noqa: E402
+
+
+_FLUX_VAE = Autoencoder("vae", VaeConfig(), {})  # FLUX's autoencoder geometry, without weights
 
 
 @pytest.fixture(scope="module")
@@ -242,14 +247,15 @@ def test_transformer_channels_that_do_not_fit_the_autoencoder_are_one_clear_erro
 
 
 def test_learning_rate_schedules():
-  recipe = flux_ms.get_config("default").optimizer
-  assert step_lib.learning_rate(recipe) == 8e-5  # a float: the recipe's optimizer state is unchanged
-  demo = types.SimpleNamespace(**flux_ms.get_config("demo").optimizer.to_dict(), total_steps=1500)
-  schedule = step_lib.learning_rate(demo)
+  recipe = settings_from_config(flux_ms.get_config("default"), check_files=False, autoencoder=_FLUX_VAE)
+  assert step_lib.learning_rate(recipe.optimizer, recipe.total_steps) == 8e-5  # a float: the recipe's state
+  demo = settings_from_config(flux_ms.get_config("demo"), check_files=False)
+  assert demo.total_steps == 1500
+  schedule = step_lib.learning_rate(demo.optimizer, demo.total_steps)
   assert float(schedule(0)) == 0.0 and float(schedule(25)) == pytest.approx(1.5e-3)
   assert float(schedule(50)) == pytest.approx(3e-3) and float(schedule(775)) == pytest.approx(1.5e-3, rel=1e-3)
   assert float(schedule(1500)) == pytest.approx(0.0, abs=1e-9)
-  warm = step_lib.learning_rate(types.SimpleNamespace(learning_rate=1e-3, warmup_steps=10))
+  warm = step_lib.learning_rate(dataclasses.replace(recipe.optimizer, learning_rate=1e-3, warmup_steps=10))
   assert float(warm(5)) == pytest.approx(5e-4) and float(warm(500)) == pytest.approx(1e-3)
 
 
@@ -265,7 +271,7 @@ def test_pairs_index_the_token_grid_of_the_autoencoder(data_dir, patch):
   config = tiny_config(data_dir, pixel_patch_size=patch, eval_examples=4)  # 64 px
   encoders = inputs_lib.make_encoders(config)
   grid = 64 // (2 * patch)
-  batches = trainer.evaluation_batches(config, encoders, trainer._step_settings(config, encoders.autoencoder))
+  batches = trainer.evaluation_batches(settings_from_config(config, encoders.autoencoder), encoders)
   rows = []
   for batch in batches:
     assert batch["target"].shape[1] == 2 * grid  # latent side; 2x2 packing gives grid x grid tokens
@@ -300,8 +306,8 @@ def test_nan_guard_stops_at_the_bad_step_and_keeps_the_last_good_checkpoint(firs
   workdir = str(tmp_path / "nan")
   real_host_inputs, calls = inputs_lib.host_inputs, []
 
-  def inf_from_step_3(host_batch, encoders):
-    batch = real_host_inputs(host_batch, encoders)
+  def inf_from_step_3(host_batch, encoders, settings):
+    batch = real_host_inputs(host_batch, encoders, settings)
     calls.append(1)
     if len(calls) >= 3:  # one pixel of one target image: inf latents, then NaN through the whole step
       batch["target_images"][0, 0, 0, 0] = np.inf
