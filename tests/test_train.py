@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import dataclasses
+import shutil
 import subprocess
 import sys
 
@@ -22,6 +23,7 @@ from mosaic_jax.model.autoencoder import Autoencoder  # noqa: E402
 from mosaic_jax.model.vae import VaeConfig  # noqa: E402
 from mosaic_jax.train import ConfigError, settings_from_config, train_and_evaluate  # noqa: E402
 from mosaic_jax.train import inputs as inputs_lib  # noqa: E402
+from mosaic_jax.train import metrics as metrics_lib  # noqa: E402
 from mosaic_jax.train import step as step_lib  # noqa: E402
 from mosaic_jax.train import trainer  # noqa: E402
 
@@ -36,9 +38,11 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def first_run(data_dir, tmp_path_factory):
-  """4 uninterrupted steps, with the final evaluation and sample panel."""
+  """4 uninterrupted steps, with the final evaluation and sample panel (and MFU against a 1 TFLOP/s peak).
+  Tests read its workdir; a test that writes into it works on its own copy (tests run in any order)."""
   workdir = str(tmp_path_factory.mktemp("run"))
-  result = train_and_evaluate(tiny_config(data_dir, eval_examples=2, sample_steps=2), workdir)
+  result = train_and_evaluate(tiny_config(data_dir, eval_examples=2, sample_steps=2, peak_tflops_per_device=1.0),
+                              workdir)
   return workdir, result
 
 
@@ -66,10 +70,24 @@ def test_tensorboard_holds_every_loss_term_and_throughput(first_run):
   scalars = _scalars(os.path.join(first_run[0], "tensorboard"))
   tags = set(scalars)
   expected = {"loss", "loss_mse", "loss_scal", "loss_mdl", "weight_scal", "weight_mdl", "learning_rate",
-              "grad_norm", "mean_t", "step_time_s", "examples_per_s", "tflops_per_device"}
+              "grad_norm", "mean_t", "step_time_s", "examples_per_s", "tflops_per_device", "mfu"}
   assert expected <= tags, expected - tags
   # The k-th update uses w(k - 1) (steps count from 0, as in the official code): ramp 1 -> 3.
   assert scalars["weight_mdl"] == pytest.approx([0.0, 0.0, 0.5, 1.0])
+  assert scalars["mfu"] == pytest.approx(scalars["tflops_per_device"])  # a 1 TFLOP/s peak
+
+
+def test_console_line_has_maxtexts_fields_then_progress_and_eta(tmp_path, capsys):
+  logger = metrics_lib.Logger(str(tmp_path), total_steps=10)
+  values = dict(loss=1.5, loss_mse=1.25, loss_scal=2.5, loss_mdl=-0.125, weight_mdl=0.5, grad_norm=0.75,
+                mean_t=0.5, tflops_per_device=2.0, mfu=0.25)
+  logger.console(3, values, step_time=0.2)
+  logger.console(4, {k: v for k, v in values.items() if k != "mfu"}, step_time=0.2)
+  logger.close()
+  first, second = capsys.readouterr().out.splitlines()
+  assert first.startswith("step 3/10 (30%), loss: 1.5000, seconds: 0.200, TFLOP/s/device: 2.000, MFU: 25.00%, "
+                          "terms: mse 1.2500, scal 2.5000, mdl -0.1250 (w_mdl 0.50), grad norm: 0.750"), first
+  assert "MFU: n/a (peak unknown)" in second and ", eta: 00:00:" in second, second
 
 
 def test_sigterm_then_resume_reproduces_the_uninterrupted_losses(first_run, data_dir, tmp_path):
@@ -90,9 +108,10 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_losses(first_run, data
                              [uninterrupted["losses"][s] for s in (1, 2, 3, 4)], rtol=1e-6)
 
 
-def test_rerun_with_more_steps_resumes_from_the_latest_checkpoint(first_run, data_dir):
+def test_rerun_with_more_steps_resumes_from_the_latest_checkpoint(first_run, data_dir, tmp_path):
   """total_steps is safe to change on resume: allowed, and recorded beside the untouched config.json."""
-  workdir, _ = first_run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(first_run[0], workdir)  # the first run's workdir as it was, for this test alone
   first_config = open(os.path.join(workdir, "config.json")).read()
   more = train_and_evaluate(tiny_config(data_dir, total_steps=5), workdir)
   assert more["status"] == "done" and sorted(more["losses"]) == [5]
@@ -177,6 +196,36 @@ def test_the_sampler_takes_the_demo_workdir_and_its_step_folders(first_run, tmp_
   assert raw["model"]["step"] == 2 and raw["model"]["weights"] == "trained (not EMA)"
   image = lambda name: np.asarray(Image.open(next((tmp_path / name / "out").iterdir()) / "0_seed0.png"))
   assert image("step2").shape == (64, 64, 3) and not np.array_equal(image("step2"), image("raw"))
+
+
+def test_the_sampler_takes_a_recipe_workdir_on_a_flux_root(data_dir, tmp_path):
+  """The recipe (the default config: a frozen bf16 base from a FLUX checkpoint root, a LoRA on the
+  references, the root's VAE and text encoders) for 2 steps on a tiny random root; then launch/sample.py
+  on the workdir samples what the root plus the exported EMA LoRA file sample."""
+  from flux_root_fixtures import build_flux_root
+  root = tmp_path / "flux_root"
+  build_flux_root(root, with_transformer=True)
+  config = tiny_config(data_dir)  # its dataset, which the module's other runs share
+  recipe = flux_ms.get_config("default")
+  recipe.dataset = config.dataset
+  recipe.update(checkpoint=str(root), resolution=32, ref_resolution=32, text_len=16, batch_size=2, lora_rank=4,
+                total_steps=2, checkpoint_every=2, log_every=1, sample_every=0, eval_examples=0)
+  workdir = str(tmp_path / "run")
+  result = train_and_evaluate(recipe, workdir)
+  assert result["status"] == "done" and all(np.isfinite(v) for v in result["losses"].values())
+
+  from PIL import Image
+  settings = _sample_workdir(workdir, tmp_path / "from_workdir")
+  assert settings["model"]["base"] == str(root) and settings["model"]["step"] == 2
+  assert settings["model"]["lora"].startswith("checkpoints/2 (EMA")
+  assert (settings["options"]["height"], settings["options"]["guidance"]) == (32, 3.5)  # the run's size, recipe's guidance
+  files = _sample_workdir(str(root), tmp_path / "from_files",
+                          ["--lora", os.path.join(workdir, "lora", "2", "lora_ema.safetensors"), "--size", "32",
+                           "--ref_size", "32", "--t5_max_length", "16"])
+  assert files["model"]["lora"].endswith("lora_ema.safetensors")
+  image = lambda name: np.asarray(Image.open(next((tmp_path / name / "out").iterdir()) / "0_seed0.png"), np.int16)
+  assert image("from_workdir").shape == (32, 32, 3)
+  np.testing.assert_array_equal(image("from_workdir"), image("from_files"))
 
 
 @pytest.fixture
@@ -268,7 +317,8 @@ def test_unknown_schedule_is_one_clear_error(data_dir, tmp_path, no_compilation)
 @pytest.mark.parametrize("patch", [2, 4])
 def test_pairs_index_the_token_grid_of_the_autoencoder(data_dir, patch):
   """Pairs are derived on the grid the model sees: 64 px / (2 x patch) tokens a side, not FLUX's 16 px."""
-  config = tiny_config(data_dir, pixel_patch_size=patch, eval_examples=4)  # 64 px
+  config = tiny_config(data_dir, pixel_patch_size=patch, eval_examples=4,  # 64 px
+                       **{"model_overrides.in_channels": 4 * 3 * patch * patch})  # fits the autoencoder
   encoders = inputs_lib.make_encoders(config)
   grid = 64 // (2 * patch)
   batches = trainer.evaluation_batches(settings_from_config(config, encoders.autoencoder), encoders)

@@ -1,6 +1,7 @@
-"""What the trainer feeds on (each function takes the run's Settings, or a config with the same fields): the dataset (raw, built on first use for synthetic configs, or its cached
+"""What the trainer feeds on: the dataset (raw, built on first use for synthetic configs, or its cached
 encoder features), the encoders (FLUX's from a checkpoint root, the demo's file-free ones, or FLUX's
-shapes with random weights), and host batches -> step batches.
+shapes with random weights), and host batches -> step batches. Each function takes the run's Settings
+(settings.py), or a config with the same fields where no derived field (token_pixels) is read.
 
 The demo's text encoders are tiny random T5 and CLIP behind a byte tokenizer: random but fixed (seeded)
 functions of the caption, which is all a conditioning signal needs in a from-scratch demo.
