@@ -38,11 +38,11 @@ from mosaic_jax.data.pipeline import prepare_example, stack_examples
 from mosaic_jax.model import FluxInputs, forward, image_ids, pack_latents, reference_ids, text_ids
 from mosaic_jax.train import inputs as inputs_lib
 from mosaic_jax.train.evaluate import _neighbourhood_hits, _neighbourhood_size
+from mosaic_jax.train.settings import settings_from_config
 from mosaic_jax.train.step import pack_references
-from mosaic_jax.train.trainer import _model_latents
+from mosaic_jax.train.trainer import model_latents
 
 LOST_FACTOR = 1.0
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_trained(workdir: str, config, ema: bool):
@@ -56,18 +56,16 @@ def load_trained(workdir: str, config, ema: bool):
                      "configs/flux_ms.py:demo --workdir ...).")
   state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
   weights = state["ema" if ema else "trainable"]
-  overrides = {"remat_policy": config.remat_policy,
-               **{k: v for k, v in config.model_overrides.items() if v is not None}}
-  cfg = model.config.preset(config.model, overrides)
+  cfg = config.transformer_config()
   return cfg, weights["base"], weights.get("lora"), step
 
 
-def scene_batch(config, encoders, settings, num_refs: int, scenes: int, seed: int):
+def scene_batch(config, encoders, num_refs: int, scenes: int, seed: int):
   """Model-latent batch of `scenes` synthetic scenes with exactly num_refs subjects, and the subjects'
   target regions at token resolution [B, R, N]."""
   size = config.dataset.build.image_size
-  grid = correspondence.token_grid(config.resolution, inputs_lib.token_pixels(config))
-  ref_grid = correspondence.token_grid(config.ref_resolution, inputs_lib.token_pixels(config))
+  grid = correspondence.token_grid(config.resolution, config.token_pixels)
+  ref_grid = correspondence.token_grid(config.ref_resolution, config.token_pixels)
   pipeline = inputs_lib.pipeline_config(config, global_batch_size=scenes, dropout=False,
                                         max_pairs=num_refs * ref_grid * ref_grid)
   examples, regions, pictures = [], [], []
@@ -81,7 +79,7 @@ def scene_batch(config, encoders, settings, num_refs: int, scenes: int, seed: in
     pictures.append((scene.target, scene.refs))
     regions.append(np.stack([correspondence.mask_token_cells(m, config.resolution, grid).reshape(-1)
                              for m in scene.masks]))
-  batch = _model_latents(stack_examples(examples), encoders, settings["scaling"], settings["shift"])
+  batch = model_latents(stack_examples(examples), encoders, config)
   return batch, jnp.asarray(np.stack(regions)), pictures
 
 
@@ -119,11 +117,9 @@ def curve(params, lora, cfg, config, encoders, max_refs: int, scenes: int, seed:
   """The table's rows; with heatmap_dir, also each R's first scene as an attention panel (the maps at
   the middle timestep over the real target, one colour per reference)."""
   from mosaic_jax.evaluation.heatmaps import attention_panel
-  settings = {"scaling": float(encoders.autoencoder.config.scaling_factor),
-              "shift": float(encoders.autoencoder.config.shift_factor)}
   rows = []
   for num_refs in range(1, max_refs + 1):
-    batch, regions, pictures = scene_batch(config, encoders, settings, num_refs, scenes, seed)
+    batch, regions, pictures = scene_batch(config, encoders, num_refs, scenes, seed)
     hits = pairs = chance = jsd = 0.0
     masses, shares = [], []
     for k, t in enumerate(config.eval_timesteps):
@@ -210,7 +206,7 @@ def main():
   p.add_argument("--ema", action="store_true", help="the EMA weights instead of the trained ones")
   p.add_argument("--out", help="folder for the table and plot (default: the workdir)")
   args = p.parse_args()
-  config = flux_ms.get_config(args.variant)
+  config = settings_from_config(flux_ms.get_config(args.variant), check_files=False)
   cfg, params, lora, step = load_trained(args.workdir, config, args.ema)
   encoders = inputs_lib.make_encoders(config)
   print(f"{args.workdir} at step {step}; lost = own-region mass < {LOST_FACTOR} x region share; "

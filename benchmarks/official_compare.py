@@ -64,6 +64,7 @@ def build_ours(threads: int, remat: str | None = None, code: str = ROOT):
   from mosaic_jax.model.vae import VaeConfig  # pylint: disable=import-outside-toplevel
   from mosaic_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
   from mosaic_jax.train import trainer  # pylint: disable=import-outside-toplevel
+  from mosaic_jax.train.settings import settings_from_config  # pylint: disable=import-outside-toplevel
 
   c = SHAPES
   config = _recipe_config(code)  # the recipe: remat policy, optimizer, EMA, loss weights
@@ -90,10 +91,10 @@ def build_ours(threads: int, remat: str | None = None, code: str = ROOT):
   compiled = trainer.compile_from_shapes(config, cfg, mesh, [c["R"]], vae, text_shapes)[c["R"]]
 
   # Real values with the shapes compile_from_shapes used, placed as the executable expects.
-  settings = trainer._step_settings(config, vae)  # pylint: disable=protected-access  # the trainer's own
+  settings = settings_from_config(config, vae, check_files=False)  # the trainer's own
   base = model.init_params(jax.random.key(0), cfg, jnp.float32)
   lora = model.init_lora(jax.random.key(1), base, cfg, c["rank"])
-  state = step_lib.init_state({"lora": lora}, step_lib.make_optimizer(settings.optimizer))
+  state = step_lib.init_state({"lora": lora}, step_lib.make_optimizer(settings.optimizer, settings.total_steps))
   shardings = compiled.input_shardings[0]
   state, base = jax.device_put((state, base), (shardings[0], shardings[1]))
   rng = np.random.default_rng(0)

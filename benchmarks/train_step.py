@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import functools
 import time
-import types
 
 import jax
 import jax.numpy as jnp
@@ -27,40 +26,38 @@ from mosaic_jax import model
 from mosaic_jax.configs import flux_ms
 from mosaic_jax.train import metrics as metrics_lib
 from mosaic_jax.train import step as step_lib
-from mosaic_jax.train.inputs import token_pixels
+from mosaic_jax.train.settings import settings_from_config
 
 
-def _settings(config):
-  return types.SimpleNamespace(seed=0, latent_scaling=1.0, latent_shift=0.0, ema_decay=config.ema_decay,
-                               losses=types.SimpleNamespace(**config.losses.to_dict()),
-                               optimizer=types.SimpleNamespace(**config.optimizer.to_dict(),
-                                                               total_steps=config.total_steps))
+def _batch(rng, settings, num_refs, cfg):
+  """Random features and pairs of the shapes the step reads (step.batch_spec)."""
+  spec = step_lib.batch_spec(settings, num_refs, ((settings.text_len, cfg.joint_attention_dim),
+                                                  (cfg.pooled_projection_dim,)))
+  grid, ref_grid = settings.latent_size // 2, settings.ref_latent_size // 2
+  high = {"pair_ref": num_refs, "pair_ref_token": ref_grid * ref_grid, "pair_target_token": grid * grid}
+  out = {}
+  for key, s in spec.items():
+    if key in high:
+      out[key] = rng.integers(0, high[key], s.shape).astype(s.dtype)
+    elif key in ("target_std", "drop_refs"):
+      out[key] = np.zeros(s.shape, s.dtype)
+    elif key == "pair_valid":
+      out[key] = np.ones(s.shape, s.dtype)
+    else:
+      out[key] = rng.standard_normal(s.shape).astype(s.dtype)
+  return out
 
 
-def _batch(rng, batch, grid, ref_grid, num_refs, text_len, cfg, pairs):
-  latent_c = cfg.in_channels // 4
-  lat = lambda *s: rng.standard_normal(s).astype(np.float32)
-  ref_token = rng.integers(0, ref_grid * ref_grid, (batch, pairs))
-  return {"target_mean": lat(batch, 2 * grid, 2 * grid, latent_c),
-          "target_std": np.zeros((batch, 2 * grid, 2 * grid, latent_c), np.float32),
-          "ref_means": lat(batch, num_refs, 2 * ref_grid, 2 * ref_grid, latent_c),
-          "t5": lat(batch, text_len, cfg.joint_attention_dim), "pooled": lat(batch, cfg.pooled_projection_dim),
-          "pair_ref": rng.integers(0, num_refs, (batch, pairs)).astype(np.int32),
-          "pair_ref_token": ref_token.astype(np.int32),
-          "pair_target_token": rng.integers(0, grid * grid, (batch, pairs)).astype(np.int32),
-          "pair_valid": np.ones((batch, pairs), bool), "drop_refs": np.zeros((batch,), bool)}
-
-
-def time_step(cfg, config, batch_size, grid, num_refs, text_len, trains_base, lora_rank, steps, pairs):
+def time_step(cfg, settings, num_refs, trains_base, lora_rank, steps):
   params = model.init_params(jax.random.key(0), cfg, jnp.float32)
   lora = model.init_lora(jax.random.key(1), params, cfg, lora_rank)
   trainable = {"base": params, "lora": lora} if trains_base else {"lora": lora}
   base = {} if trains_base else params
-  settings = _settings(config)
-  optimizer = step_lib.make_optimizer(settings.optimizer)
+  optimizer = step_lib.make_optimizer(settings.optimizer, settings.total_steps)
   state = step_lib.init_state(trainable, optimizer)
-  batch = _batch(np.random.default_rng(0), batch_size, grid, grid, num_refs, text_len, cfg, pairs)
-  fn = jax.jit(functools.partial(step_lib.train_step, cfg=cfg, config=settings, optimizer=optimizer),
+  batch = _batch(np.random.default_rng(0), settings, num_refs, cfg)
+  batch_size, grid, text_len = settings.batch_size, settings.latent_size // 2, settings.text_len
+  fn = jax.jit(functools.partial(step_lib.train_step, cfg=cfg, settings=settings, optimizer=optimizer),
                donate_argnums=(0,))
   start = time.perf_counter()
   compiled = fn.lower(state, base, batch).compile()
@@ -87,13 +84,12 @@ def main():
   device = jax.devices()[0]
   print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}")
 
-  demo = flux_ms.get_config("demo")
-  demo_cfg = model.config.preset(demo.model, demo.model_overrides)
+  demo = settings_from_config(flux_ms.get_config("demo"), check_files=False)
+  demo_cfg = demo.transformer_config()
   print(f"\n{'config':<8} {'R':>2} {'tokens':>7} {'compile s':>10} {'step s':>8} {'GFLOP/step':>11} {'GFLOP/s':>8}")
   for r in (int(x) for x in args.demo_refs.split(",")):
-    grid = demo.resolution // token_pixels(demo)
-    c, s, f = time_step(demo_cfg, demo, demo.batch_size, grid, r, demo.text_len, True, demo.lora_rank,
-                        args.steps, demo.dataset.max_pairs)
+    grid = demo.resolution // demo.token_pixels
+    c, s, f = time_step(demo_cfg, demo, r, True, demo.lora_rank, args.steps)
     print(f"{'demo':<8} {r:>2} {demo.text_len + grid * grid * (r + 1):>7} {c:>10.1f} {s:>8.3f} {f / 1e9:>11.1f} "
           f"{f / s / 1e9:>8.1f}", flush=True)
 
@@ -102,9 +98,12 @@ def main():
                                    attention_head_dim=128, num_attention_heads=6, joint_attention_dim=256,
                                    pooled_projection_dim=64, axes_dims_rope=(16, 56, 56),
                                    remat_policy=flux_ms.get_config().remat_policy)  # the recipe's
+  # The demo's optimizer and losses at 512 px through FLUX's VAE geometry (16 px, 16 channels per token).
+  scaled = dataclasses.replace(demo, batch_size=1, resolution=512, ref_resolution=512, text_len=64, token_pixels=16,
+                               latent_channels=16, dataset=dataclasses.replace(demo.dataset, max_pairs=1024))
   base_time = None
   for r in (int(x) for x in args.scaled_refs.split(",")):
-    c, s, f = time_step(scaled_cfg, demo, 1, 32, r, 64, False, 64, args.steps, 1024)
+    c, s, f = time_step(scaled_cfg, scaled, r, False, 64, args.steps)
     base_time = base_time or s
     print(f"{'scaled':<8} {r:>2} {64 + 1024 * (r + 1):>7} {c:>10.1f} {s:>8.3f} {f / 1e9:>11.1f} "
           f"{f / s / 1e9:>8.1f}   ({s / base_time:.2f}x the first)", flush=True)

@@ -13,7 +13,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from mosaic_jax import cli, interop, model
-from mosaic_jax.train.inputs import token_pixels
+from mosaic_jax.train.settings import autoencoder_geometry
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/flux_ms.py[:variant]", lock_config=True)
 
@@ -21,10 +21,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/flux_ms.py[:v
 def build_model(config):
   dtype = jnp.dtype(config.dtype)
   if config.checkpoint:
-    cfg, params = interop.load_flux_transformer(config.checkpoint, dtype=dtype)
-    cfg = model.config.with_overrides(cfg, config.model_overrides)
+    loaded, params = interop.load_flux_transformer(config.checkpoint, dtype=dtype)
+    cfg = model.config.resolve(config.model, config.model_overrides, loaded)
   else:
-    cfg = model.config.preset(config.model, config.model_overrides)
+    cfg = model.config.resolve(config.model, config.model_overrides)
     params = model.init_params(jax.random.key(config.seed), cfg, dtype)
   lora = interop.load_lora(config.lora, cfg) if config.lora else None
   return cfg, params, lora
@@ -32,7 +32,10 @@ def build_model(config):
 
 def random_inputs(config, cfg) -> model.FluxInputs:
   rng = np.random.default_rng(config.seed)
-  pixels = token_pixels(config)  # 16 for FLUX's VAE, 2 x the patch for the demo's pixel autoencoder
+  # 2 x the autoencoder's downsample factor: 16 for FLUX's VAE, 2 x the patch for the demo's pixel autoencoder
+  # (a checkpoint that is a bare transformer has no vae/: FLUX's)
+  has_vae = config.encoders != "checkpoint" or os.path.isdir(os.path.join(config.checkpoint, "vae"))
+  pixels = 2 * autoencoder_geometry(config).downsample_factor if has_vae else 16
   grid, ref_grid = config.resolution // pixels, config.ref_resolution // pixels
   b, r = config.batch_size, config.num_refs
   return model.FluxInputs(

@@ -29,7 +29,7 @@ import jax
 
 from mosaic_jax import cli, sample, sample_driver
 from mosaic_jax.parallel import distributed
-from mosaic_jax.train import inputs, trained_model
+from mosaic_jax.train import settings_from_config, trained_model
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> list[str]:
       steps=args.steps or (config.sample_steps if config else sample.DEFAULT_STEPS), guidance=guidance,
       seeds=tuple(args.seeds), batch_size=args.batch_size, max_refs=args.max_refs,
       ref_cache={"auto": None, "on": True, "off": False}[args.ref_cache], save_attention=args.save_attention)
-  token_pixels = 16 if config is None else inputs.token_pixels(config)
+  # Pixels per token: FLUX's 16, or the training run's autoencoder's (the sampler checks again once loaded).
+  token_pixels = 16 if config is None else settings_from_config(config, check_files=False).token_pixels
   sample.validate_request(cases, options, token_pixels)  # before any weight is read
   if run is None:
     sampler = sample.load_sampler(args.checkpoint, args.lora or None, options, dtype=args.dtype,

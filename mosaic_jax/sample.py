@@ -3,7 +3,8 @@
 Two layers:
 
 - The jittable core, for anyone who already has embeddings and latents (the trainer logs samples
-  with it): `flow_sigmas` (the shifted schedule) and `denoise` (the whole Euler loop in one jit).
+  with it): `flow_sigmas` (the shifted schedule, from schedule.py) and `denoise` (the whole Euler loop
+  in one jit).
 - The sampler of cases (prompt + reference image paths) -> uint8 images, used by launch/sample.py
   (through sample_driver.py, which writes the files) and by evaluation: `validate_request` checks
   every input before anything is loaded or compiled, `load_reference` does the official reference
@@ -28,7 +29,6 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import math
 import os
 import re
 from typing import Callable, Iterator, Optional, Sequence
@@ -38,15 +38,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from mosaic_jax import images, parallel
+from mosaic_jax.model import config as model_config
 from mosaic_jax.model.attention_stats import Correspondences
 from mosaic_jax.model.latents import pack_latents, to_model_latents
 from mosaic_jax.model.config import FluxConfig
 from mosaic_jax.model.embeddings import image_ids, reference_ids, text_ids
 from mosaic_jax.model.transformer import FluxInputs, forward
-
-# FLUX.1-dev's scheduler config (scheduler/scheduler_config.json): resolution-dependent shift.
-BASE_IMAGE_SEQ_LEN, MAX_IMAGE_SEQ_LEN = 256, 4096
-BASE_SHIFT, MAX_SHIFT = 0.5, 1.15
+from mosaic_jax.schedule import flow_shift_mu, flow_sigmas  # noqa: F401  # this module's names too
 
 # Official sampling defaults (DESIGN section 3).
 DEFAULT_STEPS = 28
@@ -62,30 +60,6 @@ class SampleInputError(ValueError):
 
 
 # ---- the jittable core -----------------------------------------------------------------------------
-
-def flow_shift_mu(image_seq_len: int) -> float:
-  """mu of FLUX's resolution-dependent shift, linear in the target token count L."""
-  slope = (MAX_SHIFT - BASE_SHIFT) / (MAX_IMAGE_SEQ_LEN - BASE_IMAGE_SEQ_LEN)
-  return BASE_SHIFT + (image_seq_len - BASE_IMAGE_SEQ_LEN) * slope
-
-
-def flow_sigmas(num_steps: int, image_seq_len: int) -> np.ndarray:
-  """The N+1 sigmas of an N-step FLUX sampling run, float32, from 1 down to a final 0.
-
-  `linspace(1, 1/N, N)`, each t shifted to `e^mu / (e^mu + (1/t - 1))` with mu = flow_shift_mu(L),
-  L = target token count, then 0 appended: what diffusers' FlowMatchEulerDiscreteScheduler gives
-  with FLUX.1-dev's config.
-  """
-  if int(num_steps) != num_steps or num_steps < 1:
-    raise SampleInputError(f"num_steps={num_steps!r}: expected a positive integer.")
-  if int(image_seq_len) != image_seq_len or image_seq_len < 1:
-    raise SampleInputError(f"image_seq_len={image_seq_len!r}: expected a positive token count.")
-  # float32 first, as diffusers does, so the shifted values round identically.
-  t = np.linspace(1.0, 1.0 / num_steps, int(num_steps)).astype(np.float32).astype(np.float64)
-  e_mu = math.exp(flow_shift_mu(int(image_seq_len)))
-  shifted = e_mu / (e_mu + (1.0 / t - 1.0))
-  return np.append(shifted, 0.0).astype(np.float32)
-
 
 # Progress of the jitted loop reaches the host through one fixed debug callback (a callable passed
 # into the jit would be a new static argument, hence a recompile, on every call).
@@ -535,7 +509,7 @@ def load_sampler(checkpoint: str, lora: str | None, options: SampleOptions, dtyp
   lora_file = resolve_lora_file(lora) if lora else None
   if lora_file and not independent_refs:  # the LoRA file says how it was trained (files we exported)
     independent_refs = bool(lora_trained_independent_refs(lora_file))
-  cfg = dataclasses.replace(cfg, independent_refs=independent_refs, attention_impl=attention_impl)
+  cfg = model_config.with_overrides(cfg, {"independent_refs": independent_refs, "attention_impl": attention_impl})
   lora_tree = load_lora(lora_file, cfg, dtype=dtype) if lora_file else None
   encoders = load_flux_encoders(checkpoint, t5_dtype=text_dtype, clip_dtype=text_dtype,
                                 t5_max_length=t5_max_length)
@@ -553,6 +527,6 @@ def load_trained_sampler(path: str, options: SampleOptions, step: int | None = N
   except ValueError as error:
     raise SampleInputError(f"--mesh: {error}") from error
   trained = load_trained(path, step=step, ema=ema, mesh=mesh)
-  cfg = trained.cfg if attention_impl is None else dataclasses.replace(trained.cfg, attention_impl=attention_impl)
+  cfg = model_config.with_overrides(trained.cfg, {"attention_impl": attention_impl})  # None: the run's
   return Sampler(cfg, trained.params, trained.lora, trained.encoders, options, mesh=mesh,
                  logical_rules=cfg.logical_rules, source=trained.source)

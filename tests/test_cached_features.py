@@ -15,7 +15,7 @@ import pytest
 from mosaic_jax.data import cached_features, make_iterator
 from mosaic_jax.data.pipeline import PipelineConfig
 from mosaic_jax.interop.safetensors_io import SafetensorsFile
-from mosaic_jax.train import ConfigError, inputs, train_and_evaluate
+from mosaic_jax.train import ConfigError, inputs, settings_from_config, train_and_evaluate
 from test_train import compilation_cache, data_dir, tiny_config  # noqa: F401  # pylint: disable=unused-import  # the same tiny run, one compile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,8 +69,9 @@ def test_cached_batches_equal_on_the_fly_encoding(cache):
   """Every field the train step reads, for 3 epochs with dropout on and pairs subsampled."""
   config, out = cache
   encoders = inputs.demo_encoders(config, config.seed)
+  settings = settings_from_config(config, encoders.autoencoder)
   pipeline = PipelineConfig(target_size=config.resolution, ref_size=config.ref_resolution, global_batch_size=4,
-                            max_pairs=4, token_pixels=inputs.token_pixels(config), seed=3, read_threads=1,
+                            max_pairs=4, token_pixels=settings.token_pixels, seed=3, read_threads=1,
                             num_epochs=3)
   raw = make_iterator(*inputs.open_raw_dataset(config.dataset, "train"), pipeline)
   cached = make_iterator(*cached_features.open_split(out, "train"), pipeline)
@@ -78,7 +79,7 @@ def test_cached_batches_equal_on_the_fly_encoding(cache):
   for raw_batch, cached_batch in zip(raw, cached, strict=True):
     assert list(raw_batch["example_id"]) == list(cached_batch["example_id"])
     assert list(raw_batch["caption"]) == list(cached_batch["caption"])
-    expected, got = inputs.step_batch(raw_batch, encoders), inputs.step_batch(cached_batch, encoders)
+    expected, got = inputs.step_batch(raw_batch, encoders, settings), inputs.step_batch(cached_batch, encoders, settings)
     assert sorted(expected) == sorted(got)
     for key, value in expected.items():
       if value.dtype == np.float32:

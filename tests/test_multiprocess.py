@@ -137,10 +137,10 @@ distributed.initialize()
 import jax
 from train_fixtures import tiny_config
 from mosaic_jax.data import make_iterator
-from mosaic_jax.train import inputs
-config = tiny_config(sys.argv[1], batch_size=4)
-source, num_refs = inputs.open_dataset(config, config.dataset.train_split)
-iterator = make_iterator(source, num_refs, inputs.pipeline_config(config), process_index=jax.process_index(),
+from mosaic_jax.train import inputs, settings_from_config
+settings = settings_from_config(tiny_config(sys.argv[1], batch_size=4))
+source, num_refs = inputs.open_dataset(settings, settings.dataset.train_split)
+iterator = make_iterator(source, num_refs, inputs.pipeline_config(settings), process_index=jax.process_index(),
                          process_count=jax.process_count())
 batches = [[int(i) for i in next(iterator)["record_index"]] for _ in range(3)]
 print("BATCHES " + json.dumps({"process": jax.process_index(), "count": jax.process_count(), "batches": batches}))
@@ -169,11 +169,11 @@ import runpy, sys
 import jax
 from mosaic_jax.train import inputs
 real, calls = inputs.host_inputs, []
-def failing(host_batch, encoders):
+def failing(host_batch, encoders, settings):
   calls.append(1)
   if jax.process_index() == 1 and len(calls) == 3:
     raise OSError("injected failure on process 1 at step 3")
-  return real(host_batch, encoders)
+  return real(host_batch, encoders, settings)
 inputs.host_inputs = failing
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")

@@ -9,19 +9,26 @@ import glob
 import json
 import os
 import signal
+import dataclasses
+import shutil
 import subprocess
 import sys
-import types
 
 import jax
 import numpy as np
 import pytest
 
-from train_fixtures import compilation_cache, flux_ms, tensorboard_scalars, tiny_config  # noqa: E402,F401
-from mosaic_jax.train import ConfigError, train_and_evaluate  # noqa: E402
-from mosaic_jax.train import inputs as inputs_lib  # noqa: E402
-from mosaic_jax.train import step as step_lib  # noqa: E402
-from mosaic_jax.train import trainer  # noqa: E402
+from train_fixtures import compilation_cache, flux_ms, tensorboard_scalars, tiny_config  # noqa: F401
+from mosaic_jax.model.autoencoder import Autoencoder
+from mosaic_jax.model.vae import VaeConfig
+from mosaic_jax.train import ConfigError, settings_from_config, train_and_evaluate
+from mosaic_jax.train import inputs as inputs_lib
+from mosaic_jax.train import metrics as metrics_lib
+from mosaic_jax.train import step as step_lib
+from mosaic_jax.train import trainer
+
+
+_FLUX_VAE = Autoencoder("vae", VaeConfig(), {})  # FLUX's autoencoder geometry, without weights
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +38,11 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def first_run(data_dir, tmp_path_factory):
-  """4 uninterrupted steps, with the final evaluation and sample panel."""
+  """4 uninterrupted steps, with the final evaluation and sample panel (and MFU against a 1 TFLOP/s peak).
+  Tests read its workdir; a test that writes into it works on its own copy (tests run in any order)."""
   workdir = str(tmp_path_factory.mktemp("run"))
-  result = train_and_evaluate(tiny_config(data_dir, eval_examples=2, sample_steps=2), workdir)
+  result = train_and_evaluate(tiny_config(data_dir, eval_examples=2, sample_steps=2, peak_tflops_per_device=1.0),
+                              workdir)
   return workdir, result
 
 
@@ -61,10 +70,24 @@ def test_tensorboard_holds_every_loss_term_and_throughput(first_run):
   scalars = _scalars(os.path.join(first_run[0], "tensorboard"))
   tags = set(scalars)
   expected = {"loss", "loss_mse", "loss_scal", "loss_mdl", "weight_scal", "weight_mdl", "learning_rate",
-              "grad_norm", "mean_t", "step_time_s", "examples_per_s", "tflops_per_device"}
+              "grad_norm", "mean_t", "step_time_s", "examples_per_s", "tflops_per_device", "mfu"}
   assert expected <= tags, expected - tags
   # The k-th update uses w(k - 1) (steps count from 0, as in the official code): ramp 1 -> 3.
   assert scalars["weight_mdl"] == pytest.approx([0.0, 0.0, 0.5, 1.0])
+  assert scalars["mfu"] == pytest.approx(scalars["tflops_per_device"])  # a 1 TFLOP/s peak
+
+
+def test_console_line_has_maxtexts_fields_then_progress_and_eta(tmp_path, capsys):
+  logger = metrics_lib.Logger(str(tmp_path), total_steps=10)
+  values = dict(loss=1.5, loss_mse=1.25, loss_scal=2.5, loss_mdl=-0.125, weight_mdl=0.5, grad_norm=0.75,
+                mean_t=0.5, tflops_per_device=2.0, mfu=0.25)
+  logger.console(3, values, step_time=0.2)
+  logger.console(4, {k: v for k, v in values.items() if k != "mfu"}, step_time=0.2)
+  logger.close()
+  first, second = capsys.readouterr().out.splitlines()
+  assert first.startswith("step 3/10 (30%), loss: 1.5000, seconds: 0.200, TFLOP/s/device: 2.000, MFU: 25.00%, "
+                          "terms: mse 1.2500, scal 2.5000, mdl -0.1250 (w_mdl 0.50), grad norm: 0.750"), first
+  assert "MFU: n/a (peak unknown)" in second and ", eta: 00:00:" in second, second
 
 
 def test_sigterm_then_resume_reproduces_the_uninterrupted_losses(first_run, data_dir, tmp_path):
@@ -85,9 +108,10 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_losses(first_run, data
                              [uninterrupted["losses"][s] for s in (1, 2, 3, 4)], rtol=1e-6)
 
 
-def test_rerun_with_more_steps_resumes_from_the_latest_checkpoint(first_run, data_dir):
+def test_rerun_with_more_steps_resumes_from_the_latest_checkpoint(first_run, data_dir, tmp_path):
   """total_steps is safe to change on resume: allowed, and recorded beside the untouched config.json."""
-  workdir, _ = first_run
+  workdir = str(tmp_path / "run")
+  shutil.copytree(first_run[0], workdir)  # the first run's workdir as it was, for this test alone
   first_config = open(os.path.join(workdir, "config.json")).read()
   more = train_and_evaluate(tiny_config(data_dir, total_steps=5), workdir)
   assert more["status"] == "done" and sorted(more["losses"]) == [5]
@@ -173,6 +197,36 @@ def test_the_sampler_takes_the_demo_workdir_and_its_step_folders(first_run, tmp_
   assert image("step2").shape == (64, 64, 3) and not np.array_equal(image("step2"), image("raw"))
 
 
+def test_the_sampler_takes_a_recipe_workdir_on_a_flux_root(data_dir, tmp_path):
+  """The recipe (the default config: a frozen bf16 base from a FLUX checkpoint root, a LoRA on the
+  references, the root's VAE and text encoders) for 2 steps on a tiny random root; then launch/sample.py
+  on the workdir samples what the root plus the exported EMA LoRA file sample."""
+  from flux_root_fixtures import build_flux_root
+  root = tmp_path / "flux_root"
+  build_flux_root(root, with_transformer=True)
+  config = tiny_config(data_dir)  # its dataset, which the module's other runs share
+  recipe = flux_ms.get_config("default")
+  recipe.dataset = config.dataset
+  recipe.update(checkpoint=str(root), resolution=32, ref_resolution=32, text_len=16, batch_size=2, lora_rank=4,
+                total_steps=2, checkpoint_every=2, log_every=1, sample_every=0, eval_examples=0)
+  workdir = str(tmp_path / "run")
+  result = train_and_evaluate(recipe, workdir)
+  assert result["status"] == "done" and all(np.isfinite(v) for v in result["losses"].values())
+
+  from PIL import Image
+  settings = _sample_workdir(workdir, tmp_path / "from_workdir")
+  assert settings["model"]["base"] == str(root) and settings["model"]["step"] == 2
+  assert settings["model"]["lora"].startswith("checkpoints/2 (EMA")
+  assert (settings["options"]["height"], settings["options"]["guidance"]) == (32, 3.5)  # the run's size, recipe's guidance
+  files = _sample_workdir(str(root), tmp_path / "from_files",
+                          ["--lora", os.path.join(workdir, "lora", "2", "lora_ema.safetensors"), "--size", "32",
+                           "--ref_size", "32", "--t5_max_length", "16"])
+  assert files["model"]["lora"].endswith("lora_ema.safetensors")
+  image = lambda name: np.asarray(Image.open(next((tmp_path / name / "out").iterdir()) / "0_seed0.png"), np.int16)
+  assert image("from_workdir").shape == (32, 32, 3)
+  np.testing.assert_array_equal(image("from_workdir"), image("from_files"))
+
+
 @pytest.fixture
 def no_compilation(monkeypatch):
   def fail(*args, **kwargs):
@@ -241,14 +295,15 @@ def test_transformer_channels_that_do_not_fit_the_autoencoder_are_one_clear_erro
 
 
 def test_learning_rate_schedules():
-  recipe = flux_ms.get_config("default").optimizer
-  assert step_lib.learning_rate(recipe) == 8e-5  # a float: the recipe's optimizer state is unchanged
-  demo = types.SimpleNamespace(**flux_ms.get_config("demo").optimizer.to_dict(), total_steps=1500)
-  schedule = step_lib.learning_rate(demo)
+  recipe = settings_from_config(flux_ms.get_config("default"), check_files=False, autoencoder=_FLUX_VAE)
+  assert step_lib.learning_rate(recipe.optimizer, recipe.total_steps) == 8e-5  # a float: the recipe's state
+  demo = settings_from_config(flux_ms.get_config("demo"), check_files=False)
+  assert demo.total_steps == 1500
+  schedule = step_lib.learning_rate(demo.optimizer, demo.total_steps)
   assert float(schedule(0)) == 0.0 and float(schedule(25)) == pytest.approx(1.5e-3)
   assert float(schedule(50)) == pytest.approx(3e-3) and float(schedule(775)) == pytest.approx(1.5e-3, rel=1e-3)
   assert float(schedule(1500)) == pytest.approx(0.0, abs=1e-9)
-  warm = step_lib.learning_rate(types.SimpleNamespace(learning_rate=1e-3, warmup_steps=10))
+  warm = step_lib.learning_rate(dataclasses.replace(recipe.optimizer, learning_rate=1e-3, warmup_steps=10))
   assert float(warm(5)) == pytest.approx(5e-4) and float(warm(500)) == pytest.approx(1e-3)
 
 
@@ -261,10 +316,11 @@ def test_unknown_schedule_is_one_clear_error(data_dir, tmp_path, no_compilation)
 @pytest.mark.parametrize("patch", [2, 4])
 def test_pairs_index_the_token_grid_of_the_autoencoder(data_dir, patch):
   """Pairs are derived on the grid the model sees: 64 px / (2 x patch) tokens a side, not FLUX's 16 px."""
-  config = tiny_config(data_dir, pixel_patch_size=patch, eval_examples=4)  # 64 px
+  config = tiny_config(data_dir, pixel_patch_size=patch, eval_examples=4,  # 64 px
+                       **{"model_overrides.in_channels": 4 * 3 * patch * patch})  # fits the autoencoder
   encoders = inputs_lib.make_encoders(config)
   grid = 64 // (2 * patch)
-  batches = trainer.evaluation_batches(config, encoders, trainer._step_settings(config, encoders.autoencoder))
+  batches = trainer.evaluation_batches(settings_from_config(config, encoders.autoencoder), encoders)
   rows = []
   for batch in batches:
     assert batch["target"].shape[1] == 2 * grid  # latent side; 2x2 packing gives grid x grid tokens
@@ -299,8 +355,8 @@ def test_nan_guard_stops_at_the_bad_step_and_keeps_the_last_good_checkpoint(firs
   workdir = str(tmp_path / "nan")
   real_host_inputs, calls = inputs_lib.host_inputs, []
 
-  def inf_from_step_3(host_batch, encoders):
-    batch = real_host_inputs(host_batch, encoders)
+  def inf_from_step_3(host_batch, encoders, settings):
+    batch = real_host_inputs(host_batch, encoders, settings)
     calls.append(1)
     if len(calls) >= 3:  # one pixel of one target image: inf latents, then NaN through the whole step
       batch["target_images"][0, 0, 0, 0] = np.inf

@@ -28,6 +28,7 @@ from mosaic_jax import interop, model  # noqa: E402
 from mosaic_jax.model.lora import get_path, target_modules  # noqa: E402
 from mosaic_jax.train import checkpoint as checkpoint_lib  # noqa: E402
 from mosaic_jax.train import step as step_lib  # noqa: E402
+from mosaic_jax.train.settings import OptimizerSettings  # noqa: E402
 
 _forward = jax.jit(model.forward, static_argnums=(2,))
 
@@ -62,8 +63,9 @@ def _inputs(batch_np, num_refs):
 def test_lora_export_loads_into_forward_and_diffusers(torch_flux, flux_params, batch_np, tmp_path):
   cfg, params = flux_params
   lora = _random_lora(cfg, params, rank=4, seed=0)
-  optimizer = step_lib.make_optimizer(type("O", (), dict(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8,
-                                                          weight_decay=0.01, grad_clip_norm=1.0)))
+  optimizer = step_lib.make_optimizer(OptimizerSettings(learning_rate=1e-4, b1=0.9, b2=0.999, eps=1e-8,
+                                                         weight_decay=0.01, grad_clip_norm=1.0, schedule="constant",
+                                                         warmup_steps=0))
   state = step_lib.init_state({"lora": lora}, optimizer)
   state["ema"] = jax.tree_util.tree_map(lambda x: 0.5 * x, state["ema"])
   checkpointer = checkpoint_lib.Checkpointer(str(tmp_path), keep=2)

@@ -107,6 +107,7 @@ class FluxConfig:
 
 def with_overrides(cfg: FluxConfig, overrides: Mapping[str, Any]) -> FluxConfig:
   """`cfg` with the fields that `overrides` sets; None means "not set" (a config file's placeholder)."""
+  overrides = dict(overrides)  # a mapping, a ConfigDict or (name, value) pairs
   known = {f.name for f in dataclasses.fields(FluxConfig)}
   unknown = sorted(set(overrides) - known)
   if unknown:
@@ -120,6 +121,12 @@ def preset(name: str, overrides: Mapping[str, Any] | None = None) -> FluxConfig:
   if name not in PRESETS:
     raise ValueError(f"unknown preset {name!r}; expected one of {PRESETS}.")
   return with_overrides(globals()[name](), overrides or {})
+
+
+def resolve(name: str, overrides: Mapping[str, Any] | None = None, loaded: FluxConfig | None = None) -> FluxConfig:
+  """The one way a program's model overrides are applied (training, sampling, forward.py): to `loaded`,
+  the config of the checkpoint the weights come from, or else to the preset called `name`."""
+  return with_overrides(loaded, overrides or {}) if loaded is not None else preset(name, overrides)
 
 
 def field_types() -> dict[str, type]:

@@ -1,6 +1,7 @@
 """What the trainer feeds on: the dataset (raw, built on first use for synthetic configs, or its cached
 encoder features), the encoders (FLUX's from a checkpoint root, the demo's file-free ones, or FLUX's
-shapes with random weights), and host batches -> step batches.
+shapes with random weights), and host batches -> step batches. Each function takes the run's Settings
+(settings.py), or a config with the same fields where no derived field (token_pixels) is read.
 
 The demo's text encoders are tiny random T5 and CLIP behind a byte tokenizer: random but fixed (seeded)
 functions of the caption, which is all a conditioning signal needs in a from-scratch demo.
@@ -19,12 +20,7 @@ from mosaic_jax.encoders import FEATURE_KEYS, FluxEncoders, load_flux_encoders
 from mosaic_jax.model import clip, t5, vae
 from mosaic_jax.model import config as model_config
 from mosaic_jax.model.autoencoder import Autoencoder
-from mosaic_jax.model.pixel_autoencoder import PixelAutoencoderConfig
-from mosaic_jax.model.vae import VaeConfig
-
-
-class ConfigError(ValueError):
-  """A configuration problem found before anything is compiled; the message names the fix."""
+from mosaic_jax.train.settings import ENCODER_CHOICES, ConfigError, autoencoder_geometry, settings_from_config
 
 
 # ---- dataset -------------------------------------------------------------------------------------
@@ -129,7 +125,7 @@ class ByteTokenizers:
 def text_widths(config) -> tuple[int, int]:
   """(T5 state width, pooled CLIP width) that the config's transformer preset (with its overrides) takes:
   the file-free text encoders are built to match it."""
-  cfg = model_config.preset(config.model, config.model_overrides)
+  cfg = model_config.resolve(config.model, config.model_overrides)
   return cfg.joint_attention_dim, cfg.pooled_projection_dim
 
 
@@ -147,21 +143,16 @@ def _tiny_text_encoders(config, seed: int):
 
 def demo_encoders(config, seed: int = 0) -> FluxEncoders:
   """Pixel autoencoder (2 x pixel_patch_size px per token) and tiny random text encoders; no files."""
-  patch = config.pixel_patch_size
-  pixel = PixelAutoencoderConfig(patch_size=patch, latent_channels=3 * patch * patch)
-  return FluxEncoders(Autoencoder("pixel", pixel, {}), **_tiny_text_encoders(config, seed))
+  return FluxEncoders(autoencoder_geometry(config), **_tiny_text_encoders(config, seed))  # no weights
 
 
 def random_encoders(config, seed: int = 0) -> FluxEncoders:
   """FLUX's VAE geometry (/8, 16 channels) with random weights, and the tiny random text encoders:
   the recipe's exact shapes with no downloaded file, to check a machine before the weights are there.
   What it trains on means nothing."""
-  vae_cfg = VaeConfig()
+  vae_cfg = autoencoder_geometry(config).config  # VaeConfig()
   vae_params = vae.init_params(jax.random.key(seed + 2_000_003), vae_cfg)
   return FluxEncoders(Autoencoder("vae", vae_cfg, vae_params), **_tiny_text_encoders(config, seed))
-
-
-ENCODER_CHOICES = ("checkpoint", "demo", "random")
 
 
 def make_encoders(config, text_encoders: bool | None = None) -> FluxEncoders:
@@ -179,22 +170,14 @@ def make_encoders(config, text_encoders: bool | None = None) -> FluxEncoders:
   raise ConfigError(f"config.encoders={config.encoders!r}: expected one of {ENCODER_CHOICES}.")
 
 
-def pipeline_config(config, **changes):
-  """The input pipeline's settings for `config` (training's; `changes` for evaluation or encoding)."""
+def pipeline_config(settings, **changes):
+  """The input pipeline's settings for the run's Settings (training's; `changes` for evaluation or
+  encoding): pairs on the autoencoder's token grid (settings.token_pixels)."""
   from mosaic_jax.data.pipeline import PipelineConfig
   return PipelineConfig(**{**dict(
-      target_size=config.resolution, ref_size=config.ref_resolution, global_batch_size=config.batch_size,
-      max_pairs=config.dataset.max_pairs, token_pixels=token_pixels(config), seed=config.seed,
-      read_threads=config.dataset.read_threads, worker_processes=config.dataset.worker_processes), **changes})
-
-
-def token_pixels(config) -> int:
-  """Pixels per token side of the config's encoders: 2 x the autoencoder's downsample factor (2x2
-  latent patches form a token). FLUX's VAE: 16; the demo's pixel autoencoder: 2 x its patch size.
-  Known from the config alone, so the data pipeline can be set up before any encoder is loaded."""
-  if config.encoders == "demo":
-    return 2 * int(config.pixel_patch_size)
-  return 16
+      target_size=settings.resolution, ref_size=settings.ref_resolution, global_batch_size=settings.batch_size,
+      max_pairs=settings.dataset.max_pairs, token_pixels=settings.token_pixels, seed=settings.seed,
+      read_threads=settings.dataset.read_threads, worker_processes=settings.dataset.worker_processes), **changes})
 
 
 def text_feature_shapes(config, encoders: FluxEncoders, source) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -205,40 +188,52 @@ def text_feature_shapes(config, encoders: FluxEncoders, source) -> tuple[tuple[i
   return (config.text_len, encoders.t5_config.d_model), (encoders.clip_config.hidden_size,)
 
 
-def step_batch(host_batch: dict, encoders: FluxEncoders) -> dict:
+def _host_spec(host_batch: dict, settings) -> dict:
+  """step.batch_spec for a host batch of any size and pair count (evaluation's are smaller)."""
+  from mosaic_jax.train.step import batch_spec
+  (b, k), r = np.shape(host_batch["pair_ref"]), np.shape(host_batch["ref_means" if "ref_means" in host_batch
+                                                                      else "refs"])[1]
+  text = (np.shape(host_batch["t5"])[1:], np.shape(host_batch["pooled"])[1:]) if "t5" in host_batch else ((), ())
+  return batch_spec(settings, r, text, batch_size=b, max_pairs=k)
+
+
+def step_batch(host_batch: dict, encoders: FluxEncoders, settings) -> dict:
   """Pipeline batch (images and captions, or their cached features; pairs) -> the numpy arrays the
-  train step reads (step.BATCH_KEYS)."""
+  train step reads (step.batch_spec)."""
   if "target_mean" in host_batch:  # cached features
     features = {key: host_batch[key] for key in FEATURE_KEYS}
   else:
     features = encoders.batch_features(host_batch, batch_size=len(host_batch["target"]))
-  return {**{key: np.asarray(value, np.float32) for key, value in features.items()}, **pair_arrays(host_batch)}
-
-
-def pair_arrays(host_batch: dict) -> dict[str, np.ndarray]:
-  """The pipeline's correspondence pairs and reference-dropout flags, typed as the step reads them."""
-  out = {key: np.asarray(host_batch[key], np.int32) for key in ("pair_ref", "pair_ref_token", "pair_target_token")}
-  out["pair_valid"] = np.asarray(host_batch["pair_valid"], bool)
-  out["drop_refs"] = np.asarray(host_batch["drop_refs"], bool)
+  arrays = {**features, **{k: host_batch[k] for k in PAIR_KEYS}}
+  spec = _host_spec(arrays, settings)
+  out = {key: np.asarray(arrays[key], spec[key].dtype) for key in spec}
+  for key, value in out.items():
+    if key not in ("t5", "pooled") and value.shape != spec[key].shape:
+      raise ValueError(f"step_batch: {key} has shape {value.shape}, the step reads {spec[key].shape}.")
   return out
 
 
-def host_inputs(host_batch: dict, encoders: FluxEncoders) -> dict[str, np.ndarray]:
+PAIR_KEYS = ("pair_ref", "pair_ref_token", "pair_target_token", "pair_valid", "drop_refs")
+
+
+def host_inputs(host_batch: dict, encoders: FluxEncoders, settings) -> dict[str, np.ndarray]:
   """What the trainer sends to the devices each step: cached features (float32), or, with encoders
   run on the fly, the images and token ids they encode inside the step's mesh
-  (`FluxEncoders.features_from_raw`); plus the pairs."""
+  (`FluxEncoders.features_from_raw`); plus the pairs, typed as step.batch_spec says."""
   if "target_mean" in host_batch:
-    return step_batch(host_batch, encoders)
-  return {**encoders.raw_inputs(host_batch), **pair_arrays(host_batch)}
+    return step_batch(host_batch, encoders, settings)
+  spec = _host_spec(host_batch, settings)
+  return {**encoders.raw_inputs(host_batch), **{k: np.asarray(host_batch[k], spec[k].dtype) for k in PAIR_KEYS}}
 
 
 def encode_dataset(config, out: str, splits=None, batch_size: int = 8, dtype: str = "float32") -> dict:
   """Writes the cached features of `config`'s dataset splits (default: the train and eval splits) into
   the new directory `out`, with the config's encoders and sizes; returns the cache spec."""
   from mosaic_jax.data import cached_features
-  splits = list(splits or dict.fromkeys([config.dataset.train_split, config.dataset.eval_split]))
-  sources = {split: open_raw_dataset(config.dataset, split) for split in splits}
-  return cached_features.encode_dataset(sources, out, make_encoders(config, text_encoders=True),
-                                        pipeline_config(config), cache_fingerprint(config),
+  settings = settings_from_config(config)
+  splits = list(splits or dict.fromkeys([settings.dataset.train_split, settings.dataset.eval_split]))
+  sources = {split: open_raw_dataset(settings.dataset, split) for split in splits}
+  return cached_features.encode_dataset(sources, out, make_encoders(settings, text_encoders=True),
+                                        pipeline_config(settings), cache_fingerprint(settings),
                                         batch_size=batch_size, read_threads=config.dataset.read_threads,
                                         dtype=jax.numpy.dtype(dtype))

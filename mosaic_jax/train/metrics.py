@@ -94,6 +94,19 @@ def _summary_writer_class():
   return SummaryWriter
 
 
+def console_line(step: int, total_steps: int, values: dict, step_time: float) -> str:
+  """maxtext's step line (step, loss, step time, TFLOP/s per device, MFU), then progress and MOSAIC's
+  loss terms. MFU needs the device's peak (config.peak_tflops_per_device, or a known device kind)."""
+  get = lambda name: float(values.get(name, 0.0))
+  mfu = f"{100 * get('mfu'):.2f}%" if "mfu" in values else "n/a (peak unknown)"
+  terms = ", ".join(f"{k.removeprefix('loss_')} {get(k):.4f}" for k in ("loss_mse", "loss_scal", "loss_mdl")
+                    if k in values)
+  return (f"step {step}/{total_steps} ({100 * step / total_steps:.0f}%), loss: {get('loss'):.4f}, "
+          f"seconds: {step_time:.3f}, TFLOP/s/device: {get('tflops_per_device'):.3f}, MFU: {mfu}, "
+          f"terms: {terms} (w_mdl {get('weight_mdl'):.2f}), grad norm: {get('grad_norm'):.3f}, "
+          f"mean t: {get('mean_t'):.2f}")
+
+
 class Logger:
   """tensorboardX scalars and images (process 0) and the console line with progress and ETA."""
 
@@ -128,11 +141,7 @@ class Logger:
     average = (time.perf_counter() - self.started) / done if done else step_time
     remaining = max(self.total_steps - step, 0) * average
     eta = time.strftime("%H:%M:%S", time.gmtime(remaining))
-    terms = " ".join(f"{k.removeprefix('loss_')}={float(values[k]):.4f}" for k in
-                     ("loss", "loss_mse", "loss_scal", "loss_mdl") if k in values)
-    print(f"step {step}/{self.total_steps} ({100 * step / self.total_steps:.0f}%) {terms} "
-          f"w_mdl={float(values.get('weight_mdl', 0)):.2f} |g|={float(values.get('grad_norm', 0)):.3f} "
-          f"t={float(values.get('mean_t', 0)):.2f} {step_time * 1000:.0f} ms/step eta {eta}", flush=True)
+    print(console_line(step, self.total_steps, values, step_time) + f", eta: {eta}", flush=True)
 
   def close(self) -> None:
     if self.writer is not None:

@@ -27,6 +27,7 @@ from etils import epath
 from mosaic_jax import interop, model, parallel
 from mosaic_jax.train import checkpoint as checkpoint_lib
 from mosaic_jax.train import inputs as inputs_lib
+from mosaic_jax.train.settings import ConfigError, settings_from_config
 
 
 class TrainedModelError(ValueError):
@@ -80,11 +81,12 @@ def load_trained(path: str, step: int | None = None, ema: bool = True, mesh=None
   step = step if step is not None else folder_step if folder_step is not None else (steps[-1] if steps else None)
   if step is None or step not in steps:
     raise TrainedModelError(f"{workdir}: no committed checkpoint for step {step} (committed: {steps}).")
+  try:  # the dataset, which sampling does not read, need not be here
+    settings = settings_from_config(config, check_files=False)
+  except ConfigError as error:
+    raise TrainedModelError(f"{workdir}/config.json: {error}") from error
   mesh = mesh if mesh is not None else parallel.make_mesh({"data": -1})
-  # (JSON gave lists where the config had tuples)
-  param_rules = tuple((regex, tuple(axes)) for regex, axes in config.sharding.param_rules)
-  logical_rules = parallel.hashable_rules(config.sharding.logical_rules)
-  overrides = {k: v for k, v in config.model_overrides.items() if v is not None}
+  param_rules, logical_rules = settings.sharding.param_rules, parallel.hashable_rules(settings.sharding.logical_rules)
   group = "ema" if ema else "trainable"
   state_dir = workdir / "checkpoints" / str(step) / "state"
   wanted = [(group, part) for part in ("base", "lora") if part in config.trainable]
@@ -93,7 +95,7 @@ def load_trained(path: str, step: int | None = None, ema: bool = True, mesh=None
 
   source = {"workdir": os.fspath(workdir), "step": step, "weights": "EMA" if ema else "trained (not EMA)"}
   if "base" in config.trainable:
-    cfg = model.config.preset(config.model, overrides)
+    cfg = settings.transformer_config()
     params = parallel.place(trees[(group, "base")], mesh, param_rules, logical_rules)
     source["base"] = f"trained, from checkpoints/{step}"
   elif config.checkpoint:
@@ -108,11 +110,11 @@ def load_trained(path: str, step: int | None = None, ema: bool = True, mesh=None
     except FileNotFoundError as error:
       raise TrainedModelError(f"{workdir}/config.json names the base checkpoint {config.checkpoint}, which is "
                               f"not readable here ({error}).") from error
-    cfg = model.config.with_overrides(cfg, overrides)
+    cfg = settings.transformer_config(cfg)
     source["base"] = config.checkpoint
   else:  # the seeded random base of the run (flux_random), made as the trainer made it
     from mosaic_jax.train.trainer import create_sharded
-    cfg = model.config.preset(config.model, overrides)
+    cfg = settings.transformer_config()
     params = create_sharded(lambda key: model.init_params(key, cfg, dtype), config.seed, mesh, param_rules,
                             logical_rules)
     source["base"] = f"random (seed {config.seed}), as the run's"
@@ -122,6 +124,5 @@ def load_trained(path: str, step: int | None = None, ema: bool = True, mesh=None
                           param_rules, logical_rules)
     source["lora"] = f"checkpoints/{step} ({'EMA' if ema else 'trained'}; exported as lora/{step}/"
     source["lora"] += ("lora_ema.safetensors)" if ema else "lora.safetensors)")
-  cfg = dataclasses.replace(cfg, logical_rules=parallel.hashable_rules(logical_rules))
-  encoders = inputs_lib.make_encoders(config, text_encoders=True)
+  encoders = inputs_lib.make_encoders(settings, text_encoders=True)
   return TrainedModel(cfg, params, lora, encoders, config, step, source)

@@ -1,7 +1,7 @@
 """`train_and_evaluate(config, workdir)`: MOSAIC training, end to end, resumable.
 
 Read top to bottom:
-  1. check the config (unknown fields, missing paths) before anything is built or compiled;
+  1. the settings: the config checked (unknown fields, missing paths) before anything is built or compiled;
   2. mesh; model (base frozen in config.dtype, or trained for the demo) and LoRA;
   3. data iterator and encoders;
   4. train state, its shardings, and automatic resumption from the workdir's latest checkpoint;
@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import os
 import time
-import types
 from typing import Any, Callable
 
 import jax
@@ -29,10 +27,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from mosaic_jax import images, interop, model, parallel
-from mosaic_jax.cli import unknown_field_message
 from mosaic_jax.data import make_iterator, to_global_arrays
 from mosaic_jax.encoders import training_latents
-from mosaic_jax.model.config import REMAT_POLICIES
 from mosaic_jax.parallel.distributed import is_leader, say
 from mosaic_jax.train import checkpoint as checkpoint_lib
 from mosaic_jax.train import evaluate as evaluate_lib
@@ -40,105 +36,18 @@ from mosaic_jax.train import inputs as inputs_lib
 from mosaic_jax.train import metrics as metrics_lib
 from mosaic_jax.train import step as step_lib
 from mosaic_jax.train import workdir_config
-from mosaic_jax.train.inputs import ConfigError
-
-TRAINABLE_CHOICES = ("lora", "base+lora", "base")
-
-
-# ---- 1. the config --------------------------------------------------------------------------------
-
-def _reference_configs() -> list[ml_collections.ConfigDict]:
-  """The field sets a config may have: configs/flux_ms.py's default and demo variants."""
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                      "configs", "flux_ms.py")
-  if not os.path.exists(path):
-    return []
-  spec = importlib.util.spec_from_file_location("_flux_ms_reference", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return [module.get_config("default"), module.get_config("demo")]
-
-
-def _fields(config, prefix="") -> set[str]:
-  out = set()
-  for key, value in config.items():
-    name = f"{prefix}{key}"
-    out.add(name)
-    if isinstance(value, ml_collections.ConfigDict) and key != "model_overrides":
-      out |= _fields(value, name + ".")
-  return out
-
-
-def check_config(config) -> None:
-  """Every problem a user can fix from the command line, reported before anything is compiled."""
-  references = _reference_configs()
-  if references:
-    known = set().union(*(_fields(c) for c in references))
-    unknown = sorted(_fields(config) - known)
-    if unknown:
-      raise ConfigError(unknown_field_message(unknown, known) + ".")
-  if config.model not in model.config.PRESETS:
-    raise ConfigError(f"config.model={config.model!r}: expected one of {model.config.PRESETS}.")
-  try:
-    model.config.preset(config.model, config.model_overrides)
-  except ValueError as error:  # unknown field, or a value FluxConfig refuses
-    raise ConfigError(f"config.model_overrides: {error}") from error
-  if config.trainable not in TRAINABLE_CHOICES:
-    raise ConfigError(f"config.trainable={config.trainable!r}: expected one of {TRAINABLE_CHOICES}.")
-  if config.optimizer.schedule not in step_lib.SCHEDULES:
-    raise ConfigError(f"config.optimizer.schedule={config.optimizer.schedule!r}: expected one of "
-                      f"{step_lib.SCHEDULES}.")
-  if config.remat_policy not in REMAT_POLICIES:
-    raise ConfigError(f"config.remat_policy={config.remat_policy!r}: expected one of {REMAT_POLICIES}.")
-  if config.encoders not in inputs_lib.ENCODER_CHOICES:
-    raise ConfigError(f"config.encoders={config.encoders!r}: expected one of {inputs_lib.ENCODER_CHOICES}.")
-  # A LoRA on a random base is pointless, except in the random-weights check (encoders="random").
-  needs_checkpoint = config.encoders == "checkpoint" or (config.trainable == "lora" and config.encoders != "random")
-  if needs_checkpoint and not config.checkpoint:
-    raise ConfigError("config.checkpoint is empty: pass --config.checkpoint=/path/to/FLUX.1-dev (a FLUX "
-                      "checkpoint root with transformer/, vae/, text_encoder/, text_encoder_2/, tokenizer/, "
-                      "tokenizer_2/), or use --config configs/flux_ms.py:demo (or :flux_random, the recipe's "
-                      "shapes with random weights).")
-  if config.checkpoint and not os.path.exists(os.path.expanduser(config.checkpoint)):
-    raise ConfigError(f"config.checkpoint={config.checkpoint!r} does not exist: pass "
-                      "--config.checkpoint=/path/to/FLUX.1-dev.")
-  if config.lora and not os.path.exists(os.path.expanduser(config.lora)):
-    raise ConfigError(f"config.lora={config.lora!r} does not exist: pass --config.lora=FILE or --config.lora=''.")
-  if not config.dataset.data_dir and not config.dataset.cached_features:
-    raise ConfigError("config.dataset.data_dir is empty: pass --config.dataset.data_dir=DIR (where "
-                      "launch/build_dataset.py built semalign_ms), or --config.dataset.cached_features=DIR "
-                      "(where launch/encode_dataset.py wrote its features).")
-  if config.total_steps < 1 or config.batch_size < 1:
-    raise ConfigError(f"config.total_steps={config.total_steps} and config.batch_size={config.batch_size} "
-                      "must be positive.")
-  token_pixels = inputs_lib.token_pixels(config)
-  for name in ("resolution", "ref_resolution"):
-    if config[name] < 1 or config[name] % token_pixels:
-      raise ConfigError(f"config.{name}={config[name]}: expected a positive multiple of {token_pixels} px "
-                        f"(one token with encoders={config.encoders!r}, pixel_patch_size={config.pixel_patch_size}).")
-
-
-def _step_settings(config, autoencoder) -> types.SimpleNamespace:
-  """The plain values the jitted step closes over (a ConfigDict is not a jit-friendly constant)."""
-  return types.SimpleNamespace(
-      seed=int(config.seed), latent_scaling=float(autoencoder.config.scaling_factor),
-      latent_shift=float(autoencoder.config.shift_factor), ema_decay=float(config.ema_decay),
-      losses=types.SimpleNamespace(**config.losses.to_dict()),
-      optimizer=types.SimpleNamespace(**config.optimizer.to_dict(), total_steps=int(config.total_steps)))
+from mosaic_jax.train.settings import ConfigError, Settings, check_batch_splits, settings_from_config
 
 
 # ---- 2. model -------------------------------------------------------------------------------------
 
-def build_model(config, mesh, param_rules, logical_rules, draw: bool = True):
+def build_model(settings: Settings, mesh, param_rules, logical_rules, draw: bool = True):
   """(FluxConfig, base params placed with their shardings, initial LoRA or None). draw=False (a run
   that will restore its trainable weights): randomly initialized trainable parts are returned as
   shapes only (jax.ShapeDtypeStruct), not drawn (at FLUX.1-dev size a rank-512 LoRA is 7 GB)."""
-  dtype = jnp.float32 if config.trainable != "lora" else jnp.dtype(config.dtype)
-  overrides = {"remat_policy": config.remat_policy,  # per-block jax.checkpoint in the model
-               "logical_rules": parallel.hashable_rules(logical_rules),  # the activation pins' table
-               **{k: v for k, v in config.model_overrides.items() if v is not None}}
-  if config.checkpoint:
-    transformer = os.path.expanduser(config.checkpoint)
+  dtype = jnp.float32 if settings.trainable != "lora" else jnp.dtype(settings.dtype)
+  if settings.checkpoint:
+    transformer = os.path.expanduser(settings.checkpoint)
     if os.path.isdir(os.path.join(transformer, "transformer")):
       transformer = os.path.join(transformer, "transformer")
 
@@ -146,25 +55,25 @@ def build_model(config, mesh, param_rules, logical_rules, draw: bool = True):
       return jax.device_put(array, parallel.sharding_for(name.replace(".", "/"), array.shape, mesh,
                                                          param_rules, logical_rules))
     cfg, params = interop.load_flux_transformer(transformer, dtype=dtype, place=place)
-    cfg = model.config.with_overrides(cfg, overrides)
+    cfg = settings.transformer_config(cfg)
   else:
-    cfg = model.config.preset(config.model, overrides)
+    cfg = settings.transformer_config()
     make = lambda key: model.init_params(key, cfg, dtype)
-    if draw or "base" not in config.trainable:
-      params = create_sharded(make, config.seed, mesh, param_rules, logical_rules)
+    if draw or "base" not in settings.trainable:
+      params = create_sharded(make, settings.seed, mesh, param_rules, logical_rules)
     else:
-      params = jax.eval_shape(make, jax.random.key(config.seed))
+      params = jax.eval_shape(make, jax.random.key(settings.seed))
   lora = None
-  if "lora" in config.trainable:
-    if config.lora:
-      lora = interop.load_lora(os.path.expanduser(config.lora), cfg)
+  if "lora" in settings.trainable:
+    if settings.lora:
+      lora = interop.load_lora(os.path.expanduser(settings.lora), cfg)
     else:
       shapes = jax.eval_shape(lambda: params)  # the LoRA needs the base's shapes only
-      make = lambda key: model.init_lora(key, shapes, cfg, config.lora_rank)
+      make = lambda key: model.init_lora(key, shapes, cfg, settings.lora_rank)
       if draw:
-        lora = create_sharded(make, config.seed + 1, mesh, param_rules, logical_rules)
+        lora = create_sharded(make, settings.seed + 1, mesh, param_rules, logical_rules)
       else:
-        lora = jax.eval_shape(make, jax.random.key(config.seed + 1))
+        lora = jax.eval_shape(make, jax.random.key(settings.seed + 1))
   return cfg, params, lora
 
 
@@ -177,26 +86,6 @@ def create_sharded(make, seed, mesh, param_rules, logical_rules):
 
 
 # ---- 5. compilation -------------------------------------------------------------------------------
-
-def abstract_batch(config, encoders, num_refs: int, text_shapes, feature_dtypes=None) -> dict:
-  """ShapeDtypeStructs of a step batch with R = num_refs (the step is compiled once per R);
-  text_shapes: (T5 states [L, D], pooled [P]) per example; feature_dtypes: {feature: dtype} of
-  features made on device (default float32, as the host sends them)."""
-  b, k = config.batch_size, config.dataset.max_pairs
-  f, c = encoders.autoencoder.downsample_factor, encoders.autoencoder.latent_channels
-  h, hr = config.resolution // f, config.ref_resolution // f
-  dtype = lambda name: (feature_dtypes or {}).get(name, jnp.float32)
-  return {
-      "target_mean": jax.ShapeDtypeStruct((b, h, h, c), dtype("target_mean")),
-      "target_std": jax.ShapeDtypeStruct((b, h, h, c), dtype("target_std")),
-      "ref_means": jax.ShapeDtypeStruct((b, num_refs, hr, hr, c), dtype("ref_means")),
-      "t5": jax.ShapeDtypeStruct((b, *text_shapes[0]), dtype("t5")),
-      "pooled": jax.ShapeDtypeStruct((b, *text_shapes[1]), dtype("pooled")),
-      "pair_ref": jax.ShapeDtypeStruct((b, k), jnp.int32), "pair_ref_token": jax.ShapeDtypeStruct((b, k), jnp.int32),
-      "pair_target_token": jax.ShapeDtypeStruct((b, k), jnp.int32), "pair_valid": jax.ShapeDtypeStruct((b, k), bool),
-      "drop_refs": jax.ShapeDtypeStruct((b,), bool),
-  }
-
 
 def _memory_report(compiled) -> str:
   try:
@@ -212,8 +101,9 @@ def _memory_report(compiled) -> str:
 
 
 def compile_steps(step_fn, state, base, state_shardings, base_shardings, batch_shardings, metric_sharding,
-                  config, encoders, reference_counts, text_shapes, feature_dtypes=None) -> dict[int, Any]:
-  """{R: compiled step}, ahead of time, each with its memory report printed."""
+                  settings: Settings, reference_counts, text_shapes, feature_dtypes=None) -> dict[int, Any]:
+  """{R: compiled step}, ahead of time, each with its memory report printed. text_shapes and
+  feature_dtypes: see step.batch_spec."""
   jitted = jax.jit(step_fn, in_shardings=(state_shardings, base_shardings, batch_shardings),
                    out_shardings=(state_shardings, metric_sharding), donate_argnums=(0,))
   compiled = {}
@@ -222,7 +112,7 @@ def compile_steps(step_fn, state, base, state_shardings, base_shardings, batch_s
     start = time.perf_counter()
     with jax.set_mesh(batch_shardings.mesh):  # the model's activation pins place onto this mesh
       lowered = jitted.lower(abstract(state), abstract(base),
-                             abstract_batch(config, encoders, r, text_shapes, feature_dtypes))
+                             step_lib.batch_spec(settings, r, text_shapes, feature_dtypes=feature_dtypes))
     compiled[r] = lowered.compile()
     say(f"compiled the train step for {r} reference(s) in {time.perf_counter() - start:.1f} s: "
           f"{_memory_report(compiled[r])}")
@@ -232,23 +122,23 @@ def compile_steps(step_fn, state, base, state_shardings, base_shardings, batch_s
 def compile_from_shapes(config, cfg, mesh, reference_counts, autoencoder, text_shapes) -> dict[int, Any]:
   """{R: the config's train step for transformer `cfg` on `mesh`}, compiled from shapes alone (no weights
   are made or loaded): memory and FLOP reports for a mesh, batch or remat policy before any accelerator
-  time is spent (benchmarks/train_memory.py). `autoencoder` only gives the latent geometry."""
-  rules = tuple(config.sharding.param_rules), tuple(config.sharding.logical_rules)
+  time is spent (benchmarks/train_memory.py). `autoencoder` only gives the latent geometry; no file the
+  config names (checkpoint, LoRA, dataset) is needed."""
+  settings = settings_from_config(config, autoencoder, check_files=False)
+  rules = settings.sharding.param_rules, settings.sharding.logical_rules
   shard = functools.partial(parallel.tree_shardings, mesh=mesh, param_rules=rules[0], logical_rules=rules[1])
-  settings = _step_settings(config, autoencoder)
-  optimizer = step_lib.make_optimizer(settings.optimizer)
+  optimizer = step_lib.make_optimizer(settings.optimizer, settings.total_steps)
   cfg = dataclasses.replace(cfg, logical_rules=parallel.hashable_rules(rules[1]))
   key = jax.random.key(0)
   base = jax.eval_shape(lambda k: model.init_params(k, cfg, jnp.dtype(config.dtype)), key)
   lora = jax.eval_shape(lambda k: model.init_lora(k, base, cfg, config.lora_rank), key)
   state = jax.eval_shape(lambda t: step_lib.init_state(t, optimizer), {"lora": lora})
-  step_fn = functools.partial(step_lib.train_step, cfg=cfg, config=settings, optimizer=optimizer)
-  encoders = types.SimpleNamespace(autoencoder=autoencoder)  # all that abstract_batch reads
+  step_fn = functools.partial(step_lib.train_step, cfg=cfg, settings=settings, optimizer=optimizer)
   return compile_steps(step_fn, state, base, shard(state), shard(base), parallel.batch_sharding(mesh, rules[1]),
-                       parallel.replicated(mesh), config, encoders, reference_counts, text_shapes)
+                       parallel.replicated(mesh), settings, reference_counts, text_shapes)
 
 
-def _example_host_batch(config, encoders, num_refs: int) -> dict:
+def _example_host_batch(config, num_refs: int) -> dict:
   """A pipeline batch of the right shapes (zeros), to trace the on-device encoders for their dtypes."""
   b, s, sr = config.batch_size, config.resolution, config.ref_resolution
   return {"target": np.zeros((b, s, s, 3), np.float32), "refs": np.zeros((b, num_refs, sr, sr, 3), np.float32),
@@ -257,12 +147,12 @@ def _example_host_batch(config, encoders, num_refs: int) -> dict:
 
 # ---- 7. evaluation --------------------------------------------------------------------------------
 
-def _model_latents(host_batch, encoders, scaling, shift, mesh=None):
+def model_latents(host_batch, encoders, settings: Settings, mesh=None):
   """Pipeline batch -> deterministic model latents (posterior means) and text features, replicated on
   `mesh` when given (every process holds the same whole evaluation batch)."""
-  features = inputs_lib.step_batch(host_batch, encoders)
+  features = inputs_lib.step_batch(host_batch, encoders, settings)
   latents = training_latents({**features, "target_std": np.zeros_like(features["target_std"])},
-                             scaling, shift, jax.random.key(0))
+                             settings.latent_scaling, settings.latent_shift, jax.random.key(0))
   batch = {"target": latents["target"], "refs": latents["refs"], "text": latents["text"],
            "pooled": latents["pooled"], **{k: features[k] for k in
                                            ("pair_ref", "pair_ref_token", "pair_target_token", "pair_valid")}}
@@ -272,16 +162,16 @@ def _model_latents(host_batch, encoders, scaling, shift, mesh=None):
     return parallel.on_mesh(batch)
 
 
-def evaluation_batches(config, encoders, settings, mesh=None) -> list[dict]:
-  source, num_refs = inputs_lib.open_dataset(config, config.dataset.eval_split)
-  batch_size = min(config.batch_size, 8)
+def evaluation_batches(settings: Settings, encoders, mesh=None) -> list[dict]:
+  source, num_refs = inputs_lib.open_dataset(settings, settings.dataset.eval_split)
+  batch_size = min(settings.batch_size, 8)
   iterator = make_iterator(source, num_refs, inputs_lib.pipeline_config(
-      config, global_batch_size=batch_size, shuffle=False, dropout=False, num_epochs=1, worker_processes=0))
+      settings, global_batch_size=batch_size, shuffle=False, dropout=False, num_epochs=1, worker_processes=0))
   batches = []
   for host_batch in iterator:
-    if len(batches) * batch_size >= config.eval_examples:
+    if len(batches) * batch_size >= settings.eval_examples:
       break
-    batches.append(_model_latents(host_batch, encoders, settings.latent_scaling, settings.latent_shift, mesh))
+    batches.append(model_latents(host_batch, encoders, settings, mesh))
   return batches
 
 
@@ -300,9 +190,9 @@ def write_samples(path, params, lora, cfg, encoders, batch, config, logger=None,
   return path
 
 
-def final_evaluation(config, workdir, params, lora, cfg, encoders, settings, logger, step, mesh) -> dict:
+def final_evaluation(config: Settings, workdir, params, lora, cfg, encoders, logger, step, mesh) -> dict:
   """The held-out table (printed and written to eval.json) and the final sample panels."""
-  batches = evaluation_batches(config, encoders, settings, mesh)
+  batches = evaluation_batches(config, encoders, mesh)
   table = evaluate_lib.evaluate_attention(params, lora, cfg, batches, tuple(config.eval_timesteps), config.seed)
   table["step"] = step
   say("evaluation on held-out samples (trained weights, t in "
@@ -325,8 +215,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns {"status": "done" | "preempted", "step", "losses": {step: loss of this process's steps},
   "eval": the evaluation table row or None}. `on_step(step, metrics)` runs after every step (tests).
   """
-  # 1. config
-  check_config(config)
+  # 1. settings (every config error, before anything is built) and the workdir's record of the config
+  settings = settings_from_config(config)
   # Compared with the workdir's before anything is written; one writer; every path through etils.epath,
   # so gs:// workdirs work.
   changed = workdir_config.check_and_record(config, workdir, write=is_leader())
@@ -335,53 +225,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
 
   # 2. mesh and model
-  mesh = parallel.make_mesh(config.mesh.to_dict())
-  param_rules, logical_rules = tuple(config.sharding.param_rules), tuple(config.sharding.logical_rules)
-  try:  # the global batch is split over the batch axis' mesh axes: say so now, not at compilation
-    parallel.batch_sharding(mesh, logical_rules).shard_shape((config.batch_size,))
-  except ValueError as error:
-    raise ConfigError(f"config.batch_size={config.batch_size} does not split over the mesh "
-                      f"{dict(mesh.shape)}: the batch axis is sharded as "
-                      f"{parallel.batch_sharding(mesh, logical_rules).spec} (config.sharding.logical_rules); "
-                      "use a multiple of those axes' sizes.") from error
+  mesh = parallel.make_mesh(dataclasses.asdict(settings.mesh))
+  param_rules, logical_rules = settings.sharding.param_rules, settings.sharding.logical_rules
+  check_batch_splits(settings, mesh)
   shard = functools.partial(parallel.tree_shardings, mesh=mesh, param_rules=param_rules,
                             logical_rules=logical_rules)
 
   # 3. data (opened before the model, so a wrong path fails in seconds) and encoders
   if jax.process_count() > 1:  # a synthetic set is built on first use: by process 0 alone
     if is_leader():
-      inputs_lib.open_dataset(config, config.dataset.train_split)
+      inputs_lib.open_dataset(settings, settings.dataset.train_split)
     multihost_utils.sync_global_devices("dataset ready")
-  source, num_refs = inputs_lib.open_dataset(config, config.dataset.train_split)
+  source, num_refs = inputs_lib.open_dataset(settings, settings.dataset.train_split)
   try:
-    iterator = make_iterator(source, num_refs, inputs_lib.pipeline_config(config),
+    iterator = make_iterator(source, num_refs, inputs_lib.pipeline_config(settings),
                              process_index=jax.process_index(), process_count=jax.process_count())
   except ValueError as error:  # e.g. no reference count with a full batch of examples
-    raise ConfigError(f"dataset {config.dataset.name} split {config.dataset.train_split!r} gives no "
-                      f"training batch: {error} (--config.batch_size={config.batch_size})") from error
-  encoders = inputs_lib.make_encoders(config)
-  # The pairs were derived for the config's token size: it must be the autoencoder's (2x2 packing).
-  token_pixels = 2 * encoders.autoencoder.downsample_factor
-  if token_pixels != inputs_lib.token_pixels(config):
-    raise ConfigError(f"the autoencoder gives {token_pixels} px per token, but the pipeline was set up for "
-                      f"{inputs_lib.token_pixels(config)} (inputs.token_pixels).")
-  settings = _step_settings(config, encoders.autoencoder)
-  checkpointer = checkpoint_lib.Checkpointer(workdir, config.keep_checkpoints)
+    raise ConfigError(f"dataset {settings.dataset.name} split {settings.dataset.train_split!r} gives no "
+                      f"training batch: {error} (--config.batch_size={settings.batch_size})") from error
+  encoders = inputs_lib.make_encoders(settings)
+  checkpointer = checkpoint_lib.Checkpointer(workdir, settings.keep_checkpoints)
   # A run that resumes restores its trainable weights: they are not drawn at random first.
-  cfg, params, lora = build_model(config, mesh, param_rules, logical_rules,
+  cfg, params, lora = build_model(settings, mesh, param_rules, logical_rules,
                                   draw=checkpointer.latest_step() is None)
-  latent_channels = encoders.autoencoder.latent_channels
-  if cfg.in_channels != 4 * latent_channels:  # else a shape error deep in the compile
-    raise ConfigError(f"the transformer takes {cfg.in_channels} values per token, but the autoencoder gives "
-                      f"{latent_channels} latent channels, {4 * latent_channels} per 2x2 token: set "
-                      "--config.model_overrides.in_channels to match (or the pixel_patch_size).")
 
   # 4. state, shardings, resumption
-  optimizer = step_lib.make_optimizer(settings.optimizer)
+  optimizer = step_lib.make_optimizer(settings.optimizer, settings.total_steps)
   init_state = lambda trainable: step_lib.init_state(trainable, optimizer)
 
   def trainable_parts(params, lora):
-    return {**({"base": params} if "base" in config.trainable else {}), **({"lora": lora} if lora is not None else {})}
+    return {**({"base": params} if "base" in settings.trainable else {}),
+            **({"lora": lora} if lora is not None else {})}
 
   trainable = trainable_parts(params, lora)
   base = {} if "base" in trainable else params
@@ -410,27 +284,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   n_trainable = sum(x.size for x in jax.tree_util.tree_leaves(state["trainable"]))
   n_base = sum(x.size for x in jax.tree_util.tree_leaves(params))
-  say(f"model {cfg}\nbase parameters {n_base:,} ({'trained' if 'base' in trainable else 'frozen, ' + config.dtype}); "
+  say(f"model {cfg}\nbase parameters {n_base:,} ({'trained' if 'base' in trainable else 'frozen, ' + settings.dtype}); "
       f"trainable {n_trainable:,}; mesh {dict(mesh.shape)} over {jax.device_count()} "
       f"{jax.devices()[0].platform} device(s) in {jax.process_count()} process(es)")
 
   # 5. compile for every reference count before step 0; encoders run on the fly go onto the mesh too,
   # so their features stay on the devices, split like the batch, in their own dtypes.
   encode, encoder_parts, feature_dtypes = None, None, None
-  if not config.dataset.cached_features:
+  if not settings.dataset.cached_features:
     encoder_parts = parallel.place(encoders.device_parts(), mesh, param_rules, logical_rules)
     encode = jax.jit(encoders.features_from_raw, out_shardings=batch_shardings)
     feature_dtypes = {k: v.dtype for k, v in jax.eval_shape(
         encoders.features_from_raw, encoder_parts,
-        encoders.raw_inputs(_example_host_batch(config, encoders, iterator.reference_counts[0]))).items()}
-  step_fn = functools.partial(step_lib.train_step, cfg=cfg, config=settings, optimizer=optimizer)
+        encoders.raw_inputs(_example_host_batch(settings, iterator.reference_counts[0]))).items()}
+  step_fn = functools.partial(step_lib.train_step, cfg=cfg, settings=settings, optimizer=optimizer)
   compiled = compile_steps(step_fn, state, base, state_shardings, base_shardings, batch_shardings,
-                           metric_sharding, config, encoders, iterator.reference_counts,
-                           inputs_lib.text_feature_shapes(config, encoders, source), feature_dtypes)
+                           metric_sharding, settings, iterator.reference_counts,
+                           inputs_lib.text_feature_shapes(settings, encoders, source), feature_dtypes)
 
   def device_batch(host_batch):
     """This step's batch as global arrays (each process sends its own rows), features made on device."""
-    inputs = to_global_arrays(inputs_lib.host_inputs(host_batch, encoders), batch_shardings)
+    inputs = to_global_arrays(inputs_lib.host_inputs(host_batch, encoders, settings), batch_shardings)
     if encode is None:
       return inputs
     raw = {k: inputs.pop(k) for k in ("target_images", "ref_images", "t5_ids", "clip_ids")}
@@ -438,9 +312,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       return {**encode(encoder_parts, raw), **inputs}
 
   # 6. the loop
-  logger = metrics_lib.Logger(workdir, config.total_steps, enabled=is_leader())
-  peak = metrics_lib.peak_tflops(jax.devices()[0].device_kind, config.peak_tflops_per_device)
-  grid, ref_grid = config.resolution // token_pixels, config.ref_resolution // token_pixels
+  logger = metrics_lib.Logger(workdir, settings.total_steps, enabled=is_leader())
+  peak = metrics_lib.peak_tflops(jax.devices()[0].device_kind, settings.peak_tflops_per_device)
+  grid, ref_grid = settings.resolution // settings.token_pixels, settings.ref_resolution // settings.token_pixels
   losses_by_step: dict[int, float] = {}
   status = "done"
   step = start_step
@@ -471,15 +345,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     window_steps += 1
     if on_step is not None:
       on_step(pending_step, metrics)
-    if pending_step % config.log_every == 0 or pending_step == config.total_steps:
+    if pending_step % settings.log_every == 0 or pending_step == settings.total_steps:
       step_time = (time.perf_counter() - window_start) / window_steps
       flops = metrics_lib.train_step_flops(
-          cfg, metrics_lib.StepShape(config.batch_size, config.text_len, grid * grid, num_refs_of_step,
-                                     ref_grid * ref_grid), config.lora_rank if lora is not None else 0,
+          cfg, metrics_lib.StepShape(settings.batch_size, settings.text_len, grid * grid, num_refs_of_step,
+                                     ref_grid * ref_grid), settings.lora_rank if lora is not None else 0,
           "base" in trainable)
       tflops = flops / step_time / jax.device_count() / 1e12
       values = {k: v for k, v in metrics.items() if k != "finite"}
-      values.update(step_time_s=step_time, examples_per_s=config.batch_size / step_time,
+      values.update(step_time_s=step_time, examples_per_s=settings.batch_size / step_time,
                     tflops_per_device=tflops, num_refs=num_refs_of_step)
       if peak:
         values["mfu"] = tflops / peak
@@ -488,7 +362,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       window_start, window_steps = time.perf_counter(), 0
 
   with checkpoint_lib.PreemptionFlag() as preempted, checkpointer.stopping_cleanly():
-    while step < config.total_steps:
+    while step < settings.total_steps:
       host_batch = next(iterator)
       r = host_batch["refs" if "refs" in host_batch else "ref_means"].shape[1]  # images, or cached features
       state, metrics = compiled[r](state, base, device_batch(host_batch))
@@ -497,20 +371,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         finish(*pending)
       pending = (step, metrics, r)
       stop = preempted.reached(step)  # the same answer on every process, at the same step
-      if step % config.checkpoint_every == 0 or step == config.total_steps or stop:
+      if step % settings.checkpoint_every == 0 or step == settings.total_steps or stop:
         finish(*pending)
         pending = None
         checkpointer.save(step, state, iterator.get_state(), cfg)
       checkpointer.poll()  # a failed save stops the run here; committed ones get checksums and exports
-      if config.sample_every and step % config.sample_every == 0 and step < config.total_steps:
+      if settings.sample_every and step % settings.sample_every == 0 and step < settings.total_steps:
         with jax.set_mesh(mesh):  # the sampler is traced here
           if sample_batch is None:
-            sample_batch = evaluation_batches(config, encoders, settings, mesh)[:1]
+            sample_batch = evaluation_batches(settings, encoders, mesh)[:1]
           if sample_batch:
             current = state["trainable"]
             write_samples(os.path.join(workdir, "samples", f"step_{step}.png"),
                           current.get("base", base), current.get("lora"), cfg, encoders, sample_batch[0],
-                          config, logger, step)
+                          settings, logger, step)
       if stop:
         status = "preempted"
         break
@@ -522,9 +396,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # 7. evaluation
   table = None
-  if status == "done" and config.eval_examples > 0:
+  if status == "done" and settings.eval_examples > 0:
     with jax.set_mesh(mesh):  # traced here, like the step
-      table = final_evaluation(config, workdir, state["trainable"].get("base", base),
-                               state["trainable"].get("lora"), cfg, encoders, settings, logger, step, mesh)
+      table = final_evaluation(settings, workdir, state["trainable"].get("base", base),
+                               state["trainable"].get("lora"), cfg, encoders, logger, step, mesh)
   logger.close()
   return {"status": status, "step": step, "losses": losses_by_step, "eval": table}

@@ -19,7 +19,7 @@ import time
 
 from etils import epath
 
-from mosaic_jax.train.inputs import ConfigError
+from mosaic_jax.train.settings import ConfigError
 
 RESUME_SAFE = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "sample_steps",
                "eval_examples", "eval_timesteps", "guidance", "peak_tflops_per_device", "remat_policy", "mesh.",
