@@ -16,6 +16,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
+from mosaic_jax.evaluation.heatmaps import attention_panel
 from mosaic_jax.model.latents import unpack_latents
 
 
@@ -56,20 +57,37 @@ def sample_panel(autoencoder, batch, generated_tokens, max_rows: int = 4, min_ti
 
   Tiles smaller than `min_tile` px (the demo's 32 px images) are enlarged by a whole factor, pixels as
   squares (nearest), so that they can be looked at; S is the enlarged size."""
+  rows = [np.concatenate(refs + [generated, real], axis=1)
+          for refs, generated, real in _decoded_rows(autoencoder, batch, generated_tokens, max_rows)]
+  panel = np.concatenate(rows, axis=0)
+  zoom = max(1, -(-min_tile // rows[0].shape[0]))
+  return np.repeat(np.repeat(panel, zoom, axis=0), zoom, axis=1)
+
+
+def attention_sheet(autoencoder, batch, generated_tokens, attention, max_rows: int = 4,
+                    tile: int = 128) -> np.ndarray:
+  """uint8: per example (at most max_rows, stacked) the heatmap panel (evaluation/heatmaps.py) of its
+  sample and its references' attention over the target a_r(j) [B, R, N] (sample.denoise's
+  record_attention), for the same batch and samples as sample_panel."""
+  grid = batch["target"].shape[1] // 2, batch["target"].shape[2] // 2  # 2x2 latent patches per token
+  attention = np.asarray(attention)
+  return np.concatenate([attention_panel(generated, attention[row], grid, refs, tile=tile)
+                         for row, (refs, generated, _) in enumerate(
+                             _decoded_rows(autoencoder, batch, generated_tokens, max_rows))], axis=0)
+
+
+def _decoded_rows(autoencoder, batch, generated_tokens, max_rows: int) -> list:
+  """Per example (at most max_rows): ([its references], the sample, the real target) as uint8 images of
+  the target's size."""
   target = batch["target"]
   h, w = target.shape[1:3]
   generated = np.asarray(decode_tokens(autoencoder, generated_tokens, h, w))
   real = np.asarray(decode_latents(autoencoder, target))
   refs = np.asarray(batch["refs"])
-  rows = []
-  for row in range(min(max_rows, target.shape[0])):
-    tiles = list(np.asarray(decode_latents(autoencoder, refs[row]))) + [generated[row], real[row]]
-    size = tiles[-1].shape[0]
-    tiles = [np.asarray(Image.fromarray(t).resize((size, size))) for t in tiles]
-    rows.append(np.concatenate(tiles, axis=1))
-  panel = np.concatenate(rows, axis=0)
-  zoom = max(1, -(-min_tile // real.shape[1]))  # real: decoded images [B, S, S, 3]
-  return np.repeat(np.repeat(panel, zoom, axis=0), zoom, axis=1)
+  size = real.shape[1:3][::-1]
+  fit = lambda image: np.asarray(Image.fromarray(image).resize(size))
+  return [([fit(ref) for ref in np.asarray(decode_latents(autoencoder, refs[row]))], fit(generated[row]),
+           fit(real[row])) for row in range(min(max_rows, target.shape[0]))]
 
 
 def write_png(path: str, image) -> None:

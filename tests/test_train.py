@@ -57,9 +57,27 @@ def test_run_writes_checkpoints_lora_exports_logs_and_evaluation(first_run):
       assert os.path.getsize(os.path.join(workdir, "lora", step, name)) > 0
   assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
   assert os.path.exists(os.path.join(workdir, "samples", "final.png"))
+  _check_attention_sheet(workdir)
   table = result["eval"]
   assert 0.0 <= table["correspondence_accuracy"] <= 1.0 and 0.0 < table["chance"] < 1.0
   assert table["pairs"] > 0 and 0.0 <= table["mean_pairwise_jsd"] <= np.log(2) + 1e-6
+
+
+def _check_attention_sheet(workdir):
+  """samples/final_attention.png: per sample (2 here) a heatmap panel (2 references framed on top; the
+  sample, all heatmaps, each heatmap below; 128 px tiles) of the very samples in final.png."""
+  from PIL import Image
+  samples = np.asarray(Image.open(os.path.join(workdir, "samples", "final.png")))
+  sheet = np.asarray(Image.open(os.path.join(workdir, "samples", "final_attention.png")))
+  assert samples.shape == (2 * 128, 4 * 128, 3)  # per sample: 2 references | sample | real target
+  assert sheet.shape == (2 * 2 * 128, 4 * 128, 3)
+  for row in range(2):
+    panel = sheet[row * 256:(row + 1) * 256]
+    np.testing.assert_array_equal(panel[128:, :128], samples[row * 128:(row + 1) * 128, 256:384])
+    for r in range(2):  # the reference framed above its own heatmap, which tints the sample
+      np.testing.assert_array_equal(panel[8:120, (2 + r) * 128 + 8:(3 + r) * 128 - 8],
+                                    samples[row * 128 + 8:row * 128 + 120, r * 128 + 8:(r + 1) * 128 - 8])
+      assert np.abs(panel[128:, (2 + r) * 128:(3 + r) * 128].astype(int) - panel[128:, :128]).max() > 10
 
 
 def _scalars(folder: str) -> dict[str, list[float]]:

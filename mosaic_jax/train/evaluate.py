@@ -86,8 +86,11 @@ def format_table(rows: dict[str, dict]) -> str:
 
 # ---- sampling -------------------------------------------------------------------------------------
 
-def sample_targets(params, lora, cfg, batch, num_steps: int, guidance: float, seed: int = 0):
-  """Target latent tokens [B, N, C] generated from the batch's text and references by the sampler."""
+def sample_targets(params, lora, cfg, batch, num_steps: int, guidance: float, seed: int = 0,
+                   record_attention: bool = False):
+  """Target latent tokens [B, N, C] generated from the batch's text and references by the sampler; with
+  record_attention also each reference's attention over the target a_r(j) [B, R, N], averaged over
+  every step (sample.denoise)."""
   x0 = pack_latents(batch["target"])
   refs = pack_references(batch["refs"])
   noise = on_mesh(jax.random.normal(jax.random.key(seed), x0.shape, jnp.float32))
@@ -97,4 +100,5 @@ def sample_targets(params, lora, cfg, batch, num_steps: int, guidance: float, se
                          batch["pooled"], on_mesh(image_ids(grid, grid)),
                          on_mesh(sampler.flow_sigmas(num_steps, x0.shape[1])),
                          on_mesh(np.full((b,), guidance, np.float32)), refs=refs,
-                         ref_ids=on_mesh(reference_ids(refs.shape[1], ref_grid, ref_grid)))
+                         ref_ids=on_mesh(reference_ids(refs.shape[1], ref_grid, ref_grid)),
+                         record_attention=record_attention)

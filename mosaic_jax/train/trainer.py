@@ -176,10 +176,13 @@ def evaluation_batches(settings: Settings, encoders, mesh=None) -> list[dict]:
 
 
 def write_samples(path, params, lora, cfg, encoders, batch, config, logger=None, step=0):
-  """Every process samples (the model is split over all of them); process 0 draws and writes."""
+  """Every process samples (the model is split over all of them); process 0 draws and writes the panel
+  at `path` and, beside it (`<name>_attention.png`), each sample's attention heatmaps."""
   guidance = config.guidance if config.trainable == "lora" else 1.0  # the demo DiT only saw 1.0
-  tokens = evaluate_lib.sample_targets(params, lora, cfg, batch, config.sample_steps, guidance, config.seed)
+  tokens, attention = evaluate_lib.sample_targets(params, lora, cfg, batch, config.sample_steps, guidance,
+                                                  config.seed, record_attention=True)
   tokens = multihost_utils.process_allgather(tokens, tiled=True)  # whole on every host
+  attention = multihost_utils.process_allgather(attention, tiled=True)
   if not is_leader():
     return path
   host_batch = {k: multihost_utils.process_allgather(batch[k], tiled=True) for k in ("target", "refs")}
@@ -187,7 +190,18 @@ def write_samples(path, params, lora, cfg, encoders, batch, config, logger=None,
   images.write_png(path, panel)
   if logger is not None:
     logger.image(step, "samples", panel)
+  if attention.shape[1]:  # a batch with references
+    sheet = images.attention_sheet(encoders.autoencoder, host_batch, tokens, attention)
+    images.write_png(attention_path(path), sheet)
+    if logger is not None:
+      logger.image(step, "attention", sheet)
   return path
+
+
+def attention_path(samples_path: str) -> str:
+  """samples/step_N.png -> samples/step_N_attention.png (the heatmaps of the same samples)."""
+  stem, extension = os.path.splitext(samples_path)
+  return f"{stem}_attention{extension}"
 
 
 def final_evaluation(config: Settings, workdir, params, lora, cfg, encoders, logger, step, mesh) -> dict:
@@ -202,7 +216,8 @@ def final_evaluation(config: Settings, workdir, params, lora, cfg, encoders, log
   if batches:
     path = write_samples(os.path.join(workdir, "samples", "final.png"), params, lora, cfg, encoders, batches[0],
                          config, logger, step)
-    say(f"sample panels (references | sample | real target): {path}")
+    say(f"sample panels (references | sample | real target): {path}; their attention heatmaps: "
+        f"{attention_path(path)}")
   return table
 
 
