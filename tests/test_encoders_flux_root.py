@@ -14,6 +14,8 @@ from mosaic_jax.data.pipeline import PipelineConfig
 from mosaic_jax.encoders import FEATURE_KEYS, load_flux_encoders, run_in_batches, training_latents
 from mosaic_jax.interop.safetensors_io import SafetensorsFile
 from mosaic_jax.model import pixel_autoencoder
+from mosaic_jax.configs import flux_ms
+from mosaic_jax.train import settings_from_config
 from mosaic_jax.train.inputs import step_batch
 
 torch = pytest.importorskip("torch")
@@ -70,9 +72,14 @@ def test_cached_dataset_gives_the_training_inputs_of_on_the_fly_encoding(flux_ro
     assert f.dtype("t5") == jnp.bfloat16  # stored as the encoder made it: no float32 copy
   cached = cached_features.open_split(str(tmp_path / "cache"), "train")
   cfg = encoders.autoencoder.config
+  run = flux_ms.get_config("demo")  # the trainer's settings for this pipeline's sizes and this autoencoder
+  run.update(dict(resolution=64, ref_resolution=32, batch_size=2))
+  run.dataset.max_pairs = 8
+  run.model_overrides.in_channels = 4 * encoders.autoencoder.latent_channels
+  settings = settings_from_config(run, encoders.autoencoder, check_files=False)
   batches = 0
   for raw_batch, cached_batch in zip(make_iterator(*raw, config), make_iterator(*cached, config), strict=True):
-    expected, got = step_batch(raw_batch, encoders), step_batch(cached_batch, encoders)
+    expected, got = step_batch(raw_batch, encoders, settings), step_batch(cached_batch, encoders, settings)
     assert set(FEATURE_KEYS) <= set(got) and sorted(got) == sorted(expected)
     assert np.all(got["target_std"] > 0)
     key = jax.random.key(batches)
@@ -80,8 +87,12 @@ def test_cached_dataset_gives_the_training_inputs_of_on_the_fly_encoding(flux_ro
     on_the_fly = training_latents(expected, cfg.scaling_factor, cfg.shift_factor, key)
     for name in ("target", "refs", "text", "pooled"):
       ref = np.asarray(on_the_fly[name])
-      np.testing.assert_allclose(np.asarray(from_cache[name]), ref, rtol=1e-5, atol=1e-5 * np.max(np.abs(ref)),
-                                 err_msg=name)
+      # The text encoders run in bf16, and XLA:CPU's bf16 matmuls are not bitwise reproducible between
+      # the cache's batches of 4 and these of 2 (seen: 22 of 2048 T5 values off by up to 3 bf16 ulps, in
+      # one run of three): a few ulps there; the float32 VAE's latents to 1e-5.
+      tolerance = 1e-5 if name in ("target", "refs") else 2 ** -5
+      np.testing.assert_allclose(np.asarray(from_cache[name]), ref, rtol=tolerance,
+                                 atol=tolerance * np.max(np.abs(ref)), err_msg=name)
     for name in ("pair_ref", "pair_ref_token", "pair_target_token", "pair_valid", "drop_refs"):
       np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
     batches += 1

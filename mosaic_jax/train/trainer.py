@@ -292,7 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     iterator.set_state(data_state)
     say(f"resumed from {checkpointer.directory} at step {start_step}")
   elif not drawn:  # every step was unusable (reported above): start from step 0 with drawn weights
-    cfg, params, lora = build_model(config, mesh, param_rules, logical_rules)
+    cfg, params, lora = build_model(settings, mesh, param_rules, logical_rules)
     trainable = trainable_parts(params, lora)
     base = {} if "base" in trainable else params
     state = make_state(trainable)
