@@ -15,7 +15,8 @@ cost analysis counts a `lax.scan` body once, not once per layer, so those three 
 more compiles of the same step (same mesh, batch, shardings) with its blocks unrolled
 (FluxConfig.unroll_layers) and 1 double + 1 single, 2 + 1 and 1 + 2 blocks: per double block
 D = c(2,1) - c(1,1), per single block S = c(1,2) - c(1,1), and the step's cost
-= c(1,1) + (L - 1) D + (L' - 1) S for L double and L' single blocks (19 and 38). XLA's cost analysis
+= c(1,1) + (L - 1) D + (L' - 1) S for L double and L' single blocks (19 and 38); `--cost_base b` uses
+b+b, b+1+b and b+b+1 blocks instead, and each compile's raw figures are printed. XLA's cost analysis
 does not see inside Pallas kernels (custom calls count nothing), so these three compiles use the xla
 attention unchunked (attention_chunk=0: the same masked groups, no extra forward in the backward):
 their attention FLOPs are the real ones, their time estimate is that of plain XLA attention (float32
@@ -47,6 +48,8 @@ def parse_args():
   parser.add_argument("--batch", type=int, default=0, help="global batch (0: one per device)")
   parser.add_argument("--figures", default="memory,cost", help="--topology: memory (one compile) and/or cost "
                       "(three compiles: the step's FLOPs, time estimate and MFU)")
+  parser.add_argument("--cost_base", type=int, default=1, help="cost compiles unroll b+b, b+1+b and b+b+1 "
+                      "blocks (module docstring); a larger b moves the differences away from the step's fixed part")
   parser.add_argument("--refs", default="1,6", help="reference counts to compile for")
   parser.add_argument("--remat", default="full", help="remat policies to compare, comma separated")
   parser.add_argument("--attention", default=None, help="attention_impl (cudnn needs a GPU, splash a TPU; default "
@@ -106,7 +109,7 @@ def main():
   if args.topology:
     for name in args.topology.split(","):
       compile_for_slice(name, recipe, transformer, refs, args.remat.split(",")[0], args.figures.split(","),
-                        vae, text_shapes)
+                        vae, text_shapes, args.cost_base)
     return
 
   config, mesh = recipe(None)
@@ -122,7 +125,7 @@ def main():
             f"{stats.argument_bytes / 2 ** 30:.1f}, temporaries {stats.temp_bytes / 2 ** 30:.1f})")
 
 
-def compile_for_slice(name, recipe, transformer, refs, remat, figures, vae, text_shapes):
+def compile_for_slice(name, recipe, transformer, refs, remat, figures, vae, text_shapes, base=1):
   """The recipe's step compiled for TPU slice `name`: memory per chip, and the step's FLOPs per chip,
   the compiler's time estimate and the MFU it implies (module docstring: how the scan is counted)."""
   from mosaic_jax.train import metrics, trainer, tpu_compile  # pylint: disable=import-outside-toplevel
@@ -144,19 +147,25 @@ def compile_for_slice(name, recipe, transformer, refs, remat, figures, vae, text
       line += (f": {memory.total_bytes / 2 ** 30:.1f} GiB per chip (arguments {memory.argument_bytes / 2 ** 30:.1f}, "
                f"temporaries {memory.temp_bytes / 2 ** 30:.1f}): {fits} in {spec.hbm_gib:.0f} GiB")
     if "cost" in figures:
+      b = base
+      shapes = ((b, b), (b + 1, b), (b, b + 1))
       c = {layers: tpu_compile.report(trainer.compile_from_shapes(config, transformer(remat, layers), mesh, [r],
                                                                   vae, text_shapes)[r])
-           for layers in ((1, 1), (2, 1), (1, 2))}
-      per = lambda field: (getattr(c[1, 1], field) + (cfg.num_layers - 1) * (getattr(c[2, 1], field) - getattr(
-          c[1, 1], field)) + (cfg.num_single_layers - 1) * (getattr(c[1, 2], field) - getattr(c[1, 1], field)))
+           for layers in shapes}
+      for layers in shapes:  # the raw figures, so that a strange extrapolation can be read back to its compile
+        print(f"    {layers[0]}+{layers[1]} blocks: {c[layers].flops / 1e12:.3f} TFLOP, optimal_seconds "
+              f"{c[layers].optimal_seconds:.4f} s", flush=True)
+      per = lambda field: (getattr(c[b, b], field) + (cfg.num_layers - b) * (getattr(c[b + 1, b], field) - getattr(
+          c[b, b], field)) + (cfg.num_single_layers - b) * (getattr(c[b, b + 1], field) - getattr(c[b, b], field)))
       flops, seconds = per("flops"), per("optimal_seconds")
       tokens = config.resolution // 16
       shape = metrics.StepShape(config.batch_size, config.text_len, tokens ** 2, r, (config.ref_resolution // 16) ** 2)
       analytic = metrics.train_step_flops(cfg, shape, config.lora_rank, trains_base=config.trainable != "lora")
-      mfu = analytic / chips / seconds / (peak * 1e12) if peak and seconds else float("nan")
+      # the estimate is a heuristic per compile; a negative or zero extrapolation says it is unusable here
+      mfu = analytic / chips / seconds / (peak * 1e12) if peak and seconds > 0 else float("nan")
       line += (f"; compiled {flops / 1e12:.1f} TFLOP per chip ({flops * chips / analytic:.2f}x the analytic "
                f"{analytic / 1e12:.1f} TFLOP / {chips}), optimal_seconds {seconds:.3f} s, implied MFU "
-               f"{100 * mfu:.1f}% (peak {peak} TFLOP/s; from unrolled 1+1, 2+1, 1+2 block compiles with xla attention)")
+               f"{100 * mfu:.1f}% (peak {peak} TFLOP/s; from unrolled {b}+{b}, {b + 1}+{b}, {b}+{b + 1} block compiles with xla attention)")
     print(line, flush=True)
 
 
