@@ -5,10 +5,12 @@ trainer a dozen times; each child is still its own process, running the script a
 ARGS...` would (`__main__`, its own argv, flags, jax backend, threads and exit status), and is killed
 with a real SIGKILL.
 
-Forking is safe only before anything starts threads that the child would need: the server refuses to
-fork once a jax backend exists (XLA's thread pools would not exist in the child) or a second Python
-thread runs. Importing jax, orbax, tensorstore and tensorflow-datasets starts neither (checked at every
-fork); numpy's OpenBLAS pool re-forms itself in the child (pthread_atfork).
+Forking is safe only while the server is a single thread (a child has only the thread that forked: a
+lock held by another would never be released there): the server refuses to fork when a second thread
+runs (Python's or the OS's) or a jax backend exists (XLA's thread pools). Importing jax, orbax,
+tensorstore and tensorflow-datasets starts no thread; numpy's OpenBLAS starts a pool at import, so the
+server imports with OPENBLAS_NUM_THREADS=1 (numpy's BLAS is not on the trainer's path: jax computes;
+the child gets the caller's environment back).
 
 Protocol (one JSON object a line): the client writes {"script", "argv", "log"}; the server answers
 {"pid"} once the child runs, then {"pid", "status"} when it has ended (os.waitstatus_to_exitcode: -9 for
@@ -91,10 +93,16 @@ class ForkServer:
     self.process.wait()
 
 
+def _os_threads() -> int | None:
+  return len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else None
+
+
 def _fork_is_safe() -> str | None:
   """Why forking now would give a broken child, or None."""
   if threading.active_count() > 1:
     return f"{threading.active_count()} Python threads run: {[t.name for t in threading.enumerate()]}"
+  if (_os_threads() or 1) > 1:
+    return f"{_os_threads()} threads run (a library started a pool)"
   if "jax" in sys.modules:
     from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
     if xla_bridge.backends_are_initialized():
@@ -102,9 +110,11 @@ def _fork_is_safe() -> str | None:
   return None
 
 
-def _run_child(request: dict, log: int) -> None:
-  """In the child: `python script argv...` in this process, writing to the file descriptor log; never
-  returns (SystemExit ends it)."""
+def _run_child(request: dict, log: int, environment: dict) -> None:
+  """In the child: `python script argv...` in this process with `environment`, writing to the file
+  descriptor log; never returns (SystemExit ends it)."""
+  os.environ.clear()
+  os.environ.update(environment)
   null = os.open(os.devnull, os.O_RDONLY)
   os.dup2(null, 0)
   os.dup2(log, 1)
@@ -120,14 +130,15 @@ def _run_child(request: dict, log: int) -> None:
 
 
 def serve(modules: list[str]) -> None:
+  environment = dict(os.environ)
+  os.environ["OPENBLAS_NUM_THREADS"] = "1"  # read when numpy loads OpenBLAS: no pool thread
   for name in modules:
     importlib.import_module(name)
   problem = _fork_is_safe()
   if problem:
     raise SystemExit(f"fork_server: importing {modules} made forking unsafe: {problem}")
   reply = lambda answer: (sys.stdout.write(json.dumps(answer) + "\n"), sys.stdout.flush())
-  reply({"ready": True, "os_threads": len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task")
-         else None})
+  reply({"ready": True})
   for line in sys.stdin:
     request = json.loads(line)
     problem = _fork_is_safe()
@@ -138,7 +149,7 @@ def serve(modules: list[str]) -> None:
     log = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)  # there once the pid is
     pid = os.fork()
     if pid == 0:
-      _run_child(request, log)
+      _run_child(request, log, environment)
     os.close(log)
     reply({"pid": pid})
     _, status = os.waitpid(pid, 0)

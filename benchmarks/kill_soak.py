@@ -131,12 +131,14 @@ def last_losses(workdir: str) -> dict[int, float]:
 
 
 def soak(data_dir: str, root: str, kills: int, steps: int, seed: int = 0, cache_dir: str | None = None) -> dict:
-  """Each kill lands after one or two of a run's step lines plus a random fraction of a step: with a
-  save every step, in a step, in a save (orbax's commit) or in the LoRA export that follows it. A run
-  killed there commits at most two steps more than it waited for, so once fewer than 4 steps remain it
-  is killed at a random moment before its first step instead (restore, compilation): the soak never
-  runs out of steps before its last kill, whatever the timing. Runs after the first start from a fork
-  server that has imported the trainer's libraries once (fork_server.py)."""
+  """Each kill lands a random fraction of a step period (the median time between step lines; a save
+  every step) after a run's first step line, or after its first newly committed step: with a save every
+  step, in a step, in a save (orbax's commit), or in the LoRA export and pruning that follow a commit.
+  Half the runs commit a step before their kill, so the soak resumes from ever later steps. A kill
+  there lets a run commit at most two steps more, so once fewer steps remain a run is killed at a
+  random moment of its start instead (restore, compilation): the soak never runs out of steps before its
+  last kill, whatever the timing. The runs start from a fork server that has imported the trainer's
+  libraries once (fork_server.py), each a new process."""
   cache_dir = cache_dir or os.path.join(root, "jax_cache")
   env = _environment(cache_dir)
   settings = dict(total_steps=steps, checkpoint_every=1, keep_checkpoints=2, log_every=1)
