@@ -1,10 +1,10 @@
-"""Kill soak: launch/train.py on the tiny config, killed with SIGKILL at random moments (after a random
-number of logged steps plus a random fraction of a step, so kills land in steps, in saves and in LoRA
-exports) and restarted each time, until it finishes; then its losses (the last logged value of every
-step) and its final LoRA files are compared with an uninterrupted run's (a plain `python
-launch/train.py` beside it).
+"""Kill soak: launch/train.py on the tiny config, saving every step, killed with SIGKILL at random
+moments (a random fraction of a step after its first step line or its first newly committed step, so
+kills land in steps, in saves and in LoRA exports) and restarted each time, until it finishes; then its
+losses (the last logged value of every step) and its final LoRA files are compared with an
+uninterrupted run's (a plain `python launch/train.py` beside it).
 
-  python benchmarks/kill_soak.py --kills 50 --steps 30 [--seed 0] [--workdir /tmp/soak]
+  python benchmarks/kill_soak.py --kills 50 --steps 60 [--seed 0] [--workdir /tmp/soak]
 
 Prints the kills, how many landed while a save was in flight (the killed run left a step folder that
 orbax never committed, *.orbax-checkpoint-tmp, on disk), how many before a run's first step, the runs,
@@ -139,6 +139,8 @@ def soak(data_dir: str, root: str, kills: int, steps: int, seed: int = 0, cache_
   random moment of its start instead (restore, compilation): the soak never runs out of steps before its
   last kill, whatever the timing. The runs start from a fork server that has imported the trainer's
   libraries once (fork_server.py), each a new process."""
+  if steps < 4:
+    raise ValueError(f"steps={steps}: the soak needs 4 or more (a kill in the steps may let two more commit)")
   cache_dir = cache_dir or os.path.join(root, "jax_cache")
   env = _environment(cache_dir)
   settings = dict(total_steps=steps, checkpoint_every=1, keep_checkpoints=2, log_every=1)
@@ -147,15 +149,16 @@ def soak(data_dir: str, root: str, kills: int, steps: int, seed: int = 0, cache_
   os.makedirs(logs, exist_ok=True)
   # The uninterrupted run is a plain `python launch/train.py` beside the soak: a restart is mostly
   # single-threaded Python (tracing), so on two cores the two overlap. Its losses and LoRA do not
-  # depend on timing.
+  # depend on timing, nor on when checkpoints are written: it saves only its last step (the
+  # comparison also checks that saving every step changes nothing), and so takes less of the soak's time.
   config = tiny_config(data_dir, **settings)
   inputs.open_dataset(config, config.dataset.train_split)  # built once, before the runs start side by side
   reference_log = os.path.join(logs, "uninterrupted.log")
   reference_s: list[float] = []
   with open(reference_log, "w") as out:
     begin = time.perf_counter()
-    reference_run = subprocess.Popen(train_command(data_dir, reference, **settings), stdout=out,
-                                     stderr=subprocess.STDOUT, env=env)
+    reference_run = subprocess.Popen(train_command(data_dir, reference, **{**settings, "checkpoint_every": steps}),
+                                     stdout=out, stderr=subprocess.STDOUT, env=env)
   waiter = threading.Thread(target=lambda: (reference_run.wait(), reference_s.append(time.perf_counter() - begin)))
   waiter.start()
   workdir = os.path.join(root, "killed")
@@ -225,7 +228,7 @@ def soak(data_dir: str, root: str, kills: int, steps: int, seed: int = 0, cache_
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--kills", type=int, default=50)
-  parser.add_argument("--steps", type=int, default=30)
+  parser.add_argument("--steps", type=int, default=60, help="about one step per kill: a kill commits 0.5 on average")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--workdir", default="", help="default: a new temporary folder")
   args = parser.parse_args()

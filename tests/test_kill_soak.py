@@ -20,5 +20,6 @@ def test_ten_random_kills_end_with_the_uninterrupted_losses_and_lora(tmp_path):
   print(result)
   assert result["kills"] == 10 and result["runs"] == 11
   assert result["kills_during_saves"] >= 1, result
+  assert result["final_run_steps"] < 10, result  # killed runs committed steps that later runs resumed from
   assert result["losses_compared"] == 10 and result["losses_identical"], result
   assert result["lora_identical"], result
