@@ -1,6 +1,7 @@
 """Kill soak (short): launch/train.py on the tiny config SIGKILLed 10 times at random moments (in steps,
-in saves, in exports) and restarted each time ends with every logged loss and the final LoRA files
-bit-identical to an uninterrupted run's. The long version: benchmarks/kill_soak.py."""
+in saves, in exports; at least one while orbax's commit of a save was in flight, proven by the
+uncommitted step folder the killed run left) and restarted each time ends with every logged loss and
+the final LoRA files bit-identical to an uninterrupted run's. The long version: benchmarks/kill_soak.py."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ _spec.loader.exec_module(kill_soak)
 
 
 def test_ten_random_kills_end_with_the_uninterrupted_losses_and_lora(tmp_path):
-  result = kill_soak.soak(str(tmp_path / "tfds"), str(tmp_path), kills=10, steps=30, seed=0)
+  result = kill_soak.soak(str(tmp_path / "tfds"), str(tmp_path), kills=10, steps=10, seed=0)
   print(result)
   assert result["kills"] == 10 and result["runs"] == 11
-  assert result["losses_compared"] == 30 and result["losses_identical"], result
+  assert result["kills_during_saves"] >= 1, result
+  assert result["final_run_steps"] < 10, result  # killed runs committed steps that later runs resumed from
+  assert result["losses_compared"] == 10 and result["losses_identical"], result
   assert result["lora_identical"], result
