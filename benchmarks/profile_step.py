@@ -9,12 +9,19 @@ whether it runs in the forward pass, the backward pass or as a recomputation of 
 
   - the step time by category (projections and MLPs, LoRA, attention, attention statistics,
     elementwise work, layout work, losses, optimizer, EMA, NaN guard) and phase;
+  - every matmul of the step timed again as a standalone kernel, on XLA:CPU (jax.lax.dot_general) and on
+    torch (torch.einsum, the official step's kernels), same shapes, one thread: per category, the step's
+    time against the kernels' own time. What the step spends beyond the standalone XLA dots is overhead
+    of ours (fusions, layout, the surrounding program); XLA dot time against torch's is kernel speed;
+    `--kernels 0` skips this;
   - the most expensive thunks with their GFLOP/s;
   - compiled FLOPs (XLA's cost analysis, which counts a loop body once, and the HLO count with trip
     counts) against the analytic FLOPs of the step (metrics.train_step_flops): the recomputation factor.
 
   XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" taskset -c 0 \
     python benchmarks/profile_step.py --steps 3
+
+On a shared machine absolute times move with the load: compare proportions within one run.
 """
 
 from __future__ import annotations
@@ -117,6 +124,26 @@ class Hlo:
     for d in _dims(instr["shape"]):
       out *= d
     return 2.0 * out * k
+
+  def dot_signature(self, comp: str, instr: dict) -> tuple:
+    """(lhs dims, rhs dims, lhs batch, rhs batch, lhs contracting, rhs contracting) of a dot: what a
+    standalone dot_general of the same problem needs (operand layouts are not kept)."""
+    shapes = {i["name"]: i["shape"] for i in self.computations[comp]}
+    operands = re.findall(r"%([\w.-]+)", instr["rest"].split(")")[0])
+    axes = lambda key: tuple(int(d) for d in (re.search(key + r"=\{([0-9,]*)\}", instr["rest"]) or [0, ""])[1]
+                             .split(",") if d)
+    return (tuple(_dims(shapes[operands[0]])), tuple(_dims(shapes[operands[1]])), axes("lhs_batch_dims"),
+            axes("rhs_batch_dims"), axes("lhs_contracting_dims"), axes("rhs_contracting_dims"))
+
+  def dots_of(self, name: str) -> list[tuple]:
+    """Signatures of the dots thunk `name` runs: its own, or those inside its fusion."""
+    comp, instr = self.by_name[name]
+    if instr["opcode"] == "dot":
+      return [self.dot_signature(comp, instr)]
+    if instr["opcode"] != "fusion":
+      return []
+    return [self.dot_signature(called, i) for called in instr["called"] for i in self.computations.get(called, [])
+            if i["opcode"] == "dot"]
 
   def flops_inside(self, comp: str) -> float:
     """FLOPs of one execution of `comp` and the fusions it calls (not its loops: they are thunks)."""
@@ -263,12 +290,53 @@ def exclusive_times(trace_path: str) -> dict[str, list[float]]:
   return out
 
 
+def kernel_seconds(signatures, repeats: int = 7) -> dict[tuple, tuple[float, float]]:
+  """Signature -> (seconds of the same matmul as a standalone XLA:CPU dot_general, seconds of it as a
+  torch.einsum), medians of `repeats` runs on random float32 operands: the kernels' own speed on these
+  shapes, with no surrounding step (this process's thread settings; torch gets one thread)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  torch.set_num_threads(1)
+  rng = np.random.default_rng(0)
+  out = {}
+  for sig in sorted(set(signatures)):
+    lhs_dims, rhs_dims, lb, rb, lc, rc = sig
+    lhs = rng.standard_normal(lhs_dims).astype(np.float32)
+    rhs = rng.standard_normal(rhs_dims).astype(np.float32)
+    dot = jax.jit(lambda a, b, lc=lc, rc=rc, lb=lb, rb=rb: jax.lax.dot_general(a, b, ((lc, rc), (lb, rb))))
+    letters = iter("abcdefghijklmnopqrstuvwxyz")
+    lhs_spec = [next(letters) for _ in lhs_dims]
+    rhs_spec = [next(letters) for _ in rhs_dims]
+    for l, r in zip(lb + lc, rb + rc):
+      rhs_spec[r] = lhs_spec[l]
+    out_spec = ([lhs_spec[d] for d in lb] + [c for d, c in enumerate(lhs_spec) if d not in lb + lc]
+                + [c for d, c in enumerate(rhs_spec) if d not in rb + rc])
+    spec = f"{''.join(lhs_spec)},{''.join(rhs_spec)}->{''.join(out_spec)}"
+    lhs_j, rhs_j = jax.device_put(lhs), jax.device_put(rhs)
+    lhs_t, rhs_t = torch.from_numpy(lhs), torch.from_numpy(rhs)
+    times = {"xla": [], "torch": []}
+    jax.block_until_ready(dot(lhs_j, rhs_j))
+    torch.einsum(spec, lhs_t, rhs_t)
+    for _ in range(repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(dot(lhs_j, rhs_j))
+      times["xla"].append(time.perf_counter() - start)
+      start = time.perf_counter()
+      torch.einsum(spec, lhs_t, rhs_t)
+      times["torch"].append(time.perf_counter() - start)
+    out[sig] = (float(np.median(times["xla"])), float(np.median(times["torch"])))
+  return out
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--steps", type=int, default=3, help="traced steps (after a warm-up)")
   parser.add_argument("--top", type=int, default=25, help="how many of the most expensive thunks to list")
   parser.add_argument("--remat", default=None, help="override the recipe's remat policy")
   parser.add_argument("--hlo_out", default="", help="also write the optimized HLO here")
+  parser.add_argument("--kernels", type=int, default=1,
+                      help="1: also time every matmul of the step as a standalone XLA dot and torch einsum")
   parser.add_argument("--category", default="", help="list every thunk whose category starts with this")
   args = parser.parse_args()
 
@@ -300,6 +368,9 @@ def main():
 
   table = collections.defaultdict(lambda: collections.defaultdict(float))
   flops_by = collections.defaultdict(float)
+  kernels_by = collections.defaultdict(lambda: [0.0, 0.0])  # category -> standalone [XLA, torch] seconds
+  kernels = kernel_seconds([sig for name in times if name in hlo.by_name for sig in hlo.dots_of(name)]) \
+      if args.kernels else {}
   rows = []
   for name, durations in times.items():
     if name not in hlo.by_name:
@@ -311,6 +382,9 @@ def main():
     ph = phase(info["key"]["op_name"])
     table[cat][ph] += seconds
     flops_by[cat] += info["flops"] * runs
+    for sig in hlo.dots_of(name) if kernels else []:
+      kernels_by[cat][0] += kernels[sig][0] * runs
+      kernels_by[cat][1] += kernels[sig][1] * runs
     path, line, function = hlo.source(info["key"]["frame"])
     rows.append((seconds, name, runs, info["flops"] * runs, cat, ph,
                  f"{os.path.basename(path)}:{line} {function}" if path else info["key"]["op_name"][-60:],
@@ -327,6 +401,21 @@ def main():
     print(f"{cat:<52} {phases['forward'] * 1e3:>8.1f} {phases['backward'] * 1e3:>8.1f} "
           f"{phases['recompute'] * 1e3:>8.1f} {total * 1e3:>9.1f} {total / accounted:>6.1%} {gflop:>7.2f} "
           f"{(gflop / total if gflop else 0):>8.1f}")
+  if kernels:
+    xla_total = sum(k[0] for k in kernels_by.values())
+    torch_total = sum(k[1] for k in kernels_by.values())
+    print(f"\nthe same matmuls as standalone kernels (each dot of the step timed alone, same shapes, float32, "
+          f"one thread; compare within this table):")
+    print(f"{'category':<52} {'in step ms':>10} {'XLA dot ms':>10} {'torch ms':>9} {'step/XLA':>8} {'XLA/torch':>9}")
+    for cat, (xla_s, torch_s) in sorted(kernels_by.items(), key=lambda kv: -kv[1][0]):
+      total = sum(table[cat].values())
+      print(f"{cat:<52} {total * 1e3:>10.1f} {xla_s * 1e3:>10.1f} {torch_s * 1e3:>9.1f} {total / xla_s:>8.2f} "
+            f"{xla_s / torch_s:>9.2f}")
+    print(f"{'all matmuls':<52} {sum(sum(table[c].values()) for c in kernels_by) * 1e3:>10.1f} "
+          f"{xla_total * 1e3:>10.1f} {torch_total * 1e3:>9.1f}")
+    print(f"the step's thunks {accounted * 1e3:.1f} ms = standalone XLA matmuls {xla_total * 1e3:.1f} ms "
+          f"({xla_total / accounted:.0%}) + the rest {(accounted - xla_total) * 1e3:.1f} ms; the same matmuls on "
+          f"torch's kernels: {torch_total * 1e3:.1f} ms")
   print(f"\ntop {args.top} thunks (ms per step):")
   print(f"{'ms':>7} {'runs':>5} {'GFLOP':>6} {'GFLOP/s':>8}  {'thunk':<28} {'phase':<9} {'category':<28} source")
   listed = sorted(rows, reverse=True)[:args.top]

@@ -55,7 +55,11 @@ def _lora_backward(residuals, g):
   dh = jnp.einsum("...o,ro->...r", g, b, preferred_element_type=jnp.float32).astype(a.dtype)
   dx = jnp.einsum("...r,ir->...i", dh, a, preferred_element_type=jnp.float32)
   db = jnp.dot(_rank_major(h), g.reshape(-1, g.shape[-1]), preferred_element_type=jnp.float32)
-  da = jnp.dot(_rank_major(dh), x.reshape(-1, x.shape[-1]), preferred_element_type=jnp.float32).T
+  # dA^T [r, in] as computed, transposed after a barrier: left foldable, the transpose makes the compiler
+  # swap the operands into a matmul contracting x's leading (token) axis, 2-4x slower on XLA:CPU
+  # (benchmarks/profile_step.py).
+  da = jax.lax.optimization_barrier(
+      jnp.dot(_rank_major(dh), x.reshape(-1, x.shape[-1]), preferred_element_type=jnp.float32)).T
   return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype)
 
 
