@@ -83,8 +83,10 @@ class Checkpointer:
     self.keep = max(int(keep), 1)
     self.manager = ocp.CheckpointManager(
         self.directory,
+        # cleanup_tmp_directories: a save cut short (a kill, a preemption) leaves <step>.orbax-checkpoint-tmp,
+        # which at FLUX.1-dev size is gigabytes; the next run deletes it when it opens the folder.
         options=ocp.CheckpointManagerOptions(max_to_keep=None, enable_async_checkpointing=async_save,
-                                             create=True))
+                                             create=True, cleanup_tmp_directories=True))
     self._in_flight: list[tuple[int, Any]] = []  # (step, FluxConfig or None) saved, commit not yet seen
     self._committed: list[int] = []  # steps seen committed (or restored) by this run
     self._threads: list[threading.Thread] = []
