@@ -130,8 +130,8 @@ def compile_from_shapes(config, cfg, mesh, reference_counts, autoencoder, text_s
   optimizer = step_lib.make_optimizer(settings.optimizer, settings.total_steps)
   cfg = dataclasses.replace(cfg, logical_rules=parallel.hashable_rules(rules[1]))
   key = jax.random.key(0)
-  base = jax.eval_shape(lambda k: model.init_params(k, cfg, jnp.dtype(config.dtype)), key)
-  lora = jax.eval_shape(lambda k: model.init_lora(k, base, cfg, config.lora_rank), key)
+  base = jax.eval_shape(lambda k: model.init_params(k, cfg, jnp.dtype(settings.dtype)), key)
+  lora = jax.eval_shape(lambda k: model.init_lora(k, base, cfg, settings.lora_rank), key)
   state = jax.eval_shape(lambda t: step_lib.init_state(t, optimizer), {"lora": lora})
   step_fn = functools.partial(step_lib.train_step, cfg=cfg, settings=settings, optimizer=optimizer)
   return compile_steps(step_fn, state, base, shard(state), shard(base), parallel.batch_sharding(mesh, rules[1]),
@@ -175,12 +175,12 @@ def evaluation_batches(settings: Settings, encoders, mesh=None) -> list[dict]:
   return batches
 
 
-def write_samples(path, params, lora, cfg, encoders, batch, config, logger=None, step=0):
+def write_samples(path, params, lora, cfg, encoders, batch, settings: Settings, logger=None, step=0):
   """Every process samples (the model is split over all of them); process 0 draws and writes the panel
   at `path` and, beside it (`<name>_attention.png`), each sample's attention heatmaps."""
-  guidance = config.guidance if config.trainable == "lora" else 1.0  # the demo DiT only saw 1.0
-  tokens, attention = evaluate_lib.sample_targets(params, lora, cfg, batch, config.sample_steps, guidance,
-                                                  config.seed, record_attention=True)
+  guidance = settings.guidance if settings.trainable == "lora" else 1.0  # the demo DiT only saw 1.0
+  tokens, attention = evaluate_lib.sample_targets(params, lora, cfg, batch, settings.sample_steps, guidance,
+                                                  settings.seed, record_attention=True)
   tokens = multihost_utils.process_allgather(tokens, tiled=True)  # whole on every host
   attention = multihost_utils.process_allgather(attention, tiled=True)
   if not is_leader():
@@ -204,18 +204,18 @@ def attention_path(samples_path: str) -> str:
   return f"{stem}_attention{extension}"
 
 
-def final_evaluation(config: Settings, workdir, params, lora, cfg, encoders, logger, step, mesh) -> dict:
+def final_evaluation(settings: Settings, workdir, params, lora, cfg, encoders, logger, step, mesh) -> dict:
   """The held-out table (printed and written to eval.json) and the final sample panels."""
-  batches = evaluation_batches(config, encoders, mesh)
-  table = evaluate_lib.evaluate_attention(params, lora, cfg, batches, tuple(config.eval_timesteps), config.seed)
+  batches = evaluation_batches(settings, encoders, mesh)
+  table = evaluate_lib.evaluate_attention(params, lora, cfg, batches, tuple(settings.eval_timesteps), settings.seed)
   table["step"] = step
   say("evaluation on held-out samples (trained weights, t in "
-      f"{tuple(config.eval_timesteps)}):\n" + evaluate_lib.format_table({epath.Path(workdir).name: table}))
+      f"{tuple(settings.eval_timesteps)}):\n" + evaluate_lib.format_table({epath.Path(workdir).name: table}))
   if is_leader():
     (epath.Path(workdir) / "eval.json").write_text(json.dumps(table, indent=2))
   if batches:
     path = write_samples(os.path.join(workdir, "samples", "final.png"), params, lora, cfg, encoders, batches[0],
-                         config, logger, step)
+                         settings, logger, step)
     say(f"sample panels (references | sample | real target): {path}; their attention heatmaps: "
         f"{attention_path(path)}")
   return table
