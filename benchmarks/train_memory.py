@@ -22,6 +22,9 @@ attention unchunked (attention_chunk=0: the same masked groups, no extra forward
 their attention FLOPs are the real ones, their time estimate is that of plain XLA attention (float32
 logits through HBM), not splash's; the memory figures are those of the configured attention. The MFU is
 the analytic step FLOPs (train/metrics.py) / chips / optimal_seconds / the chip's peak bf16 FLOP/s.
+Where libtpu's estimate is not usable (negative on v5e and v6e in libtpu 0.0.42), the roofline stands
+in: the step takes at least max(compiled FLOPs / peak FLOP/s, bytes accessed / HBM bandwidth) per
+chip, so the MFU it implies is an upper bound (collectives and latency not counted).
 `--sampler v5e-8` compiles the sampler's denoise loop (base and LoRA split by the training rules over
 fsdp, bf16, the reference cache) for a slice and prints its memory per chip.
 
@@ -153,19 +156,25 @@ def compile_for_slice(name, recipe, transformer, refs, remat, figures, vae, text
                                                                   vae, text_shapes)[r])
            for layers in shapes}
       for layers in shapes:  # the raw figures, so that a strange extrapolation can be read back to its compile
-        print(f"    {layers[0]}+{layers[1]} blocks: {c[layers].flops / 1e12:.3f} TFLOP, optimal_seconds "
-              f"{c[layers].optimal_seconds:.4f} s", flush=True)
+        print(f"    {layers[0]}+{layers[1]} blocks: {c[layers].flops / 1e12:.3f} TFLOP, {c[layers].bytes_accessed / 1e12:.3f} "
+              f"TB accessed, optimal_seconds {c[layers].optimal_seconds:.4f} s", flush=True)
       per = lambda field: (getattr(c[b, b], field) + (cfg.num_layers - b) * (getattr(c[b + 1, b], field) - getattr(
           c[b, b], field)) + (cfg.num_single_layers - b) * (getattr(c[b, b + 1], field) - getattr(c[b, b], field)))
-      flops, seconds = per("flops"), per("optimal_seconds")
+      flops, traffic, seconds = per("flops"), per("bytes_accessed"), per("optimal_seconds")
       tokens = config.resolution // 16
       shape = metrics.StepShape(config.batch_size, config.text_len, tokens ** 2, r, (config.ref_resolution // 16) ** 2)
       analytic = metrics.train_step_flops(cfg, shape, config.lora_rank, trains_base=config.trainable != "lora")
-      # the estimate is a heuristic per compile; a negative or zero extrapolation says it is unusable here
-      mfu = analytic / chips / seconds / (peak * 1e12) if peak and seconds > 0 else float("nan")
+      # the roofline: neither the compiled FLOPs at the chip's peak nor the HBM traffic at its bandwidth
+      # can take less; a lower bound on the step time, so its MFU is an upper bound
+      roofline = max(flops / (peak * 1e12), traffic / (spec.hbm_gbps * 1e9)) if peak else float("nan")
+      mfu = lambda t: analytic / chips / t / (peak * 1e12) if peak and t > 0 else float("nan")
+      # the compiler's estimate is a heuristic per compile; a negative extrapolation says it is unusable here
       line += (f"; compiled {flops / 1e12:.1f} TFLOP per chip ({flops * chips / analytic:.2f}x the analytic "
-               f"{analytic / 1e12:.1f} TFLOP / {chips}), optimal_seconds {seconds:.3f} s, implied MFU "
-               f"{100 * mfu:.1f}% (peak {peak} TFLOP/s; from unrolled {b}+{b}, {b + 1}+{b}, {b}+{b + 1} block compiles with xla attention)")
+               f"{analytic / 1e12:.1f} TFLOP / {chips}), {traffic / 1e12:.2f} TB accessed per chip; optimal_seconds "
+               f"{seconds:.3f} s, implied MFU {100 * mfu(seconds):.1f}%; roofline {roofline:.3f} s "
+               f"({'compute' if flops / peak / 1e12 >= traffic / spec.hbm_gbps / 1e9 else 'HBM'}-bound), MFU at most "
+               f"{100 * mfu(roofline):.1f}% (peak {peak} TFLOP/s, {spec.hbm_gbps:.0f} GB/s; from unrolled {b}+{b}, "
+               f"{b + 1}+{b}, {b}+{b + 1} block compiles with xla attention)")
     print(line, flush=True)
 
 

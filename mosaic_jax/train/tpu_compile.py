@@ -17,27 +17,29 @@ from typing import Any
 @dataclasses.dataclass(frozen=True)
 class Slice:
   """A Cloud TPU slice as get_topology_desc names it. `chips`: devices JAX sees (v5p and v4 pair their
-  two TensorCores per chip, "megacore", so v5p-8 is 4 chips); `hbm_gib`: HBM per chip."""
+  two TensorCores per chip, "megacore", so v5p-8 is 4 chips); `hbm_gib`: HBM per chip; `hbm_gbps`: its
+  bandwidth in GB/s (Cloud TPU's published figures), for a roofline when the compiler's estimate fails."""
   topology: str
   chip_config: str
   chips_per_host: tuple[int, int, int]
   chips: int
   hbm_gib: float
+  hbm_gbps: float
 
 
 # The accelerator type (what `gcloud compute tpus` calls the slice) -> its topology. The chip counts
 # and host bounds are Cloud TPU's published slice shapes (v5e/v6e hosts hold 2x2 chips, except the
 # single-host 8-chip v5e-8 / v6e-8 machine types; v5p hosts hold 2x2x1 chips).
 SLICES = {
-    "v5e-1": Slice("v5e:1x1", "default", (1, 1, 1), 1, 16),
-    "v5e-4": Slice("v5e:2x2", "default", (2, 2, 1), 4, 16),
-    "v5e-8": Slice("v5e:2x4", "default", (2, 4, 1), 8, 16),
-    "v5e-16": Slice("v5e:4x4", "default", (2, 2, 1), 16, 16),
-    "v5p-8": Slice("v5:2x2x1", "megacore", (2, 2, 1), 4, 95),
-    "v5p-16": Slice("v5:2x2x2", "megacore", (2, 2, 1), 8, 95),
-    "v6e-1": Slice("v6e:1x1", "default", (1, 1, 1), 1, 32),
-    "v6e-4": Slice("v6e:2x2", "default", (2, 2, 1), 4, 32),
-    "v6e-8": Slice("v6e:2x4", "default", (2, 4, 1), 8, 32),
+    "v5e-1": Slice("v5e:1x1", "default", (1, 1, 1), 1, 16, 819),
+    "v5e-4": Slice("v5e:2x2", "default", (2, 2, 1), 4, 16, 819),
+    "v5e-8": Slice("v5e:2x4", "default", (2, 4, 1), 8, 16, 819),
+    "v5e-16": Slice("v5e:4x4", "default", (2, 2, 1), 16, 16, 819),
+    "v5p-8": Slice("v5:2x2x1", "megacore", (2, 2, 1), 4, 95, 2765),
+    "v5p-16": Slice("v5:2x2x2", "megacore", (2, 2, 1), 8, 95, 2765),
+    "v6e-1": Slice("v6e:1x1", "default", (1, 1, 1), 1, 32, 1640),
+    "v6e-4": Slice("v6e:2x2", "default", (2, 2, 1), 4, 32, 1640),
+    "v6e-8": Slice("v6e:2x4", "default", (2, 4, 1), 8, 32, 1640),
 }
 
 
@@ -70,13 +72,15 @@ def slice_devices(name: str) -> list[Any]:
 
 @dataclasses.dataclass(frozen=True)
 class CompileReport:
-  """Per chip, as the compiler reports it. `flops` and `optimal_seconds` count a `lax.scan` body once
-  (not once per iteration): for a scanned model they are not the step's (see train_memory.py)."""
+  """Per chip, as the compiler reports it. `flops`, `bytes_accessed` (HBM traffic of the compiled ops:
+  their operands and results) and `optimal_seconds` count a `lax.scan` body once (not once per
+  iteration): for a scanned model they are not the step's (see train_memory.py)."""
   argument_bytes: int
   output_bytes: int
   alias_bytes: int
   temp_bytes: int
   flops: float
+  bytes_accessed: float
   optimal_seconds: float
 
   @property
@@ -92,4 +96,4 @@ def report(compiled) -> CompileReport:
   cost = cost or {}
   return CompileReport(memory.argument_size_in_bytes, memory.output_size_in_bytes, memory.alias_size_in_bytes,
                        memory.temp_size_in_bytes, float(cost.get("flops", 0.0)),
-                       float(cost.get("optimal_seconds", 0.0)))
+                       float(cost.get("bytes accessed", 0.0)), float(cost.get("optimal_seconds", 0.0)))
