@@ -426,8 +426,8 @@ def _multidevice_run(data_dir: str, workdir: str) -> dict:
 
   real_compile_steps, shardings = trainer.compile_steps, []
 
-  def recording_compile_steps(step_fn, state, *args, **kwargs):
-    compiled = real_compile_steps(step_fn, state, *args, **kwargs)
+  def recording_compile_steps(cfg, state, *args, **kwargs):
+    compiled = real_compile_steps(cfg, state, *args, **kwargs)
     state_in, _, batch_in = next(iter(compiled.values())).input_shardings[0]
     record = {}
     for (path, leaf), (_, sharding) in zip(jax.tree_util.tree_flatten_with_path(state)[0],

@@ -148,6 +148,16 @@ class Settings:
                                              "logical_rules": parallel.hashable_rules(self.sharding.logical_rules),
                                              **dict(self.model_overrides)}, loaded)
 
+  def for_step(self) -> Settings:
+    """These settings as the train step is traced with them: the run's cadence and reporting (how often
+    to log, save, sample and evaluate, the peak FLOP/s of the MFU) and where and how the data is read,
+    none of which the step reads, at fixed values. Runs that differ only in them share one compiled step
+    (jax's caches, train/executable_store.py), so a resume that changes them loads it untraced."""
+    return dataclasses.replace(
+        self, checkpoint_every=0, keep_checkpoints=0, log_every=0, sample_every=0, sample_steps=0, eval_examples=0,
+        eval_timesteps=(), peak_tflops_per_device=0.0,
+        dataset=dataclasses.replace(self.dataset, data_dir="", read_threads=0, worker_processes=0))
+
   @property
   def latent_size(self) -> int:
     """Latent pixels a side of the target (the references: ref_latent_size)."""

@@ -32,6 +32,7 @@ from mosaic_jax.encoders import training_latents
 from mosaic_jax.parallel.distributed import is_leader, say
 from mosaic_jax.train import checkpoint as checkpoint_lib
 from mosaic_jax.train import evaluate as evaluate_lib
+from mosaic_jax.train import executable_store
 from mosaic_jax.train import inputs as inputs_lib
 from mosaic_jax.train import metrics as metrics_lib
 from mosaic_jax.train import step as step_lib
@@ -100,20 +101,35 @@ def _memory_report(compiled) -> str:
           f"code {mib(stats.generated_code_size_in_bytes)}")
 
 
-def compile_steps(step_fn, state, base, state_shardings, base_shardings, batch_shardings, metric_sharding,
+def compile_steps(cfg, state, base, state_shardings, base_shardings, batch_shardings, metric_sharding,
                   settings: Settings, reference_counts, text_shapes, feature_dtypes=None) -> dict[int, Any]:
-  """{R: compiled step}, ahead of time, each with its memory report printed. text_shapes and
-  feature_dtypes: see step.batch_spec."""
-  jitted = jax.jit(step_fn, in_shardings=(state_shardings, base_shardings, batch_shardings),
-                   out_shardings=(state_shardings, metric_sharding), donate_argnums=(0,))
-  compiled = {}
+  """{R: the train step of transformer `cfg` under `settings`}, compiled ahead of time, each with its
+  memory report printed; loaded instead from the executable store when it holds the same step (a
+  restart: no tracing, executable_store.py). text_shapes and feature_dtypes: see step.batch_spec."""
+  settings = settings.for_step()
+  optimizer = step_lib.make_optimizer(settings.optimizer, settings.total_steps)
+  step_fn = functools.partial(step_lib.train_step, cfg=cfg, settings=settings, optimizer=optimizer)
+  shardings = ((state_shardings, base_shardings, batch_shardings), (state_shardings, metric_sharding))
+  jitted = jax.jit(step_fn, in_shardings=shardings[0], out_shardings=shardings[1], donate_argnums=(0,))
+  mesh = batch_shardings.mesh
   abstract = lambda tree: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  store = executable_store.directory(mesh.devices.flat)
+  compiled = {}
   for r in reference_counts:
     start = time.perf_counter()
-    with jax.set_mesh(batch_shardings.mesh):  # the model's activation pins place onto this mesh
-      lowered = jitted.lower(abstract(state), abstract(base),
-                             step_lib.batch_spec(settings, r, text_shapes, feature_dtypes=feature_dtypes))
-    compiled[r] = lowered.compile()
+    args = (abstract(state), abstract(base),
+            step_lib.batch_spec(settings, r, text_shapes, feature_dtypes=feature_dtypes))
+    name = executable_store.key((cfg, settings, dict(mesh.shape), mesh.devices.tolist()), args, shardings)
+    compiled[r] = executable_store.load(store, name, say) if store else None
+    if compiled[r] is not None:
+      say(f"loaded the compiled train step for {r} reference(s) from {store / name}.exe in "
+          f"{time.perf_counter() - start:.1f} s: {_memory_report(compiled[r])}")
+      continue
+    with jax.set_mesh(mesh):  # the model's activation pins place onto this mesh
+      lowered = jitted.lower(*args)
+    compiled[r], fresh = executable_store.compile_fresh(lowered)
+    if store and fresh:
+      executable_store.save(store, name, compiled[r])
     say(f"compiled the train step for {r} reference(s) in {time.perf_counter() - start:.1f} s: "
           f"{_memory_report(compiled[r])}")
   return compiled
@@ -133,8 +149,7 @@ def compile_from_shapes(config, cfg, mesh, reference_counts, autoencoder, text_s
   base = jax.eval_shape(lambda k: model.init_params(k, cfg, jnp.dtype(settings.dtype)), key)
   lora = jax.eval_shape(lambda k: model.init_lora(k, base, cfg, settings.lora_rank), key)
   state = jax.eval_shape(lambda t: step_lib.init_state(t, optimizer), {"lora": lora})
-  step_fn = functools.partial(step_lib.train_step, cfg=cfg, settings=settings, optimizer=optimizer)
-  return compile_steps(step_fn, state, base, shard(state), shard(base), parallel.batch_sharding(mesh, rules[1]),
+  return compile_steps(cfg, state, base, shard(state), shard(base), parallel.batch_sharding(mesh, rules[1]),
                        parallel.replicated(mesh), settings, reference_counts, text_shapes)
 
 
@@ -312,8 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     feature_dtypes = {k: v.dtype for k, v in jax.eval_shape(
         encoders.features_from_raw, encoder_parts,
         encoders.raw_inputs(_example_host_batch(settings, iterator.reference_counts[0]))).items()}
-  step_fn = functools.partial(step_lib.train_step, cfg=cfg, settings=settings, optimizer=optimizer)
-  compiled = compile_steps(step_fn, state, base, state_shardings, base_shardings, batch_shardings,
+  compiled = compile_steps(cfg, state, base, state_shardings, base_shardings, batch_shardings,
                            metric_sharding, settings, iterator.reference_counts,
                            inputs_lib.text_feature_shapes(settings, encoders, source), feature_dtypes)
 
