@@ -166,13 +166,15 @@ def compile_for_slice(name, recipe, transformer, refs, remat, figures, vae, text
       analytic = metrics.train_step_flops(cfg, shape, config.lora_rank, trains_base=config.trainable != "lora")
       # the roofline: neither the compiled FLOPs at the chip's peak nor the HBM traffic at its bandwidth
       # can take less; a lower bound on the step time, so its MFU is an upper bound
-      roofline = max(flops / (peak * 1e12), traffic / (spec.hbm_gbps * 1e9)) if peak else float("nan")
+      compute_s = flops / (peak * 1e12) if peak else float("nan")
+      memory_s = traffic / (spec.hbm_gbps * 1e9)
+      roofline = max(compute_s, memory_s)
       mfu = lambda t: analytic / chips / t / (peak * 1e12) if peak and t > 0 else float("nan")
       # the compiler's estimate is a heuristic per compile; a negative extrapolation says it is unusable here
       line += (f"; compiled {flops / 1e12:.1f} TFLOP per chip ({flops * chips / analytic:.2f}x the analytic "
                f"{analytic / 1e12:.1f} TFLOP / {chips}), {traffic / 1e12:.2f} TB accessed per chip; optimal_seconds "
                f"{seconds:.3f} s, implied MFU {100 * mfu(seconds):.1f}%; roofline {roofline:.3f} s "
-               f"({'compute' if flops / peak / 1e12 >= traffic / spec.hbm_gbps / 1e9 else 'HBM'}-bound), MFU at most "
+               f"({'compute' if compute_s >= memory_s else 'HBM'}-bound), MFU at most "
                f"{100 * mfu(roofline):.1f}% (peak {peak} TFLOP/s, {spec.hbm_gbps:.0f} GB/s; from unrolled {b}+{b}, "
                f"{b + 1}+{b}, {b}+{b + 1} block compiles with xla attention)")
     print(line, flush=True)
