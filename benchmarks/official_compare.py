@@ -16,8 +16,14 @@ with taskset to the first `threads` cores: torch gets THREADS, XLA its intra-op 
 prints the median and minimum of `--steps` timed steps after a warm-up (compile excluded); the table
 gives, per thread count, the median over rounds of both sides and their ratio.
 
+Pairings (--pairings, see PAIRINGS): "recipe" times both recipes, each recomputing every block in its
+backward pass (ours: the recipe's remat "full"; the official: its train.sh's --gradient_checkpointing,
+applied to the unchanged bench script by this file's official worker); "none" times both without
+recomputation (ours: remat "none"; the official bench script as shipped); "mixed" is the issue's first
+table (ours recomputing, the official not).
+
   python benchmarks/official_compare.py --official /work/official_mosaic --rounds 3 --threads 1,2
-  python benchmarks/official_compare.py --only ours --threads 1        # ours alone (profiling loop)
+  python benchmarks/official_compare.py --only ours --threads 1 --pairings recipe   # ours alone
   python benchmarks/official_compare.py --baseline /tmp/before          # also an older checkout, interleaved
 """
 
@@ -159,33 +165,102 @@ def _cv2_stand_in() -> str:
   return folder
 
 
-def measure(side: str, threads: int, steps: int, official: str, remat: str | None, code: str = ROOT) -> dict:
-  """One subprocess of `side` ("official", or ours from checkout `code`) pinned to the first `threads`
-  cores; its JSON line."""
+def run_official_checkpointed() -> None:
+  """The official step as the official recipe trains (train.sh passes --gradient_checkpointing, on which
+  train.py calls transformer.enable_gradient_checkpointing(), so its forward checkpoints every block):
+  ../shared/bench/official_step.py run unchanged, with that call made when the script puts the model in
+  training mode. Prints the script's JSON line with the number of checkpointed block calls added (it
+  must be nonzero, or the side measured something else)."""
+  import contextlib  # pylint: disable=import-outside-toplevel
+  import io  # pylint: disable=import-outside-toplevel
+  import runpy  # pylint: disable=import-outside-toplevel
+
+  import diffusers  # pylint: disable=import-outside-toplevel
+  import torch.utils.checkpoint  # pylint: disable=import-outside-toplevel
+
+  model_class = diffusers.FluxTransformer2DModel
+  train = model_class.train
+
+  def train_checkpointed(self, mode=True):
+    if mode:
+      self.enable_gradient_checkpointing()
+    return train(self, mode)
+
+  calls = [0]
+  checkpoint = torch.utils.checkpoint.checkpoint
+
+  def counted(*args, **kwargs):
+    calls[0] += 1
+    return checkpoint(*args, **kwargs)
+
+  model_class.train = train_checkpointed
+  torch.utils.checkpoint.checkpoint = counted
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    runpy.run_path(OFFICIAL_SCRIPT, run_name="__main__")
+  found = json.loads([l for l in out.getvalue().splitlines() if l.startswith("{")][-1])
+  if not calls[0]:
+    raise SystemExit("official with checkpointing: no block went through torch.utils.checkpoint")
+  print(json.dumps({**found, "checkpointed_block_calls": calls[0]}), flush=True)
+
+
+def measure(side: dict, threads: int, steps: int, official: str) -> dict:
+  """One subprocess of `side` (see SIDES) pinned to the first `threads` cores; its JSON line."""
   env = dict(os.environ)
-  if side == "official":
+  if side["impl"] == "official":
     env.update(OFFICIAL=official, THREADS=str(threads), BENCH_CFG=json.dumps({**SHAPES, "steps": steps}),
                OMP_NUM_THREADS=str(threads))
     stand_in = _cv2_stand_in()
     if stand_in:
       env["PYTHONPATH"] = os.pathsep.join(filter(None, [stand_in, env.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, OFFICIAL_SCRIPT]
+    cmd = ([sys.executable, os.path.abspath(__file__), "--official_checkpointed_worker"] if side["recompute"]
+           else [sys.executable, OFFICIAL_SCRIPT])
   else:
     env["XLA_FLAGS"] = (f"{env.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen={'true' if threads > 1 else 'false'}"
                         f" intra_op_parallelism_threads={threads}").strip()
     env["JAX_PLATFORMS"] = "cpu"
-    if code != ROOT:  # a baseline checkout: its mosaic_jax, not the installed one
-      env["PYTHONPATH"] = os.pathsep.join(filter(None, [code, env.get("PYTHONPATH", "")]))
+    if side["code"] != ROOT:  # a baseline checkout: its mosaic_jax, not the installed one
+      env["PYTHONPATH"] = os.pathsep.join(filter(None, [side["code"], env.get("PYTHONPATH", "")]))
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--threads", str(threads), "--steps", str(steps),
-           "--code", code]
-    if remat:
-      cmd += ["--remat", remat]
+           "--code", side["code"]]
+    if side["remat"]:
+      cmd += ["--remat", side["remat"]]
   out = subprocess.run(["taskset", "-c", _cores(threads)] + cmd, env=env, capture_output=True, text=True,
                        check=False)
   lines = [l for l in out.stdout.splitlines() if l.startswith("{")]
   if out.returncode or not lines:
-    raise SystemExit(f"{side} at {threads} thread(s) failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    raise SystemExit(f"{side['name']} at {threads} thread(s) failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
   return json.loads(lines[-1])
+
+
+# What each pairing compares: both sides do the same work, recomputation included.
+PAIRINGS = {
+    # The two recipes: ours recomputes each block in the backward pass (config.remat_policy "full"), the
+    # official train.sh trains with --gradient_checkpointing (torch.utils.checkpoint around each block).
+    "recipe": dict(remat=None, recompute=True),
+    # Neither recomputes: ours with remat "none", the official step as ../shared/bench ships it.
+    "none": dict(remat="none", recompute=False),
+    # The issue's first table: ours with the recipe's remat against the official step without its
+    # checkpointing (not the same work: only ours recomputes the forward).
+    "mixed": dict(remat=None, recompute=False),
+}
+
+
+def sides_of(pairings: list[str], baseline: str, only: str) -> list[dict]:
+  """The measured sides in run order, each {name, impl, remat, recompute, code, pairing}; one official
+  side per distinct official setting."""
+  sides = []
+  for pairing in pairings:
+    remat, recompute = PAIRINGS[pairing]["remat"], PAIRINGS[pairing]["recompute"]
+    official_name = "official+ckpt" if recompute else "official"
+    if only != "ours" and not any(s["name"] == official_name for s in sides):
+      sides.append(dict(name=official_name, impl="official", remat=None, recompute=recompute, code="", pairing=pairing))
+    ours = f"ours[{remat or 'recipe'}]"
+    if only != "official":
+      for name, code in [("baseline" + ours[4:], baseline), (ours, ROOT)] if baseline else [(ours, ROOT)]:
+        if not any(s["name"] == name for s in sides):
+          sides.append(dict(name=name, impl="ours", remat=remat, recompute=None, code=code, pairing=pairing))
+  return sides
 
 
 def main():
@@ -193,45 +268,66 @@ def main():
   parser.add_argument("--official", default=os.environ.get("OFFICIAL", "/work/official_mosaic"),
                       help="folder with the official train.py and src/ (see ../shared/bench/README.md)")
   parser.add_argument("--threads", default="1,2", help="thread counts, comma separated")
-  parser.add_argument("--rounds", type=int, default=3, help="official/ours pairs per thread count")
+  parser.add_argument("--rounds", type=int, default=3, help="rounds of every side per thread count")
   parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement (after a warm-up)")
-  parser.add_argument("--remat", default=None, help="override the recipe's remat policy (ours)")
+  parser.add_argument("--pairings", default="recipe,none",
+                      help="comma separated, from: " + ", ".join(PAIRINGS) + " (see PAIRINGS in this file)")
   parser.add_argument("--only", choices=("both", "ours", "official"), default="both")
   parser.add_argument("--baseline", default="",
                       help="another checkout of this repository (e.g. `git archive` of the commit before a change): "
-                           "its step is measured too, interleaved, as the 'baseline' side")
+                           "its step is measured too, interleaved, beside ours in every pairing")
+  parser.add_argument("--remat", default=None, help=argparse.SUPPRESS)  # the worker's remat policy
   parser.add_argument("--code", default=ROOT, help=argparse.SUPPRESS)
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--official_checkpointed_worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.worker:
     print(json.dumps(run_ours(int(args.threads), args.steps, args.remat, args.code)), flush=True)
     return
+  if args.official_checkpointed_worker:
+    run_official_checkpointed()
+    return
 
   import numpy as np  # pylint: disable=import-outside-toplevel
-  sides = {"both": ["official", "ours"], "ours": ["ours"], "official": ["official"]}[args.only]
-  if args.baseline:
-    sides.insert(sides.index("ours"), "baseline")
+  pairings = [p for p in args.pairings.split(",") if p]
+  unknown = [p for p in pairings if p not in PAIRINGS]
+  if unknown:
+    raise SystemExit(f"--pairings: {', '.join(unknown)} unknown; expected some of {', '.join(PAIRINGS)}")
+  sides = sides_of(pairings, args.baseline, args.only)
   thread_counts = [int(t) for t in args.threads.split(",")]
   results = {}
   for round_index in range(args.rounds):
     for threads in thread_counts:
       for side in sides:
-        code = args.baseline if side == "baseline" else ROOT
-        found = measure("ours" if side == "baseline" else side, threads, args.steps, args.official, args.remat, code)
-        results.setdefault((side, threads), []).append(found)
-        print(f"round {round_index + 1} threads {threads} {side:<8} median {found['median_s']:.3f} s "
-              f"min {found['min_s']:.3f} s  lora params {found['lora_params']:,}", flush=True)
+        found = measure(side, threads, args.steps, args.official)
+        results.setdefault((side["name"], threads), []).append(found)
+        extra = f"  remat {found['remat']}" if "remat" in found else (
+            f"  checkpointed block calls {found['checkpointed_block_calls']}" if "checkpointed_block_calls" in found
+            else "")
+        print(f"round {round_index + 1} threads {threads} {side['name']:<18} median {found['median_s']:.3f} s "
+              f"min {found['min_s']:.3f} s  lora params {found['lora_params']:,}{extra}", flush=True)
         if found["lora_params"] != LORA_PARAMS:
-          raise SystemExit(f"{side}: {found['lora_params']:,} LoRA parameters, expected {LORA_PARAMS:,}")
-  print(f"\nmedians over {args.rounds} round(s) of each run's median of {args.steps} steps (s); ratios to official")
-  print(f"{'threads':>7} " + " ".join(f"{side:>9}" for side in sides) + "".join(
-      f" {side + '/official':>18}" for side in sides if side != "official" and "official" in sides))
+          raise SystemExit(f"{side['name']}: {found['lora_params']:,} LoRA parameters, expected {LORA_PARAMS:,}")
+  print(f"\nmedians over {args.rounds} round(s) of each run's median of {args.steps} steps (s)")
+  names = [s["name"] for s in sides]
+  print(f"{'threads':>7} " + " ".join(f"{name:>18}" for name in names))
   for threads in thread_counts:
-    med = {side: float(np.median([r["median_s"] for r in results[(side, threads)]])) for side in sides}
-    ratios = "".join(f" {med[side] / med['official']:>18.2f}" for side in sides
-                     if side != "official" and "official" in sides)
-    print(f"{threads:>7} " + " ".join(f"{med[side]:>9.3f}" for side in sides) + ratios)
+    print(f"{threads:>7} " + " ".join(
+        f"{np.median([r['median_s'] for r in results[(name, threads)]]):>18.3f}" for name in names))
+  if args.only == "both":
+    print("\nratios, same work on both sides (ours / official)")
+    for pairing in pairings:
+      official_name = "official+ckpt" if PAIRINGS[pairing]["recompute"] else "official"
+      for side in sides:
+        if side["impl"] != "ours" or side["remat"] != PAIRINGS[pairing]["remat"]:
+          continue
+        ratios = []
+        for threads in thread_counts:
+          med = lambda name: float(np.median([r["median_s"] for r in results[(name, threads)]]))
+          ratios.append(f"{threads} thread(s) {med(side['name']) / med(official_name):.2f}x")
+        print(f"  {pairing:<7} {side['name']:>18} / {official_name:<14} " + ", ".join(ratios))
   print(f"LoRA parameters: {LORA_PARAMS:,} on every side")
+
 
 if __name__ == "__main__":
   main()

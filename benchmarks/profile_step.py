@@ -19,7 +19,7 @@ whether it runs in the forward pass, the backward pass or as a recomputation of 
     counts) against the analytic FLOPs of the step (metrics.train_step_flops): the recomputation factor.
 
   XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" taskset -c 0 \
-    python benchmarks/profile_step.py --steps 3
+    python benchmarks/profile_step.py --steps 3 [--official 2.655]
 
 On a shared machine absolute times move with the load: compare proportions within one run.
 """
@@ -338,6 +338,9 @@ def main():
   parser.add_argument("--kernels", type=int, default=1,
                       help="1: also time every matmul of the step as a standalone XLA dot and torch einsum")
   parser.add_argument("--category", default="", help="list every thunk whose category starts with this")
+  parser.add_argument("--official", type=float, default=0.0,
+                      help="the official step's median seconds at one thread on the same work (official_compare.py, "
+                           "the pairing of this remat policy): prints the lowest ratio these kernels allow")
   args = parser.parse_args()
 
   import jax  # pylint: disable=import-outside-toplevel
@@ -416,6 +419,13 @@ def main():
     print(f"the step's thunks {accounted * 1e3:.1f} ms = standalone XLA matmuls {xla_total * 1e3:.1f} ms "
           f"({xla_total / accounted:.0%}) + the rest {(accounted - xla_total) * 1e3:.1f} ms; the same matmuls on "
           f"torch's kernels: {torch_total * 1e3:.1f} ms")
+    if args.official:
+      # A step doing this work cannot take less than its matmuls alone: the ratio of that time to the
+      # official step is the floor any implementation on these kernels meets, whatever else it fuses.
+      print(f"against the official step's {args.official:.3f} s: this step {plain_s / args.official:.2f}x; its "
+            f"matmuls alone {xla_total / args.official:.2f}x on XLA:CPU's kernels, {torch_total / args.official:.2f}x "
+            f"on torch's (the lowest ratio a step doing this work reaches on them); what lies between this step and "
+            f"the floor is {(plain_s - xla_total) * 1e3:.0f} ms of non-matmul work")
   print(f"\ntop {args.top} thunks (ms per step):")
   print(f"{'ms':>7} {'runs':>5} {'GFLOP':>6} {'GFLOP/s':>8}  {'thunk':<28} {'phase':<9} {'category':<28} source")
   listed = sorted(rows, reverse=True)[:args.top]
