@@ -169,13 +169,19 @@ def test_per_block_remat_gives_the_same_gradients(params_and_lora):
   import dataclasses
   params, lora = params_and_lora
   inputs = _inputs(np.random.default_rng(7), 2)
-  grads = {}
-  for policy in ("none", "full"):
+  grads, flops = {}, {}
+  for policy in model.config.REMAT_POLICIES:
     cfg = dataclasses.replace(CFG, remat_policy=policy)
     loss = lambda l, cfg=cfg: jnp.sum(jnp.square(model.forward(params, l, cfg, inputs)[0]))
-    grads[policy] = jax.jit(jax.grad(loss))(lora)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                         grads["none"], grads["full"])
+    compiled = jax.jit(jax.grad(loss)).lower(lora).compile()
+    grads[policy] = compiled(lora)
+    cost = compiled.cost_analysis()
+    flops[policy] = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+  for policy in model.config.REMAT_POLICIES:
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                           grads["none"], grads[policy])
+  # What each policy recomputes: "recompute_mlp" keeps the projections and attention that "full" redoes.
+  assert flops["none"] < flops["recompute_mlp"] < flops["full"], flops
   with pytest.raises(ValueError, match="remat_policy"):
     dataclasses.replace(CFG, remat_policy="sometimes")
 

@@ -61,3 +61,11 @@ def test_tiny_train_step_with_splash_compiles_for_a_tpu_slice():
   # by memory and overheads, not by the matrix units), and far below a second.
   peak = metrics.peak_tflops(devices[0].device_kind) * 1e12
   assert report.flops / peak <= report.optimal_seconds < 1.0
+
+  # "recompute_mlp" keeps the projections and attention outputs: its backward pass reruns none of the
+  # attention kernels that "full" reruns (a forward kernel per block at least) and fewer matmuls.
+  kept = trainer.compile_from_shapes(config, dataclasses.replace(cfg, remat_policy="recompute_mlp"), mesh, [1],
+                                     Autoencoder("vae", VaeConfig(), {}), text_shapes)[1]
+  kernels = lambda executable: executable.as_text().count('custom_call_target="tpu_custom_call"')
+  assert kernels(compiled) - kernels(kept) >= 4
+  assert tpu_compile.report(kept).flops < report.flops
