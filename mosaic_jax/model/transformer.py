@@ -147,6 +147,11 @@ def _keep(x, name):
   return None if x is None else checkpoint_name(x, name)
 
 
+def _out(y):
+  """A gated projection's output, kept: the gate's gradient reads it."""
+  return _keep(y, "block_output")
+
+
 def _qkv(p, x, cfg, lora, names=("to_q", "to_k", "to_v"), norms=("norm_q", "norm_k")):
   q, k, v = (_keep(_heads(linear(p[n], x, get_path(lora, n)), cfg), "qkv") for n in names)
   return rms_norm(p[norms[0]], q), rms_norm(p[norms[1]], k), v
@@ -189,17 +194,16 @@ def double_block(p, lp, cfg, txt, img, refs, temb, temb_ref, rope_main, rope_ref
   out_main, out_ref = _keep(out_main, "attention"), _keep(out_ref, "attention")
   attn_txt, attn_img = _merge_heads(out_main[:, :txt_len]), _merge_heads(out_main[:, txt_len:])
 
-  out = lambda y: _keep(y, "block_output")  # the gates' inputs, which their gradients read
-  img = img + gate(g1, out(linear(pa["to_out"]["0"], attn_img)))
-  img = img + gate(g2, out(_feed_forward(p["ff"], modulate(layer_norm(img), s2, c2), None, cfg)))
-  txt = txt + gate(tg1, out(linear(pa["to_add_out"], attn_txt)))
-  txt = txt + gate(tg2, out(_feed_forward(p["ff_context"], modulate(layer_norm(txt), ts2, tc2), None, cfg)))
+  img = img + gate(g1, _out(linear(pa["to_out"]["0"], attn_img)))
+  img = img + gate(g2, _out(_feed_forward(p["ff"], modulate(layer_norm(img), s2, c2), None, cfg)))
+  txt = txt + gate(tg1, _out(linear(pa["to_add_out"], attn_txt)))
+  txt = txt + gate(tg2, _out(_feed_forward(p["ff_context"], modulate(layer_norm(txt), ts2, tc2), None, cfg)))
 
   extras = {}
   if refs is not None:
-    refs = refs + gate(rg1, out(linear(pa["to_out"]["0"], _merge_heads(out_ref), get_path(lp, "attn.to_out.0"))))
-    refs = refs + gate(rg2, out(_feed_forward(p["ff"], modulate(layer_norm(refs), rs2, rc2), get_path(lp, "ff"),
-                                              cfg)))
+    refs = refs + gate(rg1, _out(linear(pa["to_out"]["0"], _merge_heads(out_ref), get_path(lp, "attn.to_out.0"))))
+    refs = refs + gate(rg2, _out(_feed_forward(p["ff"], modulate(layer_norm(refs), rs2, rc2), get_path(lp, "ff"),
+                                               cfg)))
     k_target = k_main[:, txt_len:]
     if want_map:
       extras["attention_maps"] = attn_lib.reference_target_attention_map(q_ref, k_target)
@@ -244,11 +248,10 @@ def single_block(p, lp, cfg, main, refs, temb, temb_ref, rope_main, rope_ref, re
                                                       cfg.attention_impl, cfg.independent_refs,
                                                       cfg.attention_chunk, cfg.logical_rules)
   out_main, out_ref = _keep(out_main, "attention"), _keep(out_ref, "attention")
-  out = lambda y: _keep(y, "block_output")  # the gates' inputs, which their gradients read
-  main = main + gate(g, out(linear(p["proj_out"], jnp.concatenate([_merge_heads(out_main), mlp_main], -1))))
+  main = main + gate(g, _out(linear(p["proj_out"], jnp.concatenate([_merge_heads(out_main), mlp_main], -1))))
   if refs is not None:
-    refs = refs + gate(rg, out(linear(p["proj_out"], jnp.concatenate([_merge_heads(out_ref), mlp_ref], -1),
-                                      get_path(lp, "proj_out"))))
+    refs = refs + gate(rg, _out(linear(p["proj_out"], jnp.concatenate([_merge_heads(out_ref), mlp_ref], -1),
+                                       get_path(lp, "proj_out"))))
   extras = {"ref_kv": (k_ref, v_ref)} if keep_ref_kv and refs is not None else {}
   return (main, refs), extras
 
