@@ -103,8 +103,9 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
       scal_weight=0.1, mdl_weight=1.0, mdl_ramp_start=10_000, mdl_ramp_end=11_000))
   # Per block: none | full | recompute_mlp | dots_saveable | dots_with_no_batch_dims_saveable (model/config.py).
   # "full" by default: at FLUX.1-dev scale "none" keeps every block's activations (1.6 TB at 3 references,
-  # benchmarks/train_memory.py) and fits no slice; "recompute_mlp" is ~1.5x faster where it fits (39.8 GiB
-  # per chip on a v5p-8 at 6 references, against 22.5 for "full"): check a slice with train_memory.py.
+  # benchmarks/train_memory.py) and fits no slice; "recompute_mlp" is ~1.5x faster by the TPU compiler's
+  # estimate where it fits (v5p-8 at 6 references: 39.8 GiB per chip against 22.5; v5e-16 at 1 reference
+  # but not 6): check a slice with train_memory.py --remat full,recompute_mlp.
   config.remat_policy = "full"
 
   # ---- parallelism (DESIGN section 6) ------------------------------------------------------
