@@ -206,7 +206,7 @@ def run_official_checkpointed() -> None:
 
 
 def measure(side: dict, threads: int, steps: int, official: str) -> dict:
-  """One subprocess of `side` (see SIDES) pinned to the first `threads` cores; its JSON line."""
+  """One subprocess of `side` (see sides_of) pinned to the first `threads` cores; its JSON line."""
   env = dict(os.environ)
   if side["impl"] == "official":
     env.update(OFFICIAL=official, THREADS=str(threads), BENCH_CFG=json.dumps({**SHAPES, "steps": steps}),
@@ -250,21 +250,28 @@ PAIRINGS = {
 }
 
 
+def official_name(pairing: str) -> str:
+  return "official+ckpt" if PAIRINGS[pairing]["recompute"] else "official"
+
+
+def ours_names(pairing: str, baseline: str) -> list[tuple[str, str]]:
+  """(name, checkout) of our sides in `pairing`: the baseline checkout's, if any, then this one's."""
+  policy = PAIRINGS[pairing]["remat"] or "recipe"
+  return ([(f"baseline[{policy}]", baseline)] if baseline else []) + [(f"ours[{policy}]", ROOT)]
+
+
 def sides_of(pairings: list[str], baseline: str, only: str) -> list[dict]:
-  """The measured sides in run order, each {name, impl, remat, recompute, code, pairing}; one official
-  side per distinct official setting."""
-  sides = []
+  """The measured sides in run order, each {name, impl, remat, recompute, code}; a side shared by two
+  pairings (the official recipe, say) is measured once."""
+  sides = {}
   for pairing in pairings:
-    remat, recompute = PAIRINGS[pairing]["remat"], PAIRINGS[pairing]["recompute"]
-    official_name = "official+ckpt" if recompute else "official"
-    if only != "ours" and not any(s["name"] == official_name for s in sides):
-      sides.append(dict(name=official_name, impl="official", remat=None, recompute=recompute, code="", pairing=pairing))
-    ours = f"ours[{remat or 'recipe'}]"
+    if only != "ours":
+      sides[official_name(pairing)] = dict(impl="official", remat=None, recompute=PAIRINGS[pairing]["recompute"],
+                                           code="")
     if only != "official":
-      for name, code in [("baseline" + ours[4:], baseline), (ours, ROOT)] if baseline else [(ours, ROOT)]:
-        if not any(s["name"] == name for s in sides):
-          sides.append(dict(name=name, impl="ours", remat=remat, recompute=None, code=code, pairing=pairing))
-  return sides
+      for name, code in ours_names(pairing, baseline):
+        sides[name] = dict(impl="ours", remat=PAIRINGS[pairing]["remat"], recompute=None, code=code)
+  return [dict(name=name, **side) for name, side in sides.items()]
 
 
 def main():
@@ -314,22 +321,18 @@ def main():
           raise SystemExit(f"{side['name']}: {found['lora_params']:,} LoRA parameters, expected {LORA_PARAMS:,}")
   print(f"\nmedians over {args.rounds} round(s) of each run's median of {args.steps} steps (s)")
   names = [s["name"] for s in sides]
+  med = {key: float(np.median([r["median_s"] for r in found])) for key, found in results.items()}
   print(f"{'threads':>7} " + " ".join(f"{name:>18}" for name in names))
   for threads in thread_counts:
-    print(f"{threads:>7} " + " ".join(
-        f"{np.median([r['median_s'] for r in results[(name, threads)]]):>18.3f}" for name in names))
+    print(f"{threads:>7} " + " ".join(f"{med[(name, threads)]:>18.3f}" for name in names))
   if args.only == "both":
-    print("\nratios, same work on both sides (ours / official)")
+    print("\nratios per pairing (ours / official; see PAIRINGS for what each side recomputes)")
     for pairing in pairings:
-      official_name = "official+ckpt" if PAIRINGS[pairing]["recompute"] else "official"
-      for side in sides:
-        if side["impl"] != "ours" or side["remat"] != PAIRINGS[pairing]["remat"]:
-          continue
-        ratios = []
-        for threads in thread_counts:
-          med = lambda name: float(np.median([r["median_s"] for r in results[(name, threads)]]))
-          ratios.append(f"{threads} thread(s) {med(side['name']) / med(official_name):.2f}x")
-        print(f"  {pairing:<7} {side['name']:>18} / {official_name:<14} " + ", ".join(ratios))
+      theirs = official_name(pairing)
+      for name, _ in ours_names(pairing, args.baseline):
+        ratios = [f"{threads} thread(s) {med[(name, threads)] / med[(theirs, threads)]:.2f}x"
+                  for threads in thread_counts]
+        print(f"  {pairing:<7} {name:>22} / {theirs:<14} " + ", ".join(ratios))
   print(f"LoRA parameters: {LORA_PARAMS:,} on every side")
 
 
