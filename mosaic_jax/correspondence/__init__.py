@@ -1,0 +1,1 @@
+"""Dense correspondences between images from JAX feature extractors (DINOv2, FLUX diffusion features) and MOSAIC's matching rule."""
