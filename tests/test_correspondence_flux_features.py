@@ -199,6 +199,8 @@ def test_settings_and_inputs_that_do_not_fit_are_one_line_errors(flux_params, ca
     call(noise=noise[:, :2])
   with pytest.raises(FluxFeatureError, match=r"text \(3, 5, 24\): expected a leading axis of 1 .* or 2"):
     call(text=np.repeat(text, 3, 0))
+  with pytest.raises(FluxFeatureError, match="needs a jax.random key or the noise itself"):
+    call(noise=None)
   with pytest.raises(FluxFeatureError, match="copies=0"):
     DitfConfig(copies=0)
   with pytest.raises(FluxFeatureError, match=r"timestep=1.5"):

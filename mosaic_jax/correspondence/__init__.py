@@ -1,1 +1,1 @@
-"""Dense correspondences between images from JAX feature extractors (DINOv2, FLUX diffusion features) and MOSAIC's matching rule."""
+"""Dense correspondences from JAX image features (DINOv2, FLUX diffusion features) and MOSAIC's matching rule."""

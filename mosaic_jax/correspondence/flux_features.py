@@ -109,6 +109,8 @@ def image_features(params, flux_cfg: FluxConfig, latents, text, pooled, key, cfg
   cfg.check(flux_cfg)
   batch, count, channels = tokens.shape
   shape = (batch, cfg.copies, count, channels)
+  if noise is None and key is None:
+    raise FluxFeatureError("image_features needs a jax.random key or the noise itself (noise=).")
   if noise is None:
     noise = jax.random.normal(key, shape, jnp.float32)
   elif tuple(noise.shape) != shape:
