@@ -2,7 +2,7 @@
 
 Builds the step of benchmarks/official_compare.py (the trainer's own step on the comparison's shapes),
 traces a few steps with jax.profiler (XLA:CPU records one event per executed thunk: a fusion, a dot, a
-copy, a loop), and maps each thunk to the optimized HLO: its FLOPs (dots counted inside fusions, loop
+copy, a loop), and maps each thunk to the optimized HLO (hlo_costs.py): its FLOPs (dots counted inside fusions, loop
 bodies multiplied by their trip counts), the source line that made it (the HLO's stack frames) and
 whether it runs in the forward pass, the backward pass or as a recomputation of the forward pass
 (jax.checkpoint's "rematted_computation"). Prints:
@@ -32,238 +32,11 @@ import glob
 import gzip
 import json
 import os
-import re
 import tempfile
 import time
 
 import official_compare  # builds the step the comparison times (benchmarks/ is the script's folder)
-
-_SHAPE = re.compile(r"^[a-z]\w*\[([0-9,]*)\]")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*?) ([a-z][a-z0-9-]*)\((.*)$")
-_CALLED = re.compile(r"(?:calls|body|to_apply|condition)=%([\w.-]+)")
-_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-_FRAME = re.compile(r"stack_frame_id=(\d+)")
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
-# Ops that only move or view data: a fusion of nothing else is layout work.
-_LAYOUT_OPS = {"parameter", "copy", "transpose", "bitcast", "reshape", "concatenate", "slice", "dynamic-slice",
-               "dynamic-update-slice", "pad", "broadcast", "tuple", "get-tuple-element", "constant", "iota"}
-_CONTROL_OPS = {"while", "call", "conditional"}
-
-
-def _dims(shape: str) -> list[int]:
-  found = _SHAPE.match(shape)
-  return [int(d) for d in found.group(1).split(",") if d] if found else []
-
-
-class Hlo:
-  """The optimized HLO text of one module: instructions per computation, call graph, stack frames."""
-
-  def __init__(self, text: str):
-    self.computations: dict[str, list[dict]] = {}
-    self.entry = None
-    tables = {"FileNames": {}, "FunctionNames": {}, "FileLocations": {}, "StackFrames": {}}
-    current, table = None, None
-    for line in text.splitlines():
-      if line in tables:
-        table = tables[line]
-        continue
-      if table is not None:
-        found = re.match(r"^(\d+) (.*)$", line)
-        if found:
-          table[int(found.group(1))] = found.group(2)
-          continue
-        table = None
-      header = re.match(r"^(ENTRY )?%([\w.-]+) .*\{$", line)
-      if header:
-        current = header.group(2)
-        self.computations[current] = []
-        if header.group(1):
-          self.entry = current
-        continue
-      found = _INSTRUCTION.match(line)
-      if found and current is not None:
-        name, shape, opcode, rest = found.groups()
-        frame = _FRAME.search(rest)
-        op_name = _OP_NAME.search(rest)
-        trip = _TRIP.search(rest)
-        self.computations[current].append(dict(
-            name=name, shape=shape, opcode=opcode, rest=rest, called=_CALLED.findall(rest),
-            frame=int(frame.group(1)) if frame else None, op_name=op_name.group(1) if op_name else "",
-            trip=int(trip.group(1)) if trip else 1))
-    self.by_name = {i["name"]: (comp, i) for comp, instrs in self.computations.items() for i in instrs}
-    self._files = {k: v.strip('"') for k, v in tables["FileNames"].items()}
-    self._functions = {k: v.strip('"') for k, v in tables["FunctionNames"].items()}
-    self._locations = {k: dict(re.findall(r"(\w+)=(\d+)", v)) for k, v in tables["FileLocations"].items()}
-    self._frames = {k: dict(re.findall(r"(\w+)=(\d+)", v)) for k, v in tables["StackFrames"].items()}
-    self.multiplier = self._multipliers()
-
-  def _multipliers(self) -> dict[str, int]:
-    """How many times each computation runs per step (loop bodies times their trip counts)."""
-    out = collections.Counter({self.entry: 1})
-    order = [self.entry]
-    for comp in order:
-      for instr in self.computations[comp]:
-        for called in instr["called"]:
-          factor = instr["trip"] if instr["opcode"] == "while" else 1
-          if called not in out:
-            order.append(called)
-          out[called] += out[comp] * factor
-    return out
-
-  def dot_flops(self, comp: str, instr: dict) -> float:
-    if instr["opcode"] != "dot":
-      return 0.0
-    shapes = {i["name"]: i["shape"] for i in self.computations[comp]}
-    operands = re.findall(r"%([\w.-]+)", instr["rest"].split(")")[0])
-    lhs = _dims(shapes.get(operands[0], "")) if operands else []
-    contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", instr["rest"])
-    k = 1
-    for d in (contracting.group(1).split(",") if contracting and contracting.group(1) else []):
-      k *= lhs[int(d)]
-    out = 1
-    for d in _dims(instr["shape"]):
-      out *= d
-    return 2.0 * out * k
-
-  def dot_signature(self, comp: str, instr: dict) -> tuple:
-    """(lhs dims, rhs dims, lhs batch, rhs batch, lhs contracting, rhs contracting) of a dot: what a
-    standalone dot_general of the same problem needs (operand layouts are not kept)."""
-    shapes = {i["name"]: i["shape"] for i in self.computations[comp]}
-    operands = re.findall(r"%([\w.-]+)", instr["rest"].split(")")[0])
-    axes = lambda key: tuple(int(d) for d in (re.search(key + r"=\{([0-9,]*)\}", instr["rest"]) or [0, ""])[1]
-                             .split(",") if d)
-    return (tuple(_dims(shapes[operands[0]])), tuple(_dims(shapes[operands[1]])), axes("lhs_batch_dims"),
-            axes("rhs_batch_dims"), axes("lhs_contracting_dims"), axes("rhs_contracting_dims"))
-
-  def dots_of(self, name: str) -> list[tuple]:
-    """Signatures of the dots thunk `name` runs: its own, or those inside its fusion."""
-    comp, instr = self.by_name[name]
-    if instr["opcode"] == "dot":
-      return [self.dot_signature(comp, instr)]
-    if instr["opcode"] != "fusion":
-      return []
-    return [self.dot_signature(called, i) for called in instr["called"] for i in self.computations.get(called, [])
-            if i["opcode"] == "dot"]
-
-  def flops_inside(self, comp: str) -> float:
-    """FLOPs of one execution of `comp` and the fusions it calls (not its loops: they are thunks)."""
-    total = 0.0
-    for instr in self.computations.get(comp, []):
-      total += self.dot_flops(comp, instr)
-      if instr["opcode"] == "fusion":
-        for called in instr["called"]:
-          total += self.flops_inside(called)
-    return total
-
-  def total_flops(self) -> float:
-    return sum(self.dot_flops(comp, i) * self.multiplier[comp] for comp, instrs in self.computations.items()
-               for i in instrs)
-
-  def source(self, frame_id):
-    """(file, line, function) of the innermost frame of ours (a path under mosaic_jax/)."""
-    seen = set()
-    while frame_id and frame_id in self._frames and frame_id not in seen:
-      seen.add(frame_id)
-      frame = self._frames[frame_id]
-      location = self._locations.get(int(frame["file_location_id"]), {})
-      path = self._files.get(int(location.get("file_name_id", 0)), "")
-      if "mosaic_jax" in path:
-        return (path, int(location.get("line", 0)),
-                self._functions.get(int(location.get("function_name_id", 0)), ""))
-      frame_id = int(frame.get("parent_frame_id", 0))
-    return ("", 0, "")
-
-  def _borrowed_metadata(self, comp: str, instr: dict, key: dict) -> dict:
-    """`key` with the frame and op name of the nearest operand that has them (XLA drops the metadata of
-    some batched dots, e.g. attention's; their operands still say which source line feeds them)."""
-    names = {i["name"]: i for i in self.computations[comp]}
-    frontier = [instr]
-    for _ in range(4):
-      operands = [names[n] for i in frontier for n in re.findall(r"%([\w.-]+)", i["rest"].split("), ")[0])
-                  if n in names]
-      for operand in operands:
-        if operand["frame"] is not None:
-          return {**key, "frame": operand["frame"], "op_name": operand["op_name"]}
-      frontier = operands
-    return key
-
-  def describe(self, name: str) -> dict:
-    """The thunk `name`: opcode, FLOPs per execution, the instruction that says what it is."""
-    comp, instr = self.by_name[name]
-    inner = [instr]
-    for called in instr["called"] if instr["opcode"] == "fusion" else []:
-      inner += [(i) for i in self.computations.get(called, [])]
-    inner_comp = instr["called"][0] if instr["opcode"] == "fusion" and instr["called"] else comp
-    dots = [i for i in inner if i["opcode"] == "dot"]
-    key = max(dots, key=lambda i: self.dot_flops(inner_comp, i)) if dots else instr
-    if key["frame"] is None:  # a dot fused without metadata: the fusion's own says where it came from
-      key = instr if instr["frame"] is not None else self._borrowed_metadata(comp, instr, key)
-    ops = {i["opcode"] for i in inner[1:]} if instr["opcode"] == "fusion" else {instr["opcode"]}
-    layout = ops <= _LAYOUT_OPS
-    flops = (self.flops_inside(inner_comp) if instr["opcode"] == "fusion" else self.dot_flops(comp, instr))
-    main_dot = max(dots, key=lambda i: self.dot_flops(inner_comp, i)) if dots else None
-    return dict(opcode=instr["opcode"], flops=flops, key=key, layout=layout, control=instr["opcode"] in _CONTROL_OPS,
-                runs=self.multiplier[comp], batched_dot=bool(main_dot and "lhs_batch_dims" in main_dot["rest"]),
-                dot=main_dot is not None)
-
-
-_LINES: dict[str, list[str]] = {}
-
-
-def _line_text(path: str, line: int) -> str:
-  if path not in _LINES:
-    try:
-      with open(path) as f:
-        _LINES[path] = f.read().splitlines()
-    except OSError:
-      _LINES[path] = []
-  lines = _LINES[path]
-  return lines[line - 1] if 0 < line <= len(lines) else ""
-
-
-def category(hlo: Hlo, info: dict) -> str:
-  if info["control"]:
-    return "loop control"
-  if info["layout"]:
-    return "layout (copies, transposes, concat/split, slices)"
-  path, line, function = hlo.source(info["key"]["frame"])
-  text = _line_text(path, line)
-  base = os.path.basename(path)
-  if info["batched_dot"]:  # the model's only batched matmuls: q.k and p.v
-    return "attention statistics" if base == "attention_stats.py" else "attention"
-  if info["dot"] and base not in ("layers.py", "attention.py", "attention_stats.py"):
-    return "projections and MLPs"
-  if base == "layers.py" and function == "linear":
-    return "LoRA matmuls" if ("lora" in text or "...r" in text or "h.astype" in text) else "projections and MLPs"
-  if base == "attention_stats.py":
-    return "attention statistics"
-  if base == "attention.py":
-    return "attention"
-  if base == "step.py":
-    if "ema" in text:
-      return "EMA"
-    if "where(finite" in text or "isfinite" in text:
-      return "NaN guard"
-    if any(w in text for w in ("optimizer.update", "apply_updates", "global_norm")):
-      return "optimizer"
-    return "losses and inputs"
-  if base == "losses.py":
-    return "losses and inputs"
-  if base in ("layers.py", "embeddings.py"):
-    if function in ("modulation",) and info["key"]["opcode"] == "dot":
-      return "projections and MLPs"
-    return "elementwise (norms, RoPE, GELU, modulation, gates)"
-  if base == "transformer.py":  # outside layers.py the model only reshapes, concatenates and stacks
-    return "layout (copies, transposes, concat/split, slices)"
-  return f"other ({base}:{line} {function})" if base else "other (no source)"
-
-
-def phase(op_name: str) -> str:
-  if "rematted_computation" in op_name:
-    return "recompute"
-  if "transpose(" in op_name:
-    return "backward"
-  return "forward"
+from hlo_costs import Hlo, category, phase  # the optimized HLO read back (shared with train_memory.py)
 
 
 def exclusive_times(trace_path: str) -> dict[str, list[float]]:
@@ -407,8 +180,8 @@ def main():
   if kernels:
     xla_total = sum(k[0] for k in kernels_by.values())
     torch_total = sum(k[1] for k in kernels_by.values())
-    print(f"\nthe same matmuls as standalone kernels (each dot of the step timed alone, same shapes, float32, "
-          f"one thread; compare within this table):")
+    print("\nthe same matmuls as standalone kernels (each dot of the step timed alone, same shapes, float32, "
+          "one thread; compare within this table):")
     print(f"{'category':<52} {'in step ms':>10} {'XLA dot ms':>10} {'torch ms':>9} {'step/XLA':>8} {'XLA/torch':>9}")
     for cat, (xla_s, torch_s) in sorted(kernels_by.items(), key=lambda kv: -kv[1][0]):
       total = sum(table[cat].values())
