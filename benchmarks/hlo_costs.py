@@ -45,10 +45,11 @@ _NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
                "after-all", "partition-id", "replica-id", "copy-done", "all-gather-done", "all-reduce-done",
                "collective-permute-done", "slice-done", "async-done"}
 _MATMULS = ("dot", "convolution")
-# Pallas kernels by the name the HLO gives their call -> how many [Q, K, D] matmuls one call does per
-# head (2 Q K D FLOPs each): XLA's cost analysis counts nothing inside a kernel. Splash's forward does
-# q.k and p.v; its dq kernel recomputes q.k, then do.v and ds.k; its dkv kernel q.k, p.do, do.v, ds.q.
-KERNEL_MATMULS = {"splash_mha_fwd": 2, "splash_mha_dq": 3, "splash_mha_dkv": 4}
+# Pallas kernels by the name the HLO gives their call -> (how many [Q, K, D] matmuls one call does per
+# head, 2 Q K D FLOPs each, and its category; XLA's cost analysis counts nothing inside a kernel, and
+# their stack frames stop inside jax). Splash's forward does q.k and p.v; its dq kernel recomputes q.k,
+# then do.v and ds.k; its dkv kernel q.k, p.do, do.v and ds.q.
+KERNELS = {"splash_mha_fwd": (2, "attention"), "splash_mha_dq": (3, "attention"), "splash_mha_dkv": (4, "attention")}
 
 
 def _dims(shape: str) -> list[int]:
@@ -63,6 +64,13 @@ def array_bytes(shape: str) -> int:
     bits = _BITS.get(dtype) or int(re.sub(r"\D", "", dtype.split("e")[0]) or 8)
     total += math.prod(int(d) for d in dims.split(",") if d) * bits // 8
   return total
+
+
+def _kernel(instr: dict) -> tuple[int, str]:
+  """KERNELS' entry for a Pallas kernel call, else (0, "")."""
+  if instr["opcode"] != "custom-call":
+    return 0, ""
+  return next((entry for prefix, entry in KERNELS.items() if instr["name"].startswith(prefix)), (0, ""))
 
 
 def _operands(instr: dict) -> list[str]:
@@ -100,7 +108,7 @@ class Hlo:
       if found:
         root, name, shape, opcode, rest = found.groups()
         self.computations[current].append(dict(name=name, shape=shape, opcode=opcode, rest="", root=bool(root)))
-      elif not self.computations[current] or line.startswith("}"):
+      elif not self.computations[current] or line.rstrip() == "}":
         continue
       else:  # an instruction written over several lines (a Pallas kernel's metadata): the rest of its text
         rest = line
@@ -169,20 +177,26 @@ class Hlo:
                                           else []))
       return 2.0 * out * k
     labels = re.search(r"dim_labels=(\w+)_", instr["rest"])
-    feature = lhs[labels.group(1).index("f")] if labels and lhs else 0
+    if not (labels and lhs):
+      return 0.0
+    feature = lhs[labels.group(1).index("f")]
+    spatial = [lhs[labels.group(1).index(str(i))] for i in range(len(lhs) - 2)]
     window = re.search(r"window=\{size=([0-9x]+)", instr["rest"])
     dilate = re.search(r"lhs_dilate=([0-9x]+)", instr["rest"])
     sizes = [int(s) for s in window.group(1).split("x")] if window else []
     dilations = [int(s) for s in dilate.group(1).split("x")] if dilate else [1] * len(sizes)
-    taps = math.prod(-(-s // d) for s, d in zip(sizes, dilations))  # window positions on real input elements
+    # input elements under one window position, per spatial axis: never more than the axis holds (an
+    # output axis written as a window sliding over a padded axis of 1), nor than the window reaches
+    # through the dilation (a batch axis written as a window as wide as its dilation: one element)
+    taps = math.prod(min(-(-s // d), n) for s, d, n in zip(sizes, dilations, spatial))
     groups = re.search(r"feature_group_count=(\d+)", instr["rest"])
     return 2.0 * out * feature * taps / (int(groups.group(1)) if groups else 1)
 
   def kernel_flops(self, comp: str, instr: dict) -> float:
-    """FLOPs of a Pallas kernel call named in KERNEL_MATMULS, from its q [..., Q, D] and k [..., K, D]
-    operands (the first two floating-point arrays of rank 3 or more); 0 for any other op."""
-    matmuls = next((n for prefix, n in KERNEL_MATMULS.items() if instr["name"].startswith(prefix)), 0)
-    if instr["opcode"] != "custom-call" or not matmuls:
+    """FLOPs of a Pallas kernel call named in KERNELS, from its q [..., Q, D] and k [..., K, D] operands
+    (the first two floating-point arrays of rank 3 or more); 0 for any other op."""
+    matmuls = _kernel(instr)[0]
+    if not matmuls:
       return 0.0
     arrays = [_dims(self._shapes[comp].get(o, "")) for o in _operands(instr)
               if re.match(r"(bf16|f16|f32)\[", self._shapes[comp].get(o, ""))]
@@ -235,6 +249,10 @@ class Hlo:
     if instr["opcode"] == "copy-start":
       return 2 * sum(operands)
     written = array_bytes(instr["shape"])
+    if instr["opcode"] == "dynamic-update-slice":  # in place: the update is read and written
+      return 2 * operands[1]
+    if instr["opcode"] in ("dynamic-slice", "slice"):
+      return 2 * written
     if instr["opcode"] == "fusion" and instr["called"]:
       used, in_place = self._parameter_use(instr["called"][0])
       operands = [used.get(index, size) for index, size in enumerate(operands)]
@@ -311,7 +329,7 @@ class Hlo:
     batched = bool(main_dot and ("lhs_batch_dims" in main_dot["rest"] or "lhs_dilate" in main_dot["rest"]))
     return dict(opcode=instr["opcode"], flops=flops, key=key, layout=layout, control=instr["opcode"] in _CONTROL_OPS,
                 runs=self.multiplier[comp], batched_dot=batched, dot=main_dot is not None,
-                collective=instr["opcode"] in _COLLECTIVES, kernel=instr["opcode"] == "custom-call")
+                collective=instr["opcode"] in _COLLECTIVES, kernel=_kernel(instr)[1])
 
 
 _LINES: dict[str, list[str]] = {}
@@ -338,8 +356,8 @@ def category(hlo: Hlo, info: dict) -> str:
   path, line, function = hlo.source(info["key"]["frame"])
   text = _line_text(path, line)
   base = os.path.basename(path)
-  if base == "splash_attention.py" and info["kernel"]:
-    return "attention"
+  if info["kernel"]:
+    return info["kernel"]
   if info["batched_dot"]:  # the model's only batched matmuls: q.k and p.v
     return "attention statistics" if base == "attention_stats.py" else "attention"
   if info["dot"] and base not in ("layers.py", "attention.py", "attention_stats.py"):
