@@ -29,6 +29,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from mosaic_jax.model.remat import keep
 from mosaic_jax.parallel.sharding import DEFAULT_LOGICAL_RULES
 
 
@@ -135,10 +136,13 @@ def multi_branch_attention(q_main, k_main, v_main, q_ref=None, k_ref=None, v_ref
   logical_rules (splash only): how batch and heads map to the axes of the mesh set by `jax.set_mesh`.
   """
   args = (q_main, k_main, v_main, q_ref, k_ref, v_ref, independent_refs)
+  # the outputs tagged for the remat policies that keep them (model/remat.py); the splash kernel tags
+  # what it keeps itself (its output and softmax statistics, splash_attention.py)
+  kept = lambda outs: tuple(keep(o, "attention") for o in outs)
   if impl == "xla":
-    return _xla_multi_branch(*args, chunk=query_chunk)
+    return kept(_xla_multi_branch(*args, chunk=query_chunk))
   if impl == "cudnn":
-    return _grouped_multi_branch(_cudnn_dense, *args)
+    return kept(_grouped_multi_branch(_cudnn_dense, *args))
   if impl == "splash":
     from mosaic_jax.model.splash_attention import splash_dense  # Pallas: imported only when used
     dense = functools.partial(splash_dense, logical_rules=logical_rules or DEFAULT_LOGICAL_RULES)

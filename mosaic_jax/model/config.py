@@ -9,14 +9,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from mosaic_jax.model import remat
 from mosaic_jax.parallel.sharding import DEFAULT_LOGICAL_RULES, hashable_rules
 
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
-# Per-block rematerialization (jax.checkpoint of each scanned block): what the backward pass keeps.
-# "recompute_mlp" keeps each block's q/k/v projections, attention outputs and the outputs of its gated
-# projections (model/transformer.py names them) and recomputes the rest: the MLP's 4x-wide hidden layer,
-# the norms, RoPE and the LoRA down-projections.
-REMAT_POLICIES = ("none", "full", "recompute_mlp", "dots_saveable", "dots_with_no_batch_dims_saveable")
+# Per-block rematerialization (jax.checkpoint of each scanned block): what the backward pass keeps, and
+# where; each policy's description is in model/remat.py.
+REMAT_POLICIES = tuple(remat.POLICIES)
 PRESETS = ("flux1_dev", "tiny")  # the functions below that give a FluxConfig by name (config.model)
 _NOT_IN_DIFFUSERS_CONFIG = ("rope_theta", "mlp_ratio", "independent_refs", "attention_impl", "stats_chunk",
                             "attention_chunk", "remat_policy", "unroll_layers", "logical_rules")

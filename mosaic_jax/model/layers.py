@@ -15,6 +15,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from mosaic_jax.model.remat import keep
+
 
 def linear(p, x, lora=None):
   """y = x W + b, plus (x A) B when a LoRA for this module is given."""
@@ -45,7 +47,8 @@ def lora_delta(x, a, b):
 
 
 def _lora_forward(x, a, b):
-  h = jnp.einsum("...i,ir->...r", x, a, preferred_element_type=jnp.float32).astype(a.dtype)
+  # tagged for the remat policies that keep it (model/remat.py): rank-wide, cheap to keep
+  h = keep(jnp.einsum("...i,ir->...r", x, a, preferred_element_type=jnp.float32).astype(a.dtype), "lora_hidden")
   return jnp.einsum("...r,ro->...o", h, b, preferred_element_type=jnp.float32), (x, a, b, h)
 
 

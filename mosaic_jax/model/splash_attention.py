@@ -11,6 +11,7 @@ Sequence lengths must be multiples of 128 (FLUX's 512 text, 1024-token 512 px gr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
 
+from mosaic_jax.model.remat import keep
 from mosaic_jax.parallel.sharding import DEFAULT_LOGICAL_RULES
 
 
@@ -40,22 +42,33 @@ def _kernel(heads: int, q_len: int, kv_len: int, interpret: bool):
   return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
-def _default_precision(fn):
-  """`fn` (and its backward pass) traced at the default matmul precision. Mosaic takes "highest"
-  (jax_default_matmul_precision, which the tests set) as an fp32 contraction and rejects it for bf16
-  operands, whose products are exact in the f32 accumulator anyway. The backward kernels are traced
-  when the step is differentiated, outside this call, hence the custom_vjp that carries the setting."""
+def _with_kept_outputs(fn, dtype):
+  """`fn` (the kernel) under a custom_vjp that does two things for the backward pass:
+
+  - keeps what the kernel made for it, its output and per-query softmax statistics, tagged "attention"
+    (model/remat.py): a remat policy that keeps attention outputs then keeps these and never reruns the
+    forward kernel in the backward pass to get the statistics back (only q, k and v, its inputs, are left
+    to the policy);
+  - traces the kernel and its backward at the default matmul precision for bf16 operands: Mosaic takes
+    "highest" (jax_default_matmul_precision, which the tests set) as an fp32 contraction and rejects it
+    for bf16, whose products are exact in the f32 accumulator anyway. The backward kernels are traced
+    when the step is differentiated, outside this call, hence the custom_vjp that carries the setting.
+  """
+  precision = (lambda: jax.default_matmul_precision("default")) if dtype != jnp.float32 else contextlib.nullcontext
+
   @jax.custom_vjp
   def wrapped(*args):
-    with jax.default_matmul_precision("default"):
+    with precision():
       return fn(*args)
 
   def forward(*args):
-    with jax.default_matmul_precision("default"):
-      return jax.vjp(fn, *args)
+    with precision():
+      out, vjp = jax.vjp(fn, *args)
+    made = lambda x: not any(x is a for a in args) and jnp.issubdtype(x.dtype, jnp.floating)
+    return out, jax.tree_util.tree_map(lambda x: keep(x, "attention") if made(x) else x, vjp)
 
   def backward(vjp, grad):
-    with jax.default_matmul_precision("default"):
+    with precision():
       return vjp(grad)
 
   wrapped.defvjp(forward, backward)
@@ -64,9 +77,7 @@ def _default_precision(fn):
 
 def _local_splash(q, k, v, interpret: bool):
   """[B, T, H, D] in, [B, T, H, D] out, on this device's shard."""
-  kernel = jax.vmap(_kernel(q.shape[2], q.shape[1], k.shape[1], interpret))
-  if q.dtype != jnp.float32:
-    kernel = _default_precision(kernel)
+  kernel = _with_kept_outputs(jax.vmap(_kernel(q.shape[2], q.shape[1], k.shape[1], interpret)), q.dtype)
   scale = q.shape[-1] ** -0.5
   to_heads_first = lambda x: jnp.swapaxes(x, 1, 2)
   out = kernel(to_heads_first(q * jnp.asarray(scale, q.dtype)), to_heads_first(k), to_heads_first(v))

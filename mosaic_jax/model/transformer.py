@@ -18,7 +18,6 @@ from typing import NamedTuple, Optional
 import einops
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from mosaic_jax.model import attention as attn_lib
 from mosaic_jax.model.attention_stats import AttentionStatistics, Correspondences, block_statistics
@@ -27,6 +26,7 @@ from mosaic_jax.model.embeddings import apply_rope, conditioning, rope
 from mosaic_jax.model.layers import (gate, gelu_tanh, layer_norm, linear, modulate, modulation, random_params,
                                      rms_norm)
 from mosaic_jax.model.lora import get_path
+from mosaic_jax.model.remat import checkpointed, keep
 from mosaic_jax.parallel import constrain
 
 
@@ -137,23 +137,14 @@ def _merge_heads(x):
   return einops.rearrange(x, "... heads d -> ... (heads d)")
 
 
-# What remat policy "recompute_mlp" keeps of a block (the names below): enough that its backward pass
-# recomputes no projection but the MLP's first one, and no attention output.
-_KEPT = ("qkv", "attention", "block_output")
-
-
-def _keep(x, name):
-  """x tagged for the "recompute_mlp" policy (a no-op for every other policy)."""
-  return None if x is None else checkpoint_name(x, name)
-
-
+# The tags of model/remat.py: what the remat policies that name them keep of a block.
 def _out(y):
   """A gated projection's output, kept: the gate's gradient reads it."""
-  return _keep(y, "block_output")
+  return keep(y, "block_output")
 
 
 def _qkv(p, x, cfg, lora, names=("to_q", "to_k", "to_v"), norms=("norm_q", "norm_k")):
-  q, k, v = (_keep(_heads(linear(p[n], x, get_path(lora, n)), cfg), "qkv") for n in names)
+  q, k, v = (keep(_heads(linear(p[n], x, get_path(lora, n)), cfg), "qkv") for n in names)
   return rms_norm(p[norms[0]], q), rms_norm(p[norms[1]], k), v
 
 
@@ -191,7 +182,6 @@ def double_block(p, lp, cfg, txt, img, refs, temb, temb_ref, rope_main, rope_ref
   out_main, out_ref = attn_lib.multi_branch_attention(q_main, k_main, v_main, q_ref, k_ref, v_ref,
                                                       cfg.attention_impl, cfg.independent_refs,
                                                       cfg.attention_chunk, cfg.logical_rules)
-  out_main, out_ref = _keep(out_main, "attention"), _keep(out_ref, "attention")
   attn_txt, attn_img = _merge_heads(out_main[:, :txt_len]), _merge_heads(out_main[:, txt_len:])
 
   img = img + gate(g1, _out(linear(pa["to_out"]["0"], attn_img)))
@@ -216,7 +206,7 @@ def double_block(p, lp, cfg, txt, img, refs, temb, temb_ref, rope_main, rope_ref
 
 def _feed_forward(p, x, lp, cfg):
   """GELU-tanh MLP; only `net.2` is LoRA-adapted (MOSAIC leaves `net.0.proj` alone)."""
-  h = _pin_mlp(gelu_tanh(linear(p["net"]["0"]["proj"], x)), cfg)
+  h = _pin_mlp(gelu_tanh(keep(linear(p["net"]["0"]["proj"], x), "mlp_hidden")), cfg)
   return linear(p["net"]["2"], h, get_path(lp, "net.2"))
 
 
@@ -231,7 +221,7 @@ def single_block(p, lp, cfg, main, refs, temb, temb_ref, rope_main, rope_ref, re
   refs = None if refs is None else _pin_stream(refs, cfg)
   shift, scale, g = modulation(p["norm"]["linear"], temb, 3)
   x = modulate(layer_norm(main), shift, scale)
-  mlp_main = _pin_mlp(gelu_tanh(linear(p["proj_mlp"], x)), cfg)
+  mlp_main = _pin_mlp(gelu_tanh(keep(linear(p["proj_mlp"], x), "mlp_hidden")), cfg)
   q_main, k_main, v_main = _qkv(p["attn"], x, cfg, None)
   q_main, k_main = apply_rope(q_main, rope_main), apply_rope(k_main, rope_main)
 
@@ -240,14 +230,13 @@ def single_block(p, lp, cfg, main, refs, temb, temb_ref, rope_main, rope_ref, re
   if refs is not None:
     rshift, rscale, rg = modulation(p["norm"]["linear"], temb_ref, 3, get_path(lp, "norm.linear"))
     xr = modulate(layer_norm(refs), rshift, rscale)
-    mlp_ref = _pin_mlp(gelu_tanh(linear(p["proj_mlp"], xr, get_path(lp, "proj_mlp"))), cfg)
+    mlp_ref = _pin_mlp(gelu_tanh(keep(linear(p["proj_mlp"], xr, get_path(lp, "proj_mlp")), "mlp_hidden")), cfg)
     q_ref, k_ref, v_ref = _qkv(p["attn"], xr, cfg, get_path(lp, "attn"))
     q_ref, k_ref = apply_rope(q_ref, rope_ref), apply_rope(k_ref, rope_ref)
 
   out_main, out_ref = attn_lib.multi_branch_attention(q_main, k_main, v_main, q_ref, k_ref, v_ref,
                                                       cfg.attention_impl, cfg.independent_refs,
                                                       cfg.attention_chunk, cfg.logical_rules)
-  out_main, out_ref = _keep(out_main, "attention"), _keep(out_ref, "attention")
   main = main + gate(g, _out(linear(p["proj_out"], jnp.concatenate([_merge_heads(out_main), mlp_main], -1))))
   if refs is not None:
     refs = refs + gate(rg, _out(linear(p["proj_out"], jnp.concatenate([_merge_heads(out_ref), mlp_ref], -1),
@@ -257,19 +246,6 @@ def single_block(p, lp, cfg, main, refs, temb, temb_ref, rope_main, rope_ref, re
 
 
 # ---- the model ------------------------------------------------------------------------------------
-
-_REMAT = {"full": jax.checkpoint_policies.nothing_saveable,
-          "recompute_mlp": jax.checkpoint_policies.save_only_these_names(*_KEPT),
-          "dots_saveable": jax.checkpoint_policies.dots_saveable,
-          "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-
-
-def _remat(step_fn, cfg: FluxConfig):
-  """Each scanned block under jax.checkpoint with cfg.remat_policy (prevent_cse is moot inside scan)."""
-  if cfg.remat_policy == "none":
-    return step_fn
-  return jax.checkpoint(step_fn, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
-
 
 class _Streams(NamedTuple):
   """The embedded branches and what every block reads besides them; the reference fields are None
@@ -314,7 +290,7 @@ def _scan_group(step, carry, params, lora, group: str, cache, count: int, cfg: F
     return carry, {}
   layers = (params[group], get_path(lora, group), cache)
   if count == jax.tree_util.tree_leaves(params[group])[0].shape[0]:
-    return jax.lax.scan(_remat(step, cfg), carry, layers, unroll=cfg.unroll_layers)
+    return jax.lax.scan(checkpointed(step, cfg.remat_policy), carry, layers, unroll=cfg.unroll_layers)
 
   # The first blocks only: scan over their indices and read each block's weights in place. Scanning over
   # a slice of the stacked weights would copy the slice first (XLA:CPU, 4 of 8 FLUX single blocks in
@@ -322,7 +298,7 @@ def _scan_group(step, carry, params, lora, group: str, cache, count: int, cfg: F
   def step_at(carry, index):
     return step(carry, jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, index, keepdims=False),
                                               layers))
-  return jax.lax.scan(_remat(step_at, cfg), carry, jnp.arange(count), unroll=cfg.unroll_layers)
+  return jax.lax.scan(checkpointed(step_at, cfg.remat_policy), carry, jnp.arange(count), unroll=cfg.unroll_layers)
 
 
 def _run_double_blocks(params, lora, cfg: FluxConfig, streams: _Streams, count: int, cache=None,
