@@ -48,8 +48,10 @@ _MATMULS = ("dot", "convolution")
 # Pallas kernels by the name the HLO gives their call -> (how many [Q, K, D] matmuls one call does per
 # head, 2 Q K D FLOPs each, and its category; XLA's cost analysis counts nothing inside a kernel, and
 # their stack frames stop inside jax). Splash's forward does q.k and p.v; its dq kernel recomputes q.k,
-# then do.v and ds.k; its dkv kernel q.k, p.do, do.v and ds.q.
-KERNELS = {"splash_mha_fwd": (2, "attention"), "splash_mha_dq": (3, "attention"), "splash_mha_dkv": (4, "attention")}
+# then do.v and ds.k; its dkv kernel q.k, p.do, do.v and ds.q. The statistics kernels
+# (model/statistics_kernel.py): q.k forward; q.k, ds.k and ds.q backward.
+KERNELS = {"splash_mha_fwd": (2, "attention"), "splash_mha_dq": (3, "attention"), "splash_mha_dkv": (4, "attention"),
+           "mosaic_statistics_fwd": (1, "attention statistics"), "mosaic_statistics_bwd": (3, "attention statistics")}
 
 
 def _dims(shape: str) -> list[int]:
@@ -360,6 +362,8 @@ def category(hlo: Hlo, info: dict) -> str:
     return info["kernel"]
   if info["batched_dot"]:  # the model's only batched matmuls: q.k and p.v
     return "attention statistics" if base == "attention_stats.py" else "attention"
+  if base == "embeddings.py" and function == "apply_rope":  # its pair rotation is a small matmul
+    return "elementwise (norms, RoPE, GELU, modulation, gates)"
   if info["dot"] and base not in ("layers.py", "attention.py", "attention_stats.py"):
     return "projections and MLPs"
   if base == "layers.py" and function in ("linear", "lora_delta", "_lora_forward", "_lora_backward"):

@@ -128,7 +128,7 @@ def test_cudnn_gradients_equal_the_float32_xla_path(independent):
 
 
 _SHARDED_SPLASH = r'''
-import jax, numpy as np
+import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from mosaic_jax.model import attention
 mesh = jax.make_mesh((2, 2), ("data", "tensor"), axis_types=(AxisType.Explicit, AxisType.Explicit))
@@ -157,6 +157,21 @@ assert "shard_map" in text or "manual_computation" in text, "splash was not plac
 assert out[0].sharding.spec == P("fsdp", None, "tensor", None), out[0].sharding
 for o, e in zip(out, expected):
   np.testing.assert_allclose(np.asarray(o), np.asarray(e), rtol=2e-5, atol=2e-5)
+# The attention statistics' kernels placed the same way: heads split over "tensor", so each device's
+# column sums cover half of the heads and add up across it; values and gradients as without a mesh.
+from mosaic_jax.model.attention_stats import Correspondences, block_statistics
+pairs = Correspondences(*(np.array([[0, 1, 1], [1, 0, 1]]) for _ in range(2)),
+                        target_token=np.array([[3, 200, 17], [0, 5, 255]]), valid=np.ones((2, 3), bool))
+def statistics_loss(q, k, rules):
+  stats = block_statistics(q, k, pairs, chunk=64, kernel_rules=rules)
+  return jnp.sum(jnp.log(stats.pair_attention)) + jnp.sum(jnp.sin(300 * stats.reference_attention))
+q_ref, k_target = refs[0], main[1]
+expected = jax.value_and_grad(statistics_loss, argnums=(0, 1))(q_ref, k_target, None)
+with jax.set_mesh(mesh):
+  got = jax.jit(jax.value_and_grad(statistics_loss, argnums=(0, 1)), static_argnums=2)(q_ref, k_target, rules)
+np.testing.assert_allclose(np.asarray(got[0]), np.asarray(expected[0]), rtol=1e-5)
+for g, e in zip(got[1], expected[1]):
+  np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-4, atol=1e-4 * float(np.abs(e).max()))
 print("sharded splash ok")
 '''
 

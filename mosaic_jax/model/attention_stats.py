@@ -11,6 +11,12 @@ C rows: each chunk computes its logits [B, H, C, N], their log-sum-exp over the 
 probabilities at a time from the saved log-sum-exp in the backward pass, writing dq chunk by chunk and
 accumulating dk, so neither pass ever holds more than one chunk of probabilities. The pair
 probabilities then need only gathered rows: exp(q_i . k_j* / sqrt(d) - lse_i), by plain autodiff.
+
+With `kernel_rules` (the splash attention configuration, FluxConfig.attention_impl == "splash") the two
+chunked passes run as Pallas TPU kernels instead (statistics_kernel.py): same formulas, the logits and
+probabilities of a block never leave VMEM. Either way the saved log-sum-exp is tagged "attention"
+(model/remat.py): a remat policy that keeps attention outputs keeps it too, and does not rerun the
+forward pass of the statistics in the backward pass to get it back.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from mosaic_jax.model import statistics_kernel
+from mosaic_jax.model.remat import keep
 
 
 class Correspondences(NamedTuple):
@@ -58,8 +67,8 @@ def _chunk_forward(q_c, k, valid_c, scale):
   return lse, probs
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _target_softmax_stats(q_rows, k, pair_rows, pair_cols, num_refs, ref_len, chunk):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _target_softmax_stats(q_rows, k, pair_rows, pair_cols, num_refs, ref_len, chunk, kernel_rules):
   """Softmax over target keys, reduced to what the losses need, never more than a chunk at a time.
 
   q_rows [B, R*M_pad, H, D] (reference queries, M padded to a multiple of `chunk`), k [B, N, H, D],
@@ -67,7 +76,7 @@ def _target_softmax_stats(q_rows, k, pair_rows, pair_cols, num_refs, ref_len, ch
     pair log-probabilities [B, K, H] and column sums [B, R, N] (sum over reference r's valid tokens of
     the head-mean probabilities).
   """
-  return _stats_forward(q_rows, k, pair_rows, pair_cols, num_refs, ref_len, chunk)[0]
+  return _stats_forward(q_rows, k, pair_rows, pair_cols, num_refs, ref_len, chunk, kernel_rules)[0]
 
 
 def _pair_logits(q_rows, k, pair_rows, pair_cols):
@@ -76,24 +85,40 @@ def _pair_logits(q_rows, k, pair_rows, pair_cols):
                     preferred_element_type=jnp.float32) * q_rows.shape[-1] ** -0.5
 
 
-def _stats_forward(q_rows, k, pair_rows, pair_cols, num_refs, ref_len, chunk):
+def _heads_first(x):
+  """[B, T, H, ...] <-> [B, H, T, ...]."""
+  return jnp.swapaxes(x, 1, 2)
+
+
+def _chunked_forward(q_rows, k, num_refs, ref_len, chunk):
+  """(log-sum-exp [B, rows, H], column sums [B, R, N] of the head-mean probabilities), chunk by chunk."""
   b, rows, h, d = q_rows.shape
   chunks_per_ref = rows // (num_refs * chunk)
-  scale = d ** -0.5
 
   def one_chunk(index):
     valid_c = (index % chunks_per_ref) * chunk + jnp.arange(chunk) < ref_len
-    lse, probs = _chunk_forward(_chunk_rows(q_rows, index, chunk), k, valid_c, scale)
+    lse, probs = _chunk_forward(_chunk_rows(q_rows, index, chunk), k, valid_c, d ** -0.5)
     return lse, jnp.mean(jnp.sum(probs, axis=2), axis=1)
 
   lse, column_sums = jax.lax.map(one_chunk, jnp.arange(rows // chunk))  # [n, B, H, C], [n, B, N]
   lse = jnp.swapaxes(jnp.moveaxis(lse, 0, 1), 2, 3).reshape(b, rows, h)
-  column_sums = jnp.moveaxis(column_sums.reshape(num_refs, chunks_per_ref, b, -1).sum(1), 0, 1)
+  return lse, jnp.moveaxis(column_sums.reshape(num_refs, chunks_per_ref, b, -1).sum(1), 0, 1)
+
+
+def _stats_forward(q_rows, k, pair_rows, pair_cols, num_refs, ref_len, chunk, kernel_rules):
+  b, rows, h, d = q_rows.shape
+  if kernel_rules is None:
+    lse, column_sums = _chunked_forward(q_rows, k, num_refs, ref_len, chunk)
+  else:
+    lse, column_sums = statistics_kernel.forward_statistics(_heads_first(q_rows), _heads_first(k), num_refs,
+                                                            ref_len, chunk, kernel_rules)
+    lse, column_sums = _heads_first(lse), column_sums / h
+  lse = keep(lse, "attention")
   pair_logp = _pair_logits(q_rows, k, pair_rows, pair_cols) - lse[jnp.arange(b)[:, None], pair_rows]
   return (pair_logp, column_sums), (q_rows, k, lse, pair_rows, pair_cols)
 
 
-def _stats_backward(num_refs, ref_len, chunk, residuals, cotangents):
+def _stats_backward(num_refs, ref_len, chunk, kernel_rules, residuals, cotangents):
   """Recomputes each chunk's probabilities from the saved log-sum-exp.
 
   With s = q.k/sqrt(d) and p = softmax_j(s): d lse_i / d s_ij = p_ij and the column sums have
@@ -104,10 +129,27 @@ def _stats_backward(num_refs, ref_len, chunk, residuals, cotangents):
   q_rows, k, lse, pair_rows, pair_cols = residuals
   g_pair, g_col = cotangents
   b, rows, h, d = q_rows.shape
-  chunks_per_ref = rows // (num_refs * chunk)
   scale = d ** -0.5
   batch = jnp.arange(b)[:, None]
   g_lse = jnp.zeros((b, rows, h), jnp.float32).at[batch, pair_rows].add(-g_pair)
+  if kernel_rules is None:
+    dq, dk = _chunked_backward(q_rows, k, lse, g_lse, g_col, num_refs, ref_len, chunk)
+  else:
+    dq, dk = statistics_kernel.statistics_gradients(
+        _heads_first(q_rows), _heads_first(k), _heads_first(lse), _heads_first(g_lse), g_col, num_refs, ref_len,
+        chunk, 1.0 / h, kernel_rules)
+    dq, dk = _heads_first(dq), _heads_first(dk)
+  g = g_pair[..., None] * scale  # the pair logits themselves: s_ij* = q_i . k_j* / sqrt(d)
+  dq = dq.at[batch, pair_rows].add(g * k[batch, pair_cols].astype(jnp.float32))
+  dk = dk.at[batch, pair_cols].add(g * q_rows[batch, pair_rows].astype(jnp.float32))
+  return dq.astype(q_rows.dtype), dk.astype(k.dtype), None, None
+
+
+def _chunked_backward(q_rows, k, lse, g_lse, g_col, num_refs, ref_len, chunk):
+  """(dq [B, rows, H, D], dk [B, N, H, D]), float32, of the chunked part, one chunk at a time."""
+  b, rows, h, d = q_rows.shape
+  chunks_per_ref = rows // (num_refs * chunk)
+  scale = d ** -0.5
 
   def one_chunk(dk, index):
     q_c = _chunk_rows(q_rows, index, chunk)
@@ -124,20 +166,18 @@ def _stats_backward(num_refs, ref_len, chunk, residuals, cotangents):
     return dk, dq_c
 
   dk, dq = jax.lax.scan(one_chunk, jnp.zeros(k.shape, jnp.float32), jnp.arange(rows // chunk))
-  dq = jnp.moveaxis(dq, 0, 1).reshape(q_rows.shape)
-  g = g_pair[..., None] * scale  # the pair logits themselves: s_ij* = q_i . k_j* / sqrt(d)
-  dq = dq.at[batch, pair_rows].add(g * k[batch, pair_cols].astype(jnp.float32))
-  dk = dk.at[batch, pair_cols].add(g * q_rows[batch, pair_rows].astype(jnp.float32))
-  return dq.astype(q_rows.dtype), dk.astype(k.dtype), None, None
+  return jnp.moveaxis(dq, 0, 1).reshape(q_rows.shape), dk
 
 
 _target_softmax_stats.defvjp(_stats_forward, _stats_backward)
 
 
-def block_statistics(q_ref, k_target, pairs: Correspondences, chunk: int = 256) -> AttentionStatistics:
+def block_statistics(q_ref, k_target, pairs: Correspondences, chunk: int = 256,
+                     kernel_rules=None) -> AttentionStatistics:
   """Statistics of one block from q_ref [B, R, M, H, D] and k_target [B, N, H, D] (after RoPE).
 
-  Indices of padding pairs are clipped into range; the losses mask those pairs out.
+  Indices of padding pairs are clipped into range; the losses mask those pairs out. kernel_rules: run
+  the Pallas kernels, placed by these logical rules under a mesh (None: the XLA path).
   """
   b, r, m, h, d = q_ref.shape
   c = min(chunk, m)
@@ -147,7 +187,7 @@ def block_statistics(q_ref, k_target, pairs: Correspondences, chunk: int = 256) 
   pair_cols = jnp.clip(pairs.target_token, 0, k_target.shape[1] - 1)
   pair_logp, column_sums = _target_softmax_stats(q.reshape(b, r * m_pad, h, d), k_target,
                                                  pair_rows.astype(jnp.int32), pair_cols.astype(jnp.int32),
-                                                 r, m, c)
+                                                 r, m, c, kernel_rules)
   return AttentionStatistics(jnp.mean(jnp.exp(pair_logp), axis=-1), column_sums / m)
 
 

@@ -198,7 +198,8 @@ def double_block(p, lp, cfg, txt, img, refs, temb, temb_ref, rope_main, rope_ref
     if want_map:
       extras["attention_maps"] = attn_lib.reference_target_attention_map(q_ref, k_target)
     if pairs is not None:
-      extras["attention_statistics"] = block_statistics(q_ref, k_target, pairs, cfg.stats_chunk)
+      extras["attention_statistics"] = block_statistics(
+          q_ref, k_target, pairs, cfg.stats_chunk, cfg.logical_rules if cfg.attention_impl == "splash" else None)
     if keep_ref_kv:
       extras["ref_kv"] = (k_ref, v_ref)
   return (txt, img, refs), extras
