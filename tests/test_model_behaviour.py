@@ -138,6 +138,31 @@ def test_bfloat16_forward_is_close_to_float32(params_and_lora):
   assert relative_error(pred16.astype(jnp.float32), pred32) < 0.03
 
 
+def test_bfloat16_lora_gradients_are_close_to_float32(params_and_lora):
+  """The recipe's gradients (diffusion, SCAL and MDL losses; the LoRA's) with the base in bf16, as in
+  training, against float32: each LoRA leaf within 5% of its float32 gradient's largest entry (seen:
+  2.7% at most, 1.4% typical; torch's bf16 autocast rounds the same way, layers.py)."""
+  from mosaic_jax import losses
+  params, lora = params_and_lora
+  rng = np.random.default_rng(3)
+  inputs = _inputs(rng, 2)
+  pairs = model.Correspondences(rng.integers(0, 2, (2, 8)), rng.integers(0, 4, (2, 8)), rng.integers(0, 6, (2, 8)),
+                                rng.uniform(size=(2, 8)) < 0.8)
+
+  def loss(lora, params):
+    pred, aux = model.forward(params, lora, CFG, inputs, correspondences=pairs)
+    stats = aux["attention_statistics"]
+    return (jnp.mean(jnp.square(pred.astype(jnp.float32) - 0.3)) + jnp.mean(losses.mdl_loss(stats.reference_attention))
+            + 0.1 * jnp.mean(losses.scal_loss(stats.pair_attention, pairs.valid)))
+
+  grad = jax.jit(jax.grad(loss))
+  expected = grad(lora, params)
+  got = grad(lora, jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params))
+  for g, e in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
+    assert g.dtype == jnp.float32 and float(jnp.abs(e).max()) > 0
+    assert relative_error(g, e) < 0.05
+
+
 def test_reference_kv_cache_is_exact_with_independent_refs(params_and_lora):
   """With independent_refs, reference keys/values do not depend on the target or t: a cache taken at
   one step reproduces the uncached prediction at another step."""

@@ -4,8 +4,12 @@ Parameter leaves: a linear is {"kernel": [in, out], "bias": [out]} (the transpos
 `weight`), an RMSNorm is {"scale": [d]}. A LoRA for a linear is {"lora_A": [in, r], "lora_B": [r, out]}
 with the alpha/r scale already folded into lora_B (see interop/lora.py).
 
-Precision: matmuls accumulate in float32 and round to the activation dtype, like torch's bf16 linear;
-norms and the modulation arithmetic run in float32 where FLUX does.
+Precision: matmuls accumulate in float32 and write the weights' dtype. A float32 model (the parity
+tests) computes in float32 throughout. A bf16 one (the recipe) rounds as torch's bf16 autocast with a
+peft LoRA does (the official recipe's `--mixed_precision bf16`): x W + b is rounded to bf16 once, the
+LoRA's x A and (x A) B are each rounded to bf16, and their sum is taken in bf16; so no float32 copy of
+a projection's output crosses HBM. Norms and RoPE compute in float32 internally where FLUX does,
+reading and writing the activation dtype.
 """
 
 from __future__ import annotations
@@ -19,17 +23,17 @@ from mosaic_jax.model.remat import keep
 
 
 def linear(p, x, lora=None):
-  """y = x W + b, plus (x A) B when a LoRA for this module is given."""
+  """y = x W + b, plus (x A) B when a LoRA for this module is given, in the weights' dtype."""
   kernel = p["kernel"]
-  y = jnp.einsum("...i,io->...o", x.astype(kernel.dtype), kernel,
-                 preferred_element_type=jnp.float32)
+  y = jnp.einsum("...i,io->...o", x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
   if "bias" in p:
     y = y + p["bias"].astype(jnp.float32)
+  y = y.astype(kernel.dtype)  # rounded once, bias included (torch's addmm)
   if lora is not None:
     # LoRA master weights may be float32 while the base is bf16: compute in the activation dtype.
     y = y + lora_delta(x.astype(kernel.dtype), lora["lora_A"].astype(kernel.dtype),
                        lora["lora_B"].astype(kernel.dtype))
-  return y.astype(kernel.dtype)
+  return y
 
 
 def _rank_major(x):
@@ -42,21 +46,21 @@ def _rank_major(x):
 
 @jax.custom_vjp
 def lora_delta(x, a, b):
-  """(x A) B [..., out] in float32, the LoRA's low-rank path; x A is rounded to the operand dtype."""
+  """(x A) B [..., out] in the operands' dtype, the LoRA's low-rank path (float32 accumulation)."""
   return _lora_forward(x, a, b)[0]
 
 
 def _lora_forward(x, a, b):
   # tagged for the remat policies that keep it (model/remat.py): rank-wide, cheap to keep
   h = keep(jnp.einsum("...i,ir->...r", x, a, preferred_element_type=jnp.float32).astype(a.dtype), "lora_hidden")
-  return jnp.einsum("...r,ro->...o", h, b, preferred_element_type=jnp.float32), (x, a, b, h)
+  return jnp.einsum("...r,ro->...o", h, b, preferred_element_type=b.dtype), (x, a, b, h)
 
 
 def _lora_backward(residuals, g):
   x, a, b, h = residuals
   g = g.astype(b.dtype)
   dh = jnp.einsum("...o,ro->...r", g, b, preferred_element_type=jnp.float32).astype(a.dtype)
-  dx = jnp.einsum("...r,ir->...i", dh, a, preferred_element_type=jnp.float32)
+  dx = jnp.einsum("...r,ir->...i", dh, a, preferred_element_type=x.dtype)
   db = jnp.dot(_rank_major(h), g.reshape(-1, g.shape[-1]), preferred_element_type=jnp.float32)
   # dA^T [r, in] as computed, transposed after a barrier: left foldable, the transpose makes the compiler
   # swap the operands into a matmul contracting x's leading (token) axis, 2-4x slower on XLA:CPU
