@@ -24,6 +24,7 @@ import collections
 import math
 import os
 import re
+from typing import NamedTuple
 
 _SHAPE = re.compile(r"^[a-z]\w*\[([0-9,]*)\]")
 _ARRAY = re.compile(r"\b(pred|[subf]\d+|bf16|f8\w*)\[([0-9,]*)\]")
@@ -50,6 +51,7 @@ _MATMULS = ("dot", "convolution")
 # their stack frames stop inside jax). Splash's forward does q.k and p.v; its dq kernel recomputes q.k,
 # then do.v and ds.k; its dkv kernel q.k, p.do, do.v and ds.q. The statistics kernels
 # (model/statistics_kernel.py): q.k forward; q.k, ds.k and ds.q backward.
+_FUSED_BACKWARD = re.compile(r'use_fused_bwd_kernel\\?": true')
 KERNELS = {"splash_mha_fwd": (2, "attention"), "splash_mha_dq": (3, "attention"), "splash_mha_dkv": (4, "attention"),
            "mosaic_statistics_fwd": (1, "attention statistics"), "mosaic_statistics_bwd": (3, "attention statistics")}
 
@@ -68,11 +70,14 @@ def array_bytes(shape: str) -> int:
   return total
 
 
-def _kernel(instr: dict) -> tuple[int, str]:
-  """KERNELS' entry for a Pallas kernel call, else (0, "")."""
+def _kernel(instr: dict, fused_backward: bool = False) -> tuple[int, str]:
+  """KERNELS' entry for a Pallas kernel call, else (0, ""). fused_backward: splash's block sizes ask
+  for its fused backward kernel (its forward kernels' metadata says so), whose dk/dv kernel also makes
+  dq (ds.k)."""
   if instr["opcode"] != "custom-call":
     return 0, ""
-  return next((entry for prefix, entry in KERNELS.items() if instr["name"].startswith(prefix)), (0, ""))
+  matmuls, kind = next((entry for prefix, entry in KERNELS.items() if instr["name"].startswith(prefix)), (0, ""))
+  return matmuls + (fused_backward and instr["name"].startswith("splash_mha_dkv")), kind
 
 
 def _operands(instr: dict) -> list[str]:
@@ -126,6 +131,7 @@ class Hlo:
     self._locations = {k: dict(re.findall(r"(\w+)=(\d+)", v)) for k, v in tables["FileLocations"].items()}
     self._frames = {k: dict(re.findall(r"(\w+)=(\d+)", v)) for k, v in tables["StackFrames"].items()}
     self.multiplier = self._multipliers()
+    self.fused_backward = bool(_FUSED_BACKWARD.search(text))
 
   def trip_count(self, instr: dict) -> int:
     """A while loop's iterations: the count XLA wrote, else N of the condition's `counter < N` (lax.scan
@@ -197,7 +203,7 @@ class Hlo:
   def kernel_flops(self, comp: str, instr: dict) -> float:
     """FLOPs of a Pallas kernel call named in KERNELS, from its q [..., Q, D] and k [..., K, D] operands
     (the first two floating-point arrays of rank 3 or more); 0 for any other op."""
-    matmuls = _kernel(instr)[0]
+    matmuls = _kernel(instr, self.fused_backward)[0]
     if not matmuls:
       return 0.0
     arrays = [_dims(self._shapes[comp].get(o, "")) for o in _operands(instr)
@@ -256,16 +262,18 @@ class Hlo:
     if instr["opcode"] in ("dynamic-slice", "slice"):
       return 2 * written
     if instr["opcode"] == "fusion" and instr["called"]:
-      used, in_place = self._parameter_use(instr["called"][0])
+      used, written_in_place = self._parameter_use(instr["called"][0])
       operands = [used.get(index, size) for index, size in enumerate(operands)]
-      if in_place is not None:
-        written = in_place
+      written = written_in_place if written_in_place is not None else written
     return sum(operands) + written
 
   def _parameter_use(self, fused: str) -> tuple[dict[int, int], int | None]:
     """({parameter index: bytes read} for the parameters of fusion body `fused` that are only sliced or
-    updated in place, the bytes its root writes when it is an in-place dynamic-update-slice, else None)."""
+    updated in place, and the bytes its results write when one of them is a dynamic-update-slice of a
+    parameter (in place: only the update is written; a multi-output fusion's other results in full), else
+    None)."""
     instrs = self.computations.get(fused, [])
+    by_name = {i["name"]: i for i in instrs}
     shapes = self._shapes.get(fused, {})
     params = {i["name"]: int(re.match(r"(\d+)", i["rest"]).group(1)) for i in instrs if i["opcode"] == "parameter"}
     users = collections.defaultdict(list)
@@ -273,17 +281,22 @@ class Hlo:
       for position, o in enumerate(_operands(i)):
         users[o].append((i, position))
     root = next((i for i in instrs if i["root"]), None)
-    used, in_place = {}, None
-    if root is not None and root["opcode"] == "dynamic-update-slice":
-      buffer, update = _operands(root)[:2]
-      in_place = array_bytes(shapes.get(update, ""))
-      if buffer in params:
-        used[params[buffer]] = 0
+    results = [by_name[o] for o in _operands(root) if o in by_name] if root and root["opcode"] == "tuple" else [root]
+    used, written, in_place = {}, 0, False
+    for result in results:
+      if result is not None and result["opcode"] == "dynamic-update-slice":
+        buffer, update = _operands(result)[:2]
+        written += array_bytes(shapes.get(update, ""))
+        in_place = in_place or buffer in params
+        if buffer in params:
+          used[params[buffer]] = 0
+      elif result is not None:
+        written += array_bytes(result["shape"])
     for name, index in params.items():
       uses = users.get(name, [])
       if uses and all(u["opcode"] in ("slice", "dynamic-slice") and position == 0 for u, position in uses):
         used[index] = min(sum(array_bytes(u["shape"]) for u, _ in uses), array_bytes(shapes.get(name, "")))
-    return used, in_place
+    return used, (written if in_place else None)
 
   def source(self, frame_id):
     """(file, line, function) of the innermost frame of ours (a path under mosaic_jax/)."""
@@ -331,7 +344,7 @@ class Hlo:
     batched = bool(main_dot and ("lhs_batch_dims" in main_dot["rest"] or "lhs_dilate" in main_dot["rest"]))
     return dict(opcode=instr["opcode"], flops=flops, key=key, layout=layout, control=instr["opcode"] in _CONTROL_OPS,
                 runs=self.multiplier[comp], batched_dot=batched, dot=main_dot is not None,
-                collective=instr["opcode"] in _COLLECTIVES, kernel=_kernel(instr)[1])
+                collective=instr["opcode"] in _COLLECTIVES, kernel=_kernel(instr, self.fused_backward)[1])
 
 
 _LINES: dict[str, list[str]] = {}
@@ -419,3 +432,54 @@ def breakdown(hlo: Hlo) -> dict[str, dict[str, float]]:
       row["bytes"] += traffic * runs
       row["ops"] += runs
   return table
+
+
+# Pinned host memory in a TPU layout ({...:S(5)}): where offloading remat policies put what they keep.
+_HOST = re.compile(r"\bS\(5\)")
+
+
+def host_transfers(hlo: Hlo) -> int:
+  """Bytes copied between device and pinned host memory per step (both ways): asynchronous copies whose
+  source or destination lies in host memory, loop bodies times their trip counts."""
+  total = 0
+  for comp in hlo.executed():
+    shapes = hlo._shapes[comp]
+    for instr in hlo.computations[comp]:
+      if instr["opcode"] not in ("copy-start", "copy"):
+        continue
+      source = "".join(shapes.get(o, "") for o in _operands(instr))
+      if _HOST.search(instr["shape"]) or _HOST.search(source):
+        total += array_bytes(source) * hlo.multiplier[comp]
+  return total
+
+
+class Estimate(NamedTuple):
+  """A step's cost per chip from its optimized HLO (see estimate)."""
+  flops: float          # matmuls, kernels included, loop bodies times their trip counts
+  kernel_flops: float   # the Pallas kernels' share of flops
+  bytes: float          # HBM bytes of every top-level op, loop bodies times their trip counts
+  seconds: float        # sum over ops of flops / peak + bytes / bandwidth
+  compiler_like: float  # the same sum with loop bodies once and no kernels: what libtpu's estimate covers
+  host_bytes: float     # device <-> host transfers (offloading policies), not in `seconds`
+
+
+def estimate(hlo: Hlo, peak_flops: float, hbm_bytes_per_s: float) -> Estimate:
+  """Per-op roofline of a compiled step: each top-level op takes its FLOPs at the chip's peak plus its HBM
+  traffic at the chip's bandwidth (no overlap within an op). With loop bodies counted once and the
+  Pallas kernels left out this reproduces libtpu's own `optimal_seconds` to within a few percent where
+  that is positive (`compiler_like`, for the comparison); counted in full it covers what libtpu's does
+  not: every iteration of the scanned blocks, and the kernels (their FLOPs from their operand shapes,
+  their traffic their operands and results)."""
+  flops = kernel = traffic = seconds = compiler_like = 0.0
+  for comp in hlo.executed():
+    runs = hlo.multiplier[comp]
+    for instr in hlo.computations[comp]:
+      info = hlo.describe(instr["name"])
+      op_bytes = hlo.traffic(comp, instr)
+      op_seconds = info["flops"] / peak_flops + op_bytes / hbm_bytes_per_s
+      flops += info["flops"] * runs
+      kernel += info["flops"] * runs if info["kernel"] else 0.0
+      traffic += op_bytes * runs
+      seconds += op_seconds * runs
+      compiler_like += 0.0 if info["kernel"] else op_seconds
+  return Estimate(flops, kernel, traffic, seconds, compiler_like, float(host_transfers(hlo)))

@@ -10,27 +10,27 @@ and as ratios between settings. On real devices, run without --cpu_devices.
 
 With libtpu installed, `--topology v5p-8` (any key of mosaic_jax/train/tpu_compile.py's SLICES, comma
 separated) compiles with the real TPU compiler for that slice's compile-only devices, on this machine:
-memory per chip, and FLOPs per chip, the compiler's `optimal_seconds` and the MFU it implies. XLA's
-cost analysis counts a `lax.scan` body once, not once per layer, so those three come from three
-more compiles of the same step (same mesh, batch, shardings) with its blocks unrolled
-(FluxConfig.unroll_layers) and 1 double + 1 single, 2 + 1 and 1 + 2 blocks: per double block
-D = c(2,1) - c(1,1), per single block S = c(1,2) - c(1,1), and the step's cost
-= c(1,1) + (L - 1) D + (L' - 1) S for L double and L' single blocks (19 and 38); `--cost_base b` uses
-b+b, b+1+b and b+b+1 blocks instead, and each compile's raw figures are printed. XLA's cost analysis
-does not see inside Pallas kernels (custom calls count nothing), so these three compiles use the xla
-attention unchunked (attention_chunk=0: the same masked groups, no extra forward in the backward):
-their attention FLOPs are the real ones, their time estimate is that of plain XLA attention (float32
-logits through HBM), not splash's; the memory figures are those of the configured attention. The MFU is
-the analytic step FLOPs (train/metrics.py) / chips / optimal_seconds / the chip's peak bf16 FLOP/s.
-Where libtpu's estimate is not usable (negative on v5e and v6e in libtpu 0.0.42), the roofline stands
-in: the step takes at least max(compiled FLOPs / peak FLOP/s, bytes accessed / HBM bandwidth) per
-chip, so the MFU it implies is an upper bound (collectives and latency not counted).
+memory per chip (device, and host for the policies that offload), and, read from the same compile's
+optimized HLO (hlo_costs.py; one compile gives all), the step's FLOPs and HBM bytes per chip with every
+iteration of the scanned blocks counted and the Pallas kernels' FLOPs from their operand shapes, and an
+estimated step time: each op its FLOPs at the chip's peak bf16 rate plus its HBM traffic at the chip's
+bandwidth, summed (collectives and latency not counted). XLA's own cost analysis cannot give these: it
+counts a loop body once and a kernel as nothing. On the ops it does cover, libtpu's `optimal_seconds`
+reads 2-5% above this estimate (v5p, five programs, 1 to 57 blocks), and the ratio is printed for the
+program at hand where libtpu's estimate is positive (not on v5e and v6e in libtpu 0.0.42). The MFU is
+the analytic step FLOPs (train/metrics.py) / chips / estimated time / the chip's peak. For a policy that
+offloads, the bytes moved between host and device per step are printed, and the host bandwidth per chip
+that would hide them under the step; the estimate itself does not count them. `--figures
+memory,cost,breakdown` adds the FLOPs, bytes and estimated time per category (projections, LoRA,
+attention, statistics, elementwise, layout, collectives...). A policy whose step the compiler refuses
+(RESOURCE_EXHAUSTED) is reported as not fitting, with the compiler's line, and no cost.
 `--sampler v5e-8` compiles the sampler's denoise loop (base and LoRA split by the training rules over
 fsdp, bf16, the reference cache) for a slice and prints its memory per chip.
 
   python benchmarks/train_memory.py --cpu_devices 8 --mesh 1,8,1 --batch 8 --refs 1,3,6
   python benchmarks/train_memory.py --remat full,dots_with_no_batch_dims_saveable --refs 6
-  python benchmarks/train_memory.py --topology v5p-8,v5e-16,v6e-8 --attention splash --refs 1,6
+  python benchmarks/train_memory.py --topology v5p-8,v5e-16,v6e-8 --remat keep_all,recompute_mlp --refs 1,6
+  python benchmarks/train_memory.py --topology v5p-8 --refs 6 --figures memory,cost,breakdown
   python benchmarks/train_memory.py --sampler v5e-8 --attention splash --refs 2
 """
 
@@ -49,10 +49,8 @@ def parse_args():
   parser.add_argument("--steps", type=int, default=28, help="--sampler: denoising steps")
   parser.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (-1: the remaining devices)")
   parser.add_argument("--batch", type=int, default=0, help="global batch (0: one per device)")
-  parser.add_argument("--figures", default="memory,cost", help="--topology: memory (one compile) and/or cost "
-                      "(three compiles: the step's FLOPs, time estimate and MFU)")
-  parser.add_argument("--cost_base", type=int, default=1, help="cost compiles unroll b+b, b+1+b and b+b+1 "
-                      "blocks (module docstring); a larger b moves the differences away from the step's fixed part")
+  parser.add_argument("--figures", default="memory,cost", help="--topology: memory, and cost (the step's FLOPs, "
+                      "HBM traffic, estimated time and MFU, from the same compile); breakdown: also where they go")
   parser.add_argument("--refs", default="1,6", help="reference counts to compile for")
   parser.add_argument("--remat", default="full", help="remat policies to compare, comma separated")
   parser.add_argument("--attention", default=None, help="attention_impl (cudnn needs a GPU, splash a TPU; default "
@@ -88,14 +86,12 @@ def main():
   text_shapes = ((512, 4096), (768,))  # T5-XXL states, pooled CLIP-L (config.text_len is 512)
   refs = [int(r) for r in args.refs.split(",")]
 
-  def transformer(remat, layers=None):
+  def transformer(remat):
     cfg = dataclasses.replace(model.config.flux1_dev(), remat_policy=remat, attention_impl=args.attention)
-    if layers is not None:  # a cost compile (module docstring)
-      cfg = dataclasses.replace(cfg, unroll_layers=True, attention_impl="xla", attention_chunk=0)
-    elif args.attention_chunk is not None:
+    if args.attention_chunk is not None:
       cfg = dataclasses.replace(cfg, attention_chunk=args.attention_chunk)
-    if layers or args.layers:
-      layers = layers or tuple(int(n) for n in args.layers.split(","))
+    if args.layers:
+      layers = tuple(int(n) for n in args.layers.split(","))
       cfg = dataclasses.replace(cfg, num_layers=layers[0], num_single_layers=layers[1])
     return cfg
 
@@ -112,8 +108,7 @@ def main():
   if args.topology:
     for name in args.topology.split(","):
       for remat in args.remat.split(","):
-        compile_for_slice(name, recipe, transformer, refs, remat, args.figures.split(","), vae, text_shapes,
-                          args.cost_base)
+        compile_for_slice(name, recipe, transformer, refs, remat, args.figures.split(","), vae, text_shapes)
     return
 
   config, mesh = recipe(None)
@@ -129,11 +124,14 @@ def main():
             f"{stats.argument_bytes / 2 ** 30:.1f}, temporaries {stats.temp_bytes / 2 ** 30:.1f})")
 
 
-def compile_for_slice(name, recipe, transformer, refs, remat, figures, vae, text_shapes, base=1):
-  """The recipe's step compiled for TPU slice `name`: memory per chip, and the step's FLOPs per chip,
-  the compiler's time estimate and the MFU it implies (module docstring: how the scan is counted)."""
+def compile_for_slice(name, recipe, transformer, refs, remat, figures, vae, text_shapes):
+  """The recipe's step compiled for TPU slice `name`: memory per chip and, read from the same compile's
+  optimized HLO, the step's FLOPs and HBM traffic per chip, an estimated step time and the MFU it implies
+  (module docstring)."""
   import jax  # pylint: disable=import-outside-toplevel
   from mosaic_jax.train import metrics, trainer, tpu_compile  # pylint: disable=import-outside-toplevel
+
+  import hlo_costs  # pylint: disable=import-outside-toplevel  (benchmarks/ is the script's folder)
 
   spec = tpu_compile.SLICES[name]
   devices = tpu_compile.slice_devices(name)
@@ -146,47 +144,59 @@ def compile_for_slice(name, recipe, transformer, refs, remat, figures, vae, text
         f"attention {cfg.attention_impl}, remat {remat}", flush=True)
   for r in refs:
     line = f"  {name} {r} ref(s)"
-    if "memory" in figures:
-      try:
-        memory = tpu_compile.report(trainer.compile_from_shapes(config, cfg, mesh, [r], vae, text_shapes)[r])
-        fits = "fits" if memory.total_bytes <= spec.hbm_gib * 2 ** 30 else "does NOT fit"
-        line += (f": {memory.total_bytes / 2 ** 30:.1f} GiB per chip (arguments {memory.argument_bytes / 2 ** 30:.1f}, "
-                 f"temporaries {memory.temp_bytes / 2 ** 30:.1f}): {fits} in {spec.hbm_gib:.0f} GiB")
-      except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e):
-          raise
-        # the TPU compiler refuses a program whose buffers exceed the chip's HBM: that is the answer (the
-        # cost compiles below have fewer blocks and still say what the step would cost)
-        line += f": does NOT fit, the compiler says: {str(e).splitlines()[0]}"
-    if "cost" in figures:
-      b = base
-      shapes = ((b, b), (b + 1, b), (b, b + 1))
-      c = {layers: tpu_compile.report(trainer.compile_from_shapes(config, transformer(remat, layers), mesh, [r],
-                                                                  vae, text_shapes)[r])
-           for layers in shapes}
-      for layers in shapes:  # the raw figures, so that a strange extrapolation can be read back to its compile
-        print(f"    {layers[0]}+{layers[1]} blocks: {c[layers].flops / 1e12:.3f} TFLOP, {c[layers].bytes_accessed / 1e12:.3f} "
-              f"TB accessed, optimal_seconds {c[layers].optimal_seconds:.4f} s", flush=True)
-      per = lambda field: (getattr(c[b, b], field) + (cfg.num_layers - b) * (getattr(c[b + 1, b], field) - getattr(
-          c[b, b], field)) + (cfg.num_single_layers - b) * (getattr(c[b, b + 1], field) - getattr(c[b, b], field)))
-      flops, traffic, seconds = per("flops"), per("bytes_accessed"), per("optimal_seconds")
+    try:
+      compiled = trainer.compile_from_shapes(config, cfg, mesh, [r], vae, text_shapes)[r]
+    except jax.errors.JaxRuntimeError as e:
+      if "RESOURCE_EXHAUSTED" not in str(e):
+        raise
+      # the TPU compiler refuses a program whose buffers exceed the chip's HBM: that is the answer
+      print(f"{line}: does NOT fit, the compiler says: {str(e).splitlines()[0]}", flush=True)
+      continue
+    memory = tpu_compile.report(compiled)
+    analysis = compiled.memory_analysis()
+    host = analysis.host_temp_size_in_bytes + analysis.host_argument_size_in_bytes
+    host = f", and {host / 2 ** 30:.1f} GiB of host memory" if host else ""
+    fits = "fits" if memory.total_bytes <= spec.hbm_gib * 2 ** 30 else "does NOT fit"
+    line += (f": {memory.total_bytes / 2 ** 30:.1f} GiB per chip (arguments {memory.argument_bytes / 2 ** 30:.1f}, "
+             f"temporaries {memory.temp_bytes / 2 ** 30:.1f}{host}): {fits} in {spec.hbm_gib:.0f} GiB")
+    if "cost" in figures and peak:
+      hlo = hlo_costs.Hlo(compiled.as_text())
+      est = hlo_costs.estimate(hlo, peak * 1e12, spec.hbm_gbps * 1e9)
       tokens = config.resolution // 16
       shape = metrics.StepShape(config.batch_size, config.text_len, tokens ** 2, r, (config.ref_resolution // 16) ** 2)
       analytic = metrics.train_step_flops(cfg, shape, config.lora_rank, trains_base=config.trainable != "lora")
-      # the roofline: neither the compiled FLOPs at the chip's peak nor the HBM traffic at its bandwidth
-      # can take less; a lower bound on the step time, so its MFU is an upper bound
-      compute_s = flops / (peak * 1e12) if peak else float("nan")
-      memory_s = traffic / (spec.hbm_gbps * 1e9)
-      roofline = max(compute_s, memory_s)
-      mfu = lambda t: analytic / chips / t / (peak * 1e12) if peak and t > 0 else float("nan")
-      # the compiler's estimate is a heuristic per compile; a negative extrapolation says it is unusable here
-      line += (f"; compiled {flops / 1e12:.1f} TFLOP per chip ({flops * chips / analytic:.2f}x the analytic "
-               f"{analytic / 1e12:.1f} TFLOP / {chips}), {traffic / 1e12:.2f} TB accessed per chip; optimal_seconds "
-               f"{seconds:.3f} s, implied MFU {100 * mfu(seconds):.1f}%; roofline {roofline:.3f} s "
-               f"({'compute' if compute_s >= memory_s else 'HBM'}-bound), MFU at most "
-               f"{100 * mfu(roofline):.1f}% (peak {peak} TFLOP/s, {spec.hbm_gbps:.0f} GB/s; from unrolled {b}+{b}, "
-               f"{b + 1}+{b}, {b}+{b + 1} block compiles with xla attention)")
+      mfu = lambda seconds: 100 * analytic / chips / seconds / (peak * 1e12)
+      line += (f"; {est.flops / 1e12:.1f} TFLOP per chip ({est.flops * chips / analytic:.2f}x the analytic "
+               f"{analytic / 1e12:.1f} / {chips}; Pallas kernels {est.kernel_flops / 1e12:.1f}), "
+               f"{est.bytes / 1e12:.2f} TB accessed; estimated {est.seconds:.3f} s per step, "
+               f"MFU {mfu(est.seconds):.1f}%")
+      # libtpu's own estimate covers the same ops once per loop body and no kernel: where it is usable
+      # (positive), their ratio says how our per-op roofline reads against it on this very program
+      if memory.optimal_seconds > 0:
+        ratio = memory.optimal_seconds / est.compiler_like
+        line += (f" (libtpu's estimate of the ops it covers is {ratio:.2f}x ours: at that rate "
+                 f"{est.seconds * ratio:.3f} s, MFU {mfu(est.seconds * ratio):.1f}%)")
+      if est.host_bytes:
+        line += (f"; {est.host_bytes / 1e9:.1f} GB between host and device per step, hidden under the step only at "
+                 f"{est.host_bytes / est.seconds / 1e9:.0f} GB/s per chip or more")
+      if "breakdown" in figures:
+        line += "\n" + breakdown_table(hlo, peak * 1e12, spec.hbm_gbps * 1e9)
     print(line, flush=True)
+
+
+def breakdown_table(hlo, peak_flops, hbm_bytes_per_s) -> str:
+  """Where the step's FLOPs, HBM traffic and estimated time go, by category (hlo_costs.breakdown)."""
+  import hlo_costs  # pylint: disable=import-outside-toplevel
+
+  table = hlo_costs.breakdown(hlo)
+  seconds = {cat: row["flops"] / peak_flops + row["bytes"] / hbm_bytes_per_s for cat, row in table.items()}
+  total = sum(seconds.values())
+  rows = [f"    {'category':<52} {'TFLOP':>8} {'GB':>8} {'est. s':>7} {'share':>6}"]
+  for cat in sorted(table, key=lambda c: -seconds[c]):
+    if seconds[cat] >= 1e-4 * total:
+      rows.append(f"    {cat:<52} {table[cat]['flops'] / 1e12:>8.2f} {table[cat]['bytes'] / 1e9:>8.1f} "
+                  f"{seconds[cat]:>7.3f} {seconds[cat] / total:>6.1%}")
+  return "\n".join(rows)
 
 
 def compile_sampler(name, transformer, refs, steps):

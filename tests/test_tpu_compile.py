@@ -5,7 +5,10 @@ only runs in interpret mode). Same path as benchmarks/train_memory.py --topology
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +21,10 @@ from mosaic_jax.model.vae import VaeConfig
 from mosaic_jax.train import metrics, trainer, tpu_compile
 
 SLICE = "v5e-4"
+_spec = importlib.util.spec_from_file_location(
+    "hlo_costs", os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "hlo_costs.py"))
+hlo_costs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(hlo_costs)  # benchmarks/hlo_costs.py: the compiled HLO read back
 
 
 def test_peak_flops_follow_the_device_kinds_jax_reports_for_tpus():
@@ -42,9 +49,11 @@ def test_tiny_train_step_with_splash_compiles_for_a_tpu_slice():
   compiled = trainer.compile_from_shapes(config, cfg, mesh, [1], Autoencoder("vae", VaeConfig(), {}), text_shapes)[1]
 
   hlo = compiled.as_text()
-  # The Pallas kernel compiled by Mosaic for the TPU: forward and both backward kernels, for the main
-  # and the reference groups, in each of the 4 blocks (not the interpret-mode loop of plain HLO ops).
-  assert hlo.count('custom_call_target="tpu_custom_call"') >= 3 * 2 * 4
+  # The Pallas kernels compiled by Mosaic for the TPU (not the interpret-mode loop of plain HLO ops):
+  # splash's forward and both backward kernels, for the main and the reference groups, in each of the 4
+  # blocks, and the attention statistics' forward and backward kernels in each of the 2 double blocks.
+  assert hlo.count('custom_call_target="tpu_custom_call"') >= 3 * 2 * 4 + 2 * 2
+  assert hlo.count("mosaic_statistics_fwd") >= 2 and hlo.count("mosaic_statistics_bwd") >= 2
 
   report = tpu_compile.report(compiled)
   # Every chip holds at least its share of the frozen base.
@@ -52,20 +61,30 @@ def test_tiny_train_step_with_splash_compiles_for_a_tpu_slice():
       jax.eval_shape(lambda k: model.init_params(k, cfg, jnp.dtype(config.dtype)), jax.random.key(0))))
   assert base_bytes / len(devices) <= report.argument_bytes
   assert 0 < report.temp_bytes and report.total_bytes < 1 << 30
-  # XLA's count misses the Pallas kernels (custom calls count nothing: why train_memory.py takes its cost
-  # figures from compiles with xla attention), so it falls short of the analytic step here, where
-  # attention is a large share; the rest (projections, MLPs, LoRA, and the remat forward) is counted.
+  # XLA's count misses the Pallas kernels (custom calls count nothing), so it falls short of the analytic
+  # step here, where attention is a large share; the rest (projections, MLPs, LoRA, and the remat forward)
+  # is counted. hlo_costs reads the same matmuls from the HLO, and adds the kernels' from their shapes:
+  # then the step recomputes its forward pass ("full"), so it does more than the analytic FLOPs.
   analytic = metrics.train_step_flops(cfg, metrics.StepShape(4, 128, 256, 1, 256), 16, trains_base=False)
   assert 0.3 * analytic <= report.flops * len(devices) < analytic
+  parsed = hlo_costs.Hlo(hlo)
+  matmuls = sum(parsed.dot_flops(comp, i) for comp, instrs in parsed.computations.items() for i in instrs)
+  assert abs(matmuls - report.flops) < 0.05 * report.flops  # the cost analysis adds elementwise FLOPs only
+  estimate = hlo_costs.estimate(parsed, 1.0, 1.0)
+  assert estimate.kernel_flops > 0 and analytic < estimate.flops * len(devices) < 2 * analytic
   # The time estimate is no faster than the chip's peak on the FLOPs it counts (this tiny step is bound
   # by memory and overheads, not by the matrix units), and far below a second.
   peak = metrics.peak_tflops(devices[0].device_kind) * 1e12
   assert report.flops / peak <= report.optimal_seconds < 1.0
 
-  # "recompute_mlp" keeps the projections and attention outputs: its backward pass reruns none of the
-  # attention kernels that "full" reruns (a forward kernel per block at least) and fewer matmuls.
-  kept = trainer.compile_from_shapes(config, dataclasses.replace(cfg, remat_policy="recompute_mlp"), mesh, [1],
+  # "offload_kept" keeps what "recompute_mlp" keeps (projections, attention outputs, the kernels' softmax
+  # statistics) in host memory: its backward pass reruns no forward kernel (splash's: one per group and
+  # block, as many as "full" has in its forward pass alone) and fewer matmuls, and what it keeps moves
+  # to and from pinned host memory.
+  kept = trainer.compile_from_shapes(config, dataclasses.replace(cfg, remat_policy="offload_kept"), mesh, [1],
                                      Autoencoder("vae", VaeConfig(), {}), text_shapes)[1]
-  kernels = lambda executable: executable.as_text().count('custom_call_target="tpu_custom_call"')
-  assert kernels(compiled) - kernels(kept) >= 4
+  forward_kernels = lambda executable: len(re.findall(r"^\s*(?:ROOT )?%splash_mha_fwd\S* = ", executable.as_text(),
+                                                      re.MULTILINE))
+  assert forward_kernels(kept) == 2 * 4 and forward_kernels(compiled) > forward_kernels(kept)
   assert tpu_compile.report(kept).flops < report.flops
+  assert hlo_costs.host_transfers(hlo_costs.Hlo(kept.as_text())) > 0
