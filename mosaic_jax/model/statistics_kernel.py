@@ -32,9 +32,17 @@ from mosaic_jax.model.splash_attention import _mesh_axes, _platform
 LANES = 128
 
 
+def _dot(a, b, contract):
+  """a . b over axes `contract` (a's, b's), float32 accumulation. The precision is explicit: Mosaic takes
+  "highest" (jax_default_matmul_precision, which the tests set) as an fp32 contraction and rejects it
+  for bf16 operands, whose products are exact in the float32 accumulator anyway."""
+  precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+  return jax.lax.dot_general(a, b, (contract, ((), ())), precision=precision, preferred_element_type=jnp.float32)
+
+
 def _logits(q, k, scale):
   """[block, N] float32 logits of a query block [block, D] against the keys [N, D]."""
-  return jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
+  return _dot(q, k, ((1,), (1,))) * scale
 
 
 def _valid_rows(index, block, ref_len):
@@ -72,8 +80,8 @@ def _backward_kernel(q_ref, k_ref, lse_ref, g_lse_ref, g_col_ref, dq_ref, dk_ref
   dp = jnp.where(_valid_rows(index, block, ref_len), g_col_ref[...] * col_scale, 0.0)
   ds = probs * (g_lse_ref[:, :1] + dp - jnp.sum(probs * dp, axis=1, keepdims=True))
   ds = ds.astype(q.dtype)
-  dq_ref[...] = jnp.dot(ds, k, preferred_element_type=jnp.float32) * scale
-  dk_ref[...] += jax.lax.dot_general(ds, q, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32) * scale
+  dq_ref[...] = _dot(ds, k, ((1,), (0,))) * scale
+  dk_ref[...] += _dot(ds, q, ((0,), (0,))) * scale
 
 
 def _params(interpret: bool):
