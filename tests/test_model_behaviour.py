@@ -138,6 +138,16 @@ def test_bfloat16_forward_is_close_to_float32(params_and_lora):
   assert relative_error(pred16.astype(jnp.float32), pred32) < 0.03
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rope_quarter_turn_is_the_same_on_every_platform(dtype):
+  """RoPE's pair rotation as TPU compiles it (a matmul with a signed permutation) and as other platforms
+  do (a reshape to pairs) gives the same numbers, bit for bit (embeddings.apply_rope)."""
+  x = jax.random.normal(jax.random.key(0), (2, 5, 3, 16), jnp.float32).astype(dtype) * 7
+  by_matmul = np.asarray(embeddings._quarter_turn_by_matmul(x))
+  assert by_matmul.dtype == np.float32 and np.abs(by_matmul).max() > 1
+  np.testing.assert_array_equal(by_matmul, np.asarray(embeddings._quarter_turn_by_reshape(x)))
+
+
 def test_bfloat16_lora_gradients_are_close_to_float32(params_and_lora):
   """The recipe's gradients (diffusion, SCAL and MDL losses; the LoRA's) with the base in bf16, as in
   training, against float32: each LoRA leaf within 5% of its float32 gradient's largest entry (seen:

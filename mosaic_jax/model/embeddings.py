@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mosaic_jax.model.layers import linear
+from mosaic_jax.parallel.sharding import trace_platform
 
 
 def timestep_sinusoid(t, dim=256, max_period=10000.0):
@@ -43,27 +44,35 @@ def rope(ids, axes_dims, theta):
   return jnp.concatenate(cos, axis=-1), jnp.concatenate(sin, axis=-1)
 
 
-def _pair_rotation(dim: int, dtype) -> jax.Array:
-  """[dim, dim] with x @ R = (-x[1], x[0], -x[3], x[2], ...): each interleaved pair turned a quarter."""
-  r = np.zeros((dim, dim), np.float32)
-  r[np.arange(1, dim, 2), np.arange(0, dim, 2)] = -1.0
-  r[np.arange(0, dim, 2), np.arange(1, dim, 2)] = 1.0
-  return jnp.asarray(r, dtype)
+def _quarter_turn_by_reshape(x):
+  """(-x[1], x[0], -x[3], x[2], ...) in float32, through a [..., D/2, 2] view."""
+  pairs = x.astype(jnp.float32).reshape(x.shape[:-1] + (-1, 2))
+  return jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+
+
+def _quarter_turn_by_matmul(x):
+  """The same numbers as a matmul with a signed permutation: exact (one +-1 per column, float32
+  accumulation, full precision for float32 inputs)."""
+  d = x.shape[-1]
+  r = np.zeros((d, d), np.float32)
+  r[np.arange(1, d, 2), np.arange(0, d, 2)] = -1.0
+  r[np.arange(0, d, 2), np.arange(1, d, 2)] = 1.0
+  return jnp.einsum("...d,de->...e", x, jnp.asarray(r, x.dtype), preferred_element_type=jnp.float32,
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 def apply_rope(x, cos_sin):
   """Rotates interleaved pairs (x[2k], x[2k+1]) of x [..., T, H, D] by the tables [T, D], in float32.
 
-  The quarter turn of each pair is a matmul with a signed permutation (exact: one +-1 per column,
-  float32 accumulation, full precision for float32 inputs) rather than a reshape to [..., D/2, 2]: on a
-  TPU an axis of 2 pads every vector register 64-fold, and the reshapes and stacks of that form became
-  separate float32 copies of q and k (4.7x the HBM traffic of this form, forward, by the TPU compiler's
-  cost analysis on one block's reference queries); this form is one fusion that reads x and writes the
-  result.
+  The quarter turn of each pair depends on the platform compiled for, same numbers either way. On a TPU an axis of 2
+  pads every vector register 64-fold: the reshape form's reshapes and stacks become separate float32
+  copies of q and k, 4.7x the HBM traffic of the matmul form (forward, one block's reference queries,
+  by the TPU compiler's cost analysis), which is one fusion reading x and writing the result. On
+  XLA:CPU the matmul form is the slower one (1.7x, forward and backward, at the official_compare.py
+  shapes), so elsewhere the reshape form stays.
   """
   cos, sin = cos_sin
-  rotated = jnp.einsum("...d,de->...e", x, _pair_rotation(x.shape[-1], x.dtype),
-                       preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST)
+  rotated = (_quarter_turn_by_matmul if trace_platform() == "tpu" else _quarter_turn_by_reshape)(x)
   cos = cos[..., :, None, :]  # broadcast over heads
   sin = sin[..., :, None, :]
   return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)

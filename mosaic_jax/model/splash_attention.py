@@ -21,7 +21,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import PartitionSpec as P
 
 from mosaic_jax.model.remat import keep
-from mosaic_jax.parallel.sharding import DEFAULT_LOGICAL_RULES
+from mosaic_jax.parallel.sharding import DEFAULT_LOGICAL_RULES, trace_platform
 
 
 def _block(length: int) -> int:
@@ -87,14 +87,6 @@ def _local_splash(q, k, v, interpret: bool):
   return jnp.swapaxes(out, 1, 2).astype(q.dtype)
 
 
-def _platform(mesh) -> str:
-  """The platform the step is compiled for: the mesh's devices' (compile-only TPU devices on a CPU
-  machine are "tpu"), else the default backend's."""
-  abstract = getattr(mesh, "abstract_mesh", mesh)
-  device = getattr(abstract, "abstract_device", None)
-  return device.platform if device is not None else jax.devices()[0].platform
-
-
 def _mesh_axes(logical: str, rules, mesh, size: int):
   """The mesh axes that `rules` give the logical axis, those in `mesh`, if their product divides `size`
   (else None: that dimension stays whole on each device)."""
@@ -108,10 +100,10 @@ def _mesh_axes(logical: str, rules, mesh, size: int):
 def splash_dense(q, k, v, logical_rules=DEFAULT_LOGICAL_RULES):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
-    return _local_splash(q, k, v, interpret=jax.devices()[0].platform != "tpu")
+    return _local_splash(q, k, v, interpret=trace_platform() != "tpu")
   spec = P(_mesh_axes("batch", logical_rules, mesh, q.shape[0]), None,
            _mesh_axes("heads", logical_rules, mesh, q.shape[2]), None)
-  local = functools.partial(_local_splash, interpret=_platform(mesh) != "tpu")
+  local = functools.partial(_local_splash, interpret=trace_platform() != "tpu")
   # check_vma=False: the Pallas kernel's outputs carry no varying-axes annotation; each shard's
   # attention is independent (no collectives), so there is nothing for the check to catch.
   return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)

@@ -27,7 +27,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
-from mosaic_jax.model.splash_attention import _mesh_axes, _platform
+from mosaic_jax.model.splash_attention import _mesh_axes
+from mosaic_jax.parallel.sharding import trace_platform
 
 LANES = 128
 
@@ -128,11 +129,12 @@ def _local_backward(q, k, lse, g_lse, g_col, num_refs, ref_len, block, col_scale
 def _placement(logical_rules, batch: int, heads: int):
   """(mesh, batch axes, heads axes, interpret) for the kernels under the mesh set by jax.set_mesh, or
   (None, None, None, interpret) without one."""
-  mesh = jax.sharding.get_abstract_mesh()
+  mesh, interpret = jax.sharding.get_abstract_mesh(), trace_platform() != "tpu"
   if mesh.empty:
-    return None, None, None, jax.devices()[0].platform != "tpu"
-  return (mesh, _mesh_axes("batch", logical_rules, mesh, batch), _mesh_axes("heads", logical_rules, mesh, heads),
-          _platform(mesh) != "tpu")
+    return None, None, None, interpret
+  batch_axes, heads_axes = (_mesh_axes(name, logical_rules, mesh, size) for name, size in (("batch", batch),
+                                                                                         ("heads", heads)))
+  return mesh, batch_axes, heads_axes, interpret
 
 
 def forward_statistics(q, k, num_refs: int, ref_len: int, block: int, logical_rules):

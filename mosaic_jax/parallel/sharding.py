@@ -183,6 +183,14 @@ def mesh_axes_of(logical_name: str, logical_rules: Iterable, mesh) -> tuple[str,
   return tuple(n for n in names if n in mesh.axis_names)
 
 
+def trace_platform() -> str:
+  """The platform what is being traced is compiled for: that of the devices of the mesh set by
+  `jax.set_mesh` (compile-only TPU devices on a CPU machine are "tpu"), else the default backend's."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  return device.platform if device is not None else jax.devices()[0].platform
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None], logical_rules: Iterable) -> jax.Array:
   """`x` placed by its logical axes (one per dimension) on the mesh of the enclosing `jax.set_mesh`;
   unchanged when no mesh is set (single-device code, tests). Dimensions their mesh axes do not divide
