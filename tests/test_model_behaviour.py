@@ -216,9 +216,10 @@ def test_per_block_remat_gives_the_same_gradients(params_and_lora):
   for policy in model.config.REMAT_POLICIES:
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                            grads["none"], grads[policy])
-  # What each policy recomputes: "recompute_mlp" keeps the projections and attention that "full" redoes,
-  # "keep_all" the MLP's hidden layer and LoRA x A too (only elementwise work is left to redo).
-  assert flops["none"] < flops["keep_all"] < flops["recompute_mlp"] < flops["full"], flops
+  # What each policy recomputes: "keep_attention" keeps the attention that "full" redoes, "recompute_mlp"
+  # the gated projections' outputs too, "keep_all" the MLP's hidden layer and LoRA x A too (only
+  # elementwise work is left to redo).
+  assert flops["none"] < flops["keep_all"] < flops["recompute_mlp"] < flops["keep_attention"] < flops["full"], flops
   # Offloading moves what a policy keeps, not what it recomputes (XLA:CPU has no separate host memory:
   # where the tensors go is checked on a TPU compile, test_tpu_compile.py).
   assert flops["offload_mlp"] < flops["recompute_mlp"] and flops["offload_kept"] < flops["full"], flops

@@ -11,7 +11,7 @@ keep tensors the blocks tag with `keep(x, name)` (model/transformer.py), all in 
   mlp_hidden    the MLP's first projection, before GELU                4 x hidden per token
   lora_hidden   x A of every LoRA (reference tokens)                   rank per adapted module
 
-POLICIES lists every policy. The first four, in this order, are the candidates for a backend that gives
+POLICIES lists every policy. The first five, in this order, are the candidates for a backend that gives
 no time estimate (CPU, GPU): the ones that recompute least first, each needing less device memory than
 the one before. A policy that offloads moves its tagged tensors to pinned host memory in the forward pass
 and back in the backward pass: device memory as the policy it derives from without them, at the cost of
@@ -44,6 +44,9 @@ POLICIES = {
                        saved=_KEPT_ATTENTION + ("mlp_hidden", "lora_hidden")),
     "recompute_mlp": Policy("keeps q/k/v, attention outputs and gated outputs; recomputes the MLP's hidden "
                             "layer, LoRA x A, norms, RoPE and GELU", saved=_KEPT_ATTENTION),
+    "keep_attention": Policy("keeps q/k/v and attention outputs (and splash's softmax statistics): attention is "
+                             "never rerun; recomputes every other projection, norms, RoPE and GELU",
+                             saved=("qkv", "attention")),
     "full": Policy("recomputes each block from its input", builtin="nothing_saveable"),
     "offload_mlp": Policy("keep_all, with the MLP hidden layer in host memory",
                           saved=_KEPT_ATTENTION + ("lora_hidden",), offloaded=("mlp_hidden",)),
