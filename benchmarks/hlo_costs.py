@@ -1,7 +1,8 @@
 """The optimized HLO of a compiled step, read back: what each op computes, moves and comes from.
 
 Shared by the benchmarks that ask where a step's time goes: profile_step.py (XLA:CPU, per-op times from
-a trace) and train_memory.py --breakdown (the TPU compiler, no device: FLOPs and HBM bytes per op).
+a trace) and train_memory.py --topology (the TPU compiler, no device: FLOPs, HBM bytes and an estimated
+time per op, summed over the step or by category).
 
 Parses the text of `compiled.as_text()`: instructions per computation, the call graph with how many
 times each computation runs per step (a loop body times its trip count: XLA:CPU writes the count, the
@@ -51,9 +52,10 @@ _MATMULS = ("dot", "convolution")
 # their stack frames stop inside jax). Splash's forward does q.k and p.v; its dq kernel recomputes q.k,
 # then do.v and ds.k; its dkv kernel q.k, p.do, do.v and ds.q. The statistics kernels
 # (model/statistics_kernel.py): q.k forward; q.k, ds.k and ds.q backward.
-_FUSED_BACKWARD = re.compile(r'use_fused_bwd_kernel\\?": true')
 KERNELS = {"splash_mha_fwd": (2, "attention"), "splash_mha_dq": (3, "attention"), "splash_mha_dkv": (4, "attention"),
            "mosaic_statistics_fwd": (1, "attention statistics"), "mosaic_statistics_bwd": (3, "attention statistics")}
+# In splash's block sizes (the metadata of its kernels): its dk/dv kernel also makes dq
+_FUSED_BACKWARD = re.compile(r'use_fused_bwd_kernel\\?": true')
 
 
 def _dims(shape: str) -> list[int]:
