@@ -26,7 +26,7 @@ from mosaic_jax.train import inputs as inputs_lib  # noqa: E402
 
 # Pairs checked on the training grid: 64 px with 8 px tokens (the demo's pixel autoencoder with patch 4),
 # 8x8 tokens.
-SETTINGS = CompositionSettings(refs=(6,), refs_weights=(1.0,), min_pairs=1, min_pairs_at=((64, 8),), max_uses=3,
+SETTINGS = CompositionSettings(refs=(6,), min_pairs=1, min_pairs_at=((64, 8),), max_uses=3,
                                validation_fraction=0.0)
 NAME = "multi_train_test"
 CHANGES = {"dataset.name": f"semalign_ms/{NAME}", "resolution": 64, "ref_resolution": 64, "pixel_patch_size": 4,

@@ -2,8 +2,9 @@
 
 Bad input never fails silently: an example that cannot be used is skipped and counted under a
 reason; a released-layout example whose mask or coordinate file is missing is kept with the official
-behaviour (full mask / no pairs) and counted too. The report is also stored in the dataset's
-`metadata.json` (key `build_report`), so it survives the build.
+behaviour (full mask / no pairs) and counted too. A composed config (composition.py) counts source pairs:
+every pair that takes part in no example, under its reason, and the placements it refused. The report is
+also stored in the dataset's `metadata.json` (key `build_report`), so it survives the build.
 """
 
 from __future__ import annotations

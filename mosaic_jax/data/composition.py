@@ -81,7 +81,7 @@ class CompositionError(ValueError):
 class CompositionSettings:
   """How examples are composed (module docstring); the defaults are the `subjects200k_multi` config's."""
   refs: tuple[int, ...] = (2, 3, 4, 5, 6)  # reference counts R an example may have
-  refs_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0)  # their relative frequencies
+  refs_weights: tuple[float, ...] = ()  # their relative frequencies, one per refs entry; () for equal ones
   subject_size: tuple[float, float] = (0.3, 0.5)  # pasted mask box long side / canvas side, drawn uniformly
   max_scale: float = 1.0  # composite px per source px, at most (1: never enlarge a subject)
   occlusion: str = "allow"  # "allow": later subjects may cover earlier ones; "forbid": no covering at all
@@ -101,11 +101,10 @@ class CompositionSettings:
       raise ValueError(f"CompositionSettings.{field}={getattr(self, field)!r}: expected {expected}")
     if not self.refs or any(r < 2 for r in self.refs) or len(set(self.refs)) != len(self.refs):
       fail("refs", "distinct reference counts, each at least 2")
-    if len(self.refs_weights) != len(self.refs) or any(w < 0 for w in self.refs_weights) \
-        or not sum(self.refs_weights) > 0:
-      fail("refs_weights", f"{len(self.refs)} non-negative weights (one per refs entry), not all 0")
-    low, high = self.subject_size
-    if not 0 < low <= high <= 1:
+    if self.refs_weights and (len(self.refs_weights) != len(self.refs) or any(w < 0 for w in self.refs_weights)
+                              or not sum(self.refs_weights) > 0):
+      fail("refs_weights", f"() or {len(self.refs)} non-negative weights (one per refs entry), not all 0")
+    if len(self.subject_size) != 2 or not 0 < self.subject_size[0] <= self.subject_size[1] <= 1:
       fail("subject_size", "(low, high) with 0 < low <= high <= 1")
     if not self.max_scale > 0:
       fail("max_scale", "a positive number")
@@ -115,8 +114,8 @@ class CompositionSettings:
       fail("min_visible", "a fraction in (0, 1]")
     if self.min_pairs < 1:
       fail("min_pairs", "at least 1")
-    if not self.min_pairs_at or any(len(at) != 2 or at[0] < at[1] or at[1] < 1 for at in self.min_pairs_at):
-      fail("min_pairs_at", "(resolution px, token grid) pairs, resolution >= grid >= 1")
+    if not self.min_pairs_at or any(len(at) != 2 or at[1] < 1 or at[0] % at[1] for at in self.min_pairs_at):
+      fail("min_pairs_at", "(resolution px, token grid) pairs, the resolution a multiple of the grid")
     for field in ("placement_attempts", "pool_size", "max_uses", "max_scene_uses"):
       if getattr(self, field) < 1:
         fail(field, "at least 1")
@@ -307,7 +306,8 @@ class Composer:
     self.report = report
     self.rng = np.random.default_rng([seed, zlib.crc32(split.encode("utf-8"))])
     self.written = 0
-    self._refs_probabilities = np.asarray(settings.refs_weights, float) / sum(settings.refs_weights)
+    weights = np.asarray(settings.refs_weights or [1.0] * len(settings.refs), float)
+    self._refs_probabilities = weights / weights.sum()
 
   def examples(self, pairs: Iterable[SourcePair]) -> Iterator[dict]:
     pool: collections.deque[SourcePair] = collections.deque()
@@ -318,6 +318,10 @@ class Composer:
     while pool:  # the end of the stream: compose from what is left
       yield from self._next(pool)
 
+  def _example_id(self) -> str:
+    """The id of the next example written."""
+    return f"composed-{self.split}-{self.written:08d}"
+
   def _retire(self, pair: SourcePair) -> None:
     if pair.times_used == 0:
       reason = build_report.PAIR_NO_ROOM if pair.failed_as_scene else build_report.PAIR_POOL_EXHAUSTED
@@ -326,8 +330,7 @@ class Composer:
   def _next(self, pool: collections.deque) -> Iterator[dict]:
     """Pops the oldest pair and composes an example with it as the scene (or retires it)."""
     scene = pool.popleft()
-    if scene.scene_uses_left == 0 or not self._candidates([Layer(scene, PixelTransform(), scene.mask, scene.mask)],
-                                                           pool):
+    if scene.scene_uses_left == 0 or not self._candidates([scene], pool):
       self._retire(scene)  # no scene any more, or no partner left
       return
     num_refs = int(self.rng.choice(self.settings.refs, p=self._refs_probabilities))
@@ -346,7 +349,8 @@ class Composer:
         self._retire(scene)
       return
     if len(layers) < num_refs:
-      self.report.count(build_report.FEWER_REFS_THAN_DRAWN, f"example {self.written}: {len(layers)} of {num_refs}")
+      self.report.count(build_report.FEWER_REFS_THAN_DRAWN,
+                        f"{self._example_id()}: {len(layers)} of {num_refs} references")
     yield self._example(layers)
     scene.scene_uses_left -= 1
     for layer in layers:
@@ -369,9 +373,10 @@ class Composer:
     grids = composite_grids(layer.pair.coords, layer.transform, visible)
     return tuple(token_pair_count(grids, visible, size, grid) for size, grid in self.settings.min_pairs_at)
 
-  def _candidates(self, layers: list[Layer], pool) -> list[SourcePair]:
-    taken = {id(layer.pair) for layer in layers}
-    items = {layer.pair.item.lower() for layer in layers}
+  def _candidates(self, members: list[SourcePair], pool) -> list[SourcePair]:
+    """The pool's pairs that may join an example of `members`."""
+    taken = {id(pair) for pair in members}
+    items = {pair.item.lower() for pair in members}
     return [pair for pair in pool if pair.uses_left > 0 and id(pair) not in taken
             and not (self.settings.distinct_items and pair.item.lower() in items)]
 
@@ -387,7 +392,7 @@ class Composer:
   def _place_one(self, layers: list[Layer], pool) -> Layer | None:
     """The next pasted subject, placed so that every reference keeps its visible share and token pairs;
     updates the covered layers' visible masks. None when no candidate fits."""
-    candidates = self._candidates(layers, pool)
+    candidates = self._candidates([layer.pair for layer in layers], pool)
     if not candidates:
       return None
     settings = self.settings
@@ -434,7 +439,7 @@ class Composer:
       refs.append(schema.reference(encode_png(to_rgb(reference)), encode_png(layer.visible.astype(np.uint8) * 255),
                                    composite_grids(layer.pair.coords, layer.transform, layer.visible), provenance))
     text = caption(self.settings.caption, layers[0].pair.caption, [layer.pair.item for layer in layers])
-    example = schema.example(f"composed-{self.split}-{self.written:08d}", text, encode_png(canvas), refs)
+    example = schema.example(self._example_id(), text, encode_png(canvas), refs)
     self.report.count(build_report.written_with(len(layers)))
     self.written += 1
     return example

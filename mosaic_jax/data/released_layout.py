@@ -1,4 +1,5 @@
-"""Reader for the released SemAlign-MS-Subjects200K layout (the `subjects200k` config).
+"""Reader for the released SemAlign-MS-Subjects200K layout (the `subjects200k` config; its pairs are also
+what `subjects200k_multi` composes, composition.py).
 
 Manual directory:
   **/*.parquet                 Subjects200K shards: `image` (1056x528 diptych; a struct with `bytes`,
