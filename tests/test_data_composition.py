@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import io
@@ -43,13 +44,29 @@ def _text(value) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+def _build_dataset_script():
+  spec = importlib.util.spec_from_file_location("build_dataset", os.path.join(ROOT, "launch", "build_dataset.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 @pytest.fixture(scope="module")
-def composed():
+def composed(tmp_path_factory):
+  """CONFIG built by launch/build_dataset.py's main, as a user builds it."""
   layout = data_fixtures.released_multi_layout()
-  data_dir, printed, metadata = data_fixtures.build(CONFIG, manual_dir=layout["dir"])
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    _build_dataset_script().main([
+        "--config", "subjects200k_multi", "--name", CONFIG.name, "--seed", str(CONFIG.seed), "--manual_dir",
+        layout["dir"], "--data_dir", data_dir, "--compose", "min_pairs=1", "--compose", "min_pairs_at=512x32,64x8",
+        "--compose", "max_uses=2", "--compose", "validation_fraction=0.25"])
   builder = SemalignMs(config=CONFIG, data_dir=data_dir)
+  metadata = dict(builder.info.metadata)
+  assert metadata["composition"] == json.loads(json.dumps({**dataclasses.asdict(SETTINGS), "seed": CONFIG.seed}))
   records = {split: list(builder.as_data_source(split)) for split in ("train", "validation")}
-  return layout, data_dir, printed, metadata, records
+  return layout, data_dir, printed.getvalue(), metadata, records
 
 
 def _provenance(record, r: int) -> dict:
@@ -265,6 +282,8 @@ def test_subjects200k_keeps_its_schema_and_the_composed_one_only_adds_provenance
                                 "visible_fraction"]
   assert multi_refs == single_refs and {k: v for k, v in multi.items() if k != "refs"} == {
       k: v for k, v in single.items() if k != "refs"}
+  for record in tfds.data_source("semalign_ms/subjects200k", data_dir=single_dir)["train"]:
+    assert sorted(record) == sorted(single) and sorted(record["refs"]) == sorted(single_refs)
 
 
 def test_a_directory_that_gives_no_example_is_one_line_naming_it(tmp_path):
@@ -280,7 +299,7 @@ def test_a_directory_that_gives_no_example_is_one_line_naming_it(tmp_path):
   assert cli.is_user_error(raised.value)
 
 
-def test_settings_are_checked_and_parsed_from_the_build_command(capsys):
+def test_settings_and_caption_rules_and_the_build_command_s_checks(capsys):
   with pytest.raises(ValueError, match=r"CompositionSettings\.refs=\(1, 2\): expected distinct reference counts"):
     CompositionSettings(refs=(1, 2))
   with pytest.raises(ValueError, match=r"CompositionSettings\.refs_weights=\(1\.0,\): expected \(\) or 2 non-negative"):
@@ -291,9 +310,11 @@ def test_settings_are_checked_and_parsed_from_the_build_command(capsys):
                                           "distinct_items=false", "occlusion=forbid", "subject_size=0.2, 0.4"])
   assert (parsed.refs, parsed.refs_weights, parsed.min_pairs_at, parsed.distinct_items, parsed.occlusion,
           parsed.subject_size) == ((2, 6), (1.0, 3.0), ((512, 32), (64, 8)), False, "forbid", (0.2, 0.4))
-  spec = importlib.util.spec_from_file_location("build_dataset", os.path.join(ROOT, "launch", "build_dataset.py"))
-  build_dataset = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(build_dataset)
+  assert composition.caption("items", "A cat on a sofa.", ["cat", "red hat", "guitar"]) == \
+      "A photo of the cat, the red hat and the guitar."
+  assert composition.caption("scene_with_items", "A cat on a sofa. ", ["cat", "red hat"]) == \
+      "A cat on a sofa, together with the red hat."
+  build_dataset = _build_dataset_script()
   for argv, message in (
       (["--compose", "max_use=3", "--name", "x"], "--compose 'max_use=3': expected FIELD=VALUE with FIELD one of"),
       (["--compose", "max_uses=0", "--name", "x"], "CompositionSettings.max_uses=0: expected at least 1"),
