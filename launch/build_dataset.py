@@ -21,6 +21,7 @@ from __future__ import annotations
 import tensorflow_datasets as tfds
 
 from mosaic_jax import cli
+from mosaic_jax.data import folder, released_layout
 from mosaic_jax.data.composition import CompositionSettings
 from mosaic_jax.data.semalign_ms import COMPOSED, SOURCES, SemalignMs, SemalignMsConfig
 
@@ -50,6 +51,13 @@ def main(argv=None):
     composition = CompositionSettings().replace(args.compose)
   except ValueError as error:
     parser.error(str(error))
+  try:  # the input is there before anything is written (each reader names what it expects)
+    if args.config in ("subjects200k", COMPOSED):
+      released_layout.parquet_files(args.manual_dir)
+    elif args.config == "folder":
+      folder.manifest_splits(args.manual_dir)
+  except FileNotFoundError as error:
+    raise cli.UserError(f"--manual_dir {args.manual_dir}: {error}") from error
   config = args.config
   if args.name:
     config = SemalignMsConfig(name=args.name, source=args.config, image_size=args.image_size,

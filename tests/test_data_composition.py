@@ -324,6 +324,8 @@ def test_settings_and_caption_rules_and_the_build_command_s_checks(capsys):
       build_dataset.main(["--config", "subjects200k_multi", "--manual_dir", "/nowhere", "--data_dir", "/nowhere",
                           *argv])
     assert raised.value.code == 2 and message in capsys.readouterr().err
+  with pytest.raises(cli.UserError, match=r"--manual_dir /nowhere: no \*\.parquet shards under /nowhere"):
+    build_dataset.main(["--config", "subjects200k_multi", "--manual_dir", "/nowhere", "--data_dir", "/nowhere"])
 
 
 def test_source_disagreements_stay_and_uncovered_cells_carry_no_pair():
