@@ -24,7 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mosaic_jax.model.attention import multi_branch_attention
 from mosaic_jax.model.clip import _ACTIVATIONS, check_encoder_config, layer_norm_affine
+from mosaic_jax.model.config import ATTENTION_IMPLS
 from mosaic_jax.model.layers import linear, random_params
 
 # The per-channel pixel statistics the towers were trained with (RGB, for pixels in [0, 1]).
@@ -55,9 +57,15 @@ class VitConfig:
   patch_bias: bool = True         # ViT's patch projection has a bias, CLIP's has none
   projection_dim: int | None = None  # CLIP's `visual_projection` (no bias)
   layer_scale: bool = False       # DINOv2's LayerScale on both branches of every block
+  # Plain self-attention through model/attention.py: "xla" (any backend; `query_chunk` > 0 holds the float32
+  # scores of that many queries at a time), "cudnn" (NVIDIA GPUs, bf16/fp16) or "splash" (TPU).
+  attention_impl: str = "xla"
+  query_chunk: int = 0
 
   def __post_init__(self):
     check_encoder_config(self)
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}.")
     if self.image_size % self.patch_size:
       raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}.")
 
@@ -136,9 +144,7 @@ def _block(p, cfg: VitConfig, x):
   attn = p["self_attn"]
   h = layer_norm_affine(p["layer_norm1"], x, cfg.layer_norm_eps)
   q, k, v = (heads(linear(attn[n], h)) for n in ("q_proj", "k_proj", "v_proj"))
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * cfg.head_dim ** -0.5
-  weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bhqk,bkhd->bqhd", weights, v, preferred_element_type=jnp.float32).astype(v.dtype)
+  out, _ = multi_branch_attention(q, k, v, impl=cfg.attention_impl, query_chunk=cfg.query_chunk)
   attended = linear(attn["out_proj"], out.reshape(out.shape[:2] + (cfg.hidden_size,)))
   x = x + _layer_scale(p, "layer_scale1", cfg, attended)
   h = layer_norm_affine(p["layer_norm2"], x, cfg.layer_norm_eps)
