@@ -3,7 +3,8 @@
 The full ViT-B/14 (random weights, saved by save_pretrained) at GeoAware's 896 px in the transformers
 position rule; the torch.hub rule against the same torch model with the hub's interpolation restated here
 and patched in; PyTorch's F.interpolate for both rules (and the antialiased one of register models);
-registers and an S/14-wide model on tiny configs; the preprocessing against PIL and torch by hand.
+registers, an S/14-wide model and a classification folder on small configs; the preprocessing against
+PIL and torch by hand; bad folders and inputs.
 """
 
 from __future__ import annotations
@@ -180,6 +181,16 @@ def test_s14_wide_model_shrinking_and_growing_the_position_grid(tmp_path):
   with hub_positions(torch_model):
     ref = torch_patch_tokens(torch_model, pixels, 1)
   assert_close(dinov2.patch_features(ours, pixels, 1, "hub"), ref, "S/14 block 1 at 644 px (hub rule)")
+
+
+def test_a_classification_folder_loads_its_backbone(tmp_path):
+  config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, image_size=28,
+                                     num_labels=3)
+  torch_model, folder = save_random(transformers.Dinov2ForImageClassification, config, tmp_path / "cls", seed=9)
+  ours = dinov2.load_dinov2(folder)  # the `dinov2.` prefix dropped, the classifier skipped
+  np.testing.assert_array_equal(ours.params["final_norm"]["scale"], torch_model.dinov2.layernorm.weight.detach().numpy())
+  np.testing.assert_array_equal(ours.params["layers"]["layer_scale2"]["scale"][0],
+                                torch_model.dinov2.encoder.layer[0].layer_scale2.lambda1.detach().numpy())
 
 
 # ---- preprocessing ---------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ Two rules exist (`positions`):
   grid is sampled slightly differently than by "transformers". This is the default: only it reproduces
   the released correspondences' features.
 - "transformers": as transformers' Dinov2Model: `interpolate(size=(gh, gw))`, source
-  (i + 0.5) * 37 / g - 0.5. At 896 px the two differ by about 4e-2 at layer 11.
+  (i + 0.5) * 37 / g - 0.5. At 896 px the two differ by about 4e-2 at layer 11 (on random B/14 weights
+  here: mean |difference| 0.049, relative L2 4e-3; benchmarks/dinov2_features.py prints it for real ones).
 Register models resize by `size=` with antialiasing (Keys' cubic with A = -0.5 over a renormalized,
 edge-truncated window) under both rules: the hub's `_reg` models and transformers' registers model
 agree there. Both interpolate in float32 and cast to the model's dtype; at the checkpoint's own grid the
@@ -36,8 +37,17 @@ resize after the squash), then ImageNet mean/std, float32 [896, 896, 3].
   pixels = np.stack([preprocess(image) for image in images])     # [B, 896, 896, 3]
   features = jax.jit(patch_features, static_argnames=("layer", "positions"))(model, pixels)  # [B, 64, 64, 768]
 
-`Dinov2Model` is a pytree whose only child is the params, so it passes through jax.jit (place the params
-replicated, the pixels' batch over a data axis: batch items never interact).
+`Dinov2Model` is a pytree whose only child is the params, so it passes through jax.jit. On a mesh the
+params are replicated and the batch split over the data axes (batch items never interact); jit takes
+`layer` and `positions` positionally then:
+
+  mesh = parallel.make_mesh({"data": -1})
+  replicated, batch = parallel.sharding.replicated(mesh), parallel.sharding.batch_sharding(mesh)
+  run = jax.jit(patch_features, static_argnums=(2, 3), in_shardings=(replicated, batch), out_shardings=batch)
+  features = run(jax.device_put(model, replicated), jax.device_put(pixels, batch), GEOAWARE_LAYER, "hub")
+
+`Dinov2Model.with_attention` picks the attention implementation (cudnn on NVIDIA GPUs in bf16, splash on
+TPUs, query chunks on the portable one; at 896 px one image's float32 scores are 12 x 4097 x 4097).
 """
 
 from __future__ import annotations
