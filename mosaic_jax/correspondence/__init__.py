@@ -1,1 +1,1 @@
-"""Point correspondences between images, made in JAX: DINOv2 and FLUX features and the matching rule."""
+"""Dense correspondences from JAX image features (DINOv2, FLUX diffusion features) and MOSAIC's matching rule."""

@@ -267,8 +267,7 @@ def patch_features(model: Dinov2Model, pixels, layer: int = GEOAWARE_LAYER, posi
     raise ValueError(f"positions={positions!r}: expected one of {POSITION_RULES}.")
   grid_h, grid_w = _grid(cfg, pixels)
   x = embed(model.params, cfg, pixels, positions)
-  blocks = jax.tree.map(lambda leaf: leaf[:layer + 1], model.params["layers"])
-  x = vit.run_blocks(blocks, cfg.vit, x)
+  x = vit.run_blocks(model.params["layers"], cfg.vit, x, count=layer + 1)
   patches = x[:, 1 + cfg.num_register_tokens:]
   return patches.reshape(x.shape[0], grid_h, grid_w, x.shape[-1]).astype(jnp.float32)
 

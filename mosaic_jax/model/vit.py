@@ -159,15 +159,20 @@ def patch_embeddings(params, cfg: VitConfig, images):
   return linear(params["patch"], patchify(images.astype(dtype), cfg.patch_size))
 
 
-def run_blocks(layer_params, cfg: VitConfig, x):
-  """Tokens [B, T, D] through the stacked blocks of `layer_params` (all of them: pass a slice of the
-  leading layer axis to stop early), no final norm."""
+def run_blocks(layer_params, cfg: VitConfig, x, count: int | None = None):
+  """Tokens [B, T, D] through the first `count` (default: all) of the stacked blocks, no final norm."""
+  total = jax.tree_util.tree_leaves(layer_params)[0].shape[0]
+  if count is None or count == total:
+    return jax.lax.scan(lambda x, block_params: (_block(block_params, cfg, x), None), x, layer_params)[0]
 
-  def step(x, block_params):
+  # The first blocks only: scan over their indices and read each block's weights in place (scanning over
+  # a slice of the stacked weights would copy the slice first; model/transformer.py measured it).
+  def step(x, index):
+    block_params = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False),
+                                          layer_params)
     return _block(block_params, cfg, x), None
 
-  x, _ = jax.lax.scan(step, x, layer_params)
-  return x
+  return jax.lax.scan(step, x, jnp.arange(count))[0]
 
 
 def encode_images(params, cfg: VitConfig, images):
