@@ -24,7 +24,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import best_time
+from common import best_time
 
 from mosaic_jax.data import cached_features, make_iterator
 from mosaic_jax.data.pipeline import RAW_IMAGE_DECODERS, PipelineConfig

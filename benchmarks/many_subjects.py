@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mosaic_jax import losses, model
+from mosaic_jax import losses
 from mosaic_jax.configs import flux_ms
 from mosaic_jax.data import correspondence, schema, synthetic
 from mosaic_jax.data.image_ops import encode_png

@@ -4,7 +4,7 @@ kills land in steps, in saves and in LoRA exports) and restarted each time, unti
 losses (the last logged value of every step) and its final LoRA files are compared with an
 uninterrupted run's (a plain `python launch/train.py` beside it).
 
-  python benchmarks/kill_soak.py --kills 50 --steps 60 [--seed 0] [--workdir /tmp/soak]
+  python tests/kill_soak.py --kills 50 --steps 60 [--seed 0] [--workdir /tmp/soak]
 
 Prints the kills, how many landed while a save was in flight (the killed run left a step folder that
 orbax never committed, *.orbax-checkpoint-tmp, on disk), how many before a run's first step, the runs,
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib.util
 import os
 import random
 import signal
@@ -28,24 +27,9 @@ import tempfile
 import threading
 import time
 
+from fork_server import ForkServer
 from mosaic_jax.train import inputs
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load(path: str, name: str):
-  """The module at path (the tests' tiny training command, which this soak shares)."""
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-_train_fixtures = _load(os.path.join(ROOT, "tests", "train_fixtures.py"), "train_fixtures")
-tensorboard_scalars, tiny_config, train_command = (_train_fixtures.tensorboard_scalars, _train_fixtures.tiny_config,
-                                                   _train_fixtures.train_command)
-ForkServer = _load(os.path.join(ROOT, "benchmarks", "fork_server.py"), "fork_server").ForkServer
-
+from train_fixtures import tensorboard_scalars, tiny_config, train_command
 
 # What launch/train.py imports, loaded once by the fork server that starts each run of the soak.
 TRAINER_MODULES = ["absl.app", "absl.flags", "ml_collections.config_flags", "mosaic_jax.cli",
