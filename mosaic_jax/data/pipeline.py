@@ -100,7 +100,8 @@ def open_split(name: str, split: str, data_dir: str | None = None, builder=None)
   builder where the registry cannot make it from `name` (a custom synthetic config); by default
   tfds.builder(name, data_dir)."""
   if builder is None:
-    import mosaic_jax.data.semalign_ms  # pylint: disable=import-outside-toplevel,unused-import  # registers the builder
+    # imported for its side effect: it registers the builder with tfds
+    import mosaic_jax.data.semalign_ms  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     try:
       builder = tfds.builder(name, data_dir=data_dir)
     except (ValueError, tfds.core.registered.DatasetNotFoundError) as error:  # an unknown config, not built there
