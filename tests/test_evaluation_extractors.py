@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation_fixtures import CLIP_IMAGE_SIZE, DINO_RESIZE
+from evaluation_fixtures import CLIP_IMAGE_SIZE, DINO_RESIZE, tiny_clip, tiny_dino  # noqa: F401
 from test_encoders_text import assert_close
-
-pytest_plugins = ("evaluation_fixtures",)  # its fixtures: tiny_clip, tiny_dino
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

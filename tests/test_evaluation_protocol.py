@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation_fixtures import CASES, CLIP_IMAGE_SIZE, DINO_RESIZE, SEEDS
+from evaluation_fixtures import (CASES, CLIP_IMAGE_SIZE, DINO_RESIZE, SEEDS, dreambench_fixture,  # noqa: F401
+                                 tiny_clip, tiny_dino)
 from test_evaluation_extractors import torchvision_like_dino
-
-pytest_plugins = ("evaluation_fixtures",)  # its fixtures: tiny_clip, tiny_dino, dreambench_fixture
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
