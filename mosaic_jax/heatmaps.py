@@ -104,7 +104,9 @@ def _legend(draw: ImageDraw.ImageDraw, tile: int, bottom: int, num_refs: int) ->
   def label(box, colour, text):
     draw.rectangle(box, fill=colour)
     ink = (0, 0, 0) if sum(c * w for c, w in zip(colour, (0.299, 0.587, 0.114))) > 140 else (255, 255, 255)
-    draw.text(((box[0] + box[2] + 1) / 2, (box[1] + box[3] + 1) / 2), text, fill=ink, font=font, anchor="mm")
+    left, top_, right, bottom_ = draw.textbbox((0, 0), text, font=font)  # centred in the box
+    draw.text(((box[0] + box[2] + 1 - right - left) / 2, (box[1] + box[3] + 1 - bottom_ - top_) / 2), text,
+              fill=ink, font=font)
 
   width = tile / num_refs
   for r in range(num_refs):  # the overlay of all: every colour, numbered
