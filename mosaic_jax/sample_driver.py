@@ -56,7 +56,7 @@ def write_run(sampler: Sampler, cases: Sequence[Case], output_dir: str, progress
   """Samples every case and seed with `sampler` into one fresh run folder under output_dir (the same
   folder for every process); returns the files this process wrote: `<index>_seed<seed>.png` and
   `<index>_seed<seed>_panel.png` (references, then the result); with options.save_attention, for a
-  case with references, `<index>_seed<seed>_attention.png` (evaluation.heatmaps.attention_panel: the
+  case with references, `<index>_seed<seed>_attention.png` (heatmaps.attention_panel: the
   references framed in their colours above the result, all references' heatmaps, then each one's)
   and `<index>_seed<seed>_attention.npy` (the maps, float32 [R, grid height, grid width], each
   summing to 1)."""
@@ -106,7 +106,7 @@ def write_run(sampler: Sampler, cases: Sequence[Case], output_dir: str, progress
 
 def _attention_panel(image: np.ndarray, maps: np.ndarray, grid: tuple[int, int], refs) -> np.ndarray:
   """The heatmap panel of one result: tiles of the result's size, at least 128 px, at most 512 px."""
-  from mosaic_jax.evaluation.heatmaps import attention_panel
+  from mosaic_jax.heatmaps import attention_panel
   tile = min(max(128, *image.shape[:2]), 512)
   return attention_panel(image, maps, grid, [np.asarray(r) for r in refs], tile=tile)
 

@@ -124,7 +124,7 @@ def test_recorded_attention_is_the_step_mean_of_the_materialized_maps(mosaic_inp
   """denoise(record_attention=True): the same latents, and a_r(j) equal to an Euler loop stepped here
   with the materialized maps (forward(return_attention_maps=True), not the streamed statistics),
   averaged over every step; each map sums to 1 and the two references' maps differ."""
-  from mosaic_jax.evaluation.heatmaps import reference_attention_from_maps
+  from mosaic_jax.heatmaps import reference_attention_from_maps
   params, lora, cfg, inputs = mosaic_inputs
   tokens, attention = sample.denoise(params, lora, cfg, **inputs, record_attention=True)
   np.testing.assert_allclose(np.asarray(tokens), np.asarray(sample.denoise(params, lora, cfg, **inputs)),

@@ -32,7 +32,6 @@ from mosaic_jax.encoders import training_latents
 from mosaic_jax.parallel.distributed import is_leader, say
 from mosaic_jax.train import checkpoint as checkpoint_lib
 from mosaic_jax.train import evaluate as evaluate_lib
-from mosaic_jax.train import executable_store
 from mosaic_jax.train import inputs as inputs_lib
 from mosaic_jax.train import metrics as metrics_lib
 from mosaic_jax.train import step as step_lib
@@ -104,8 +103,8 @@ def _memory_report(compiled) -> str:
 def compile_steps(cfg, state, base, state_shardings, base_shardings, batch_shardings, metric_sharding,
                   settings: Settings, reference_counts, text_shapes, feature_dtypes=None) -> dict[int, Any]:
   """{R: the train step of transformer `cfg` under `settings`}, compiled ahead of time, each with its
-  memory report printed; loaded instead from the executable store when it holds the same step (a
-  restart: no tracing, executable_store.py). text_shapes and feature_dtypes: see step.batch_spec."""
+  memory report printed (a restart compiles it again: jax's persistent compilation cache, when on,
+  makes that a load). text_shapes and feature_dtypes: see step.batch_spec."""
   settings = settings.for_step()
   optimizer = step_lib.make_optimizer(settings.optimizer, settings.total_steps)
   step_fn = functools.partial(step_lib.train_step, cfg=cfg, settings=settings, optimizer=optimizer)
@@ -113,23 +112,14 @@ def compile_steps(cfg, state, base, state_shardings, base_shardings, batch_shard
   jitted = jax.jit(step_fn, in_shardings=shardings[0], out_shardings=shardings[1], donate_argnums=(0,))
   mesh = batch_shardings.mesh
   abstract = lambda tree: jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
-  store = executable_store.directory(mesh.devices.flat)
   compiled = {}
   for r in reference_counts:
     start = time.perf_counter()
     args = (abstract(state), abstract(base),
             step_lib.batch_spec(settings, r, text_shapes, feature_dtypes=feature_dtypes))
-    name = executable_store.key((cfg, settings, dict(mesh.shape), mesh.devices.tolist()), args, shardings)
-    compiled[r] = executable_store.load(store, name, say) if store else None
-    if compiled[r] is not None:
-      say(f"loaded the compiled train step for {r} reference(s) from {store / name}.exe in "
-          f"{time.perf_counter() - start:.1f} s: {_memory_report(compiled[r])}")
-      continue
     with jax.set_mesh(mesh):  # the model's activation pins place onto this mesh
       lowered = jitted.lower(*args)
-    compiled[r], fresh = executable_store.compile_fresh(lowered)
-    if store and fresh:
-      executable_store.save(store, name, compiled[r])
+    compiled[r] = lowered.compile()
     say(f"compiled the train step for {r} reference(s) in {time.perf_counter() - start:.1f} s: "
           f"{_memory_report(compiled[r])}")
   return compiled
