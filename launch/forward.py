@@ -13,7 +13,7 @@ import numpy as np
 from ml_collections import config_flags
 
 from mosaic_jax import cli, interop, model
-from mosaic_jax.train.settings import autoencoder_geometry
+from mosaic_jax.settings import autoencoder_geometry, known_fields
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/flux_ms.py[:variant]", lock_config=True)
 
@@ -70,4 +70,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run_absl(main)
+  cli.run_absl(main, known_fields)

@@ -120,6 +120,6 @@ def test_an_unfinished_cache_is_refused_and_an_existing_one_never_overwritten(ca
   with open(os.path.join(out, "cache.json")) as f:
     before = json.load(f)
   with pytest.raises(cached_features.CacheError, match="exists and is not empty"):
-    inputs.encode_dataset(config, out)
+    inputs.encode_dataset(settings_from_config(config), out)
   with open(os.path.join(out, "cache.json")) as f:
     assert json.load(f) == before

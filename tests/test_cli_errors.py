@@ -35,6 +35,26 @@ def test_train_unknown_override_gets_the_trainers_message_with_a_did_you_mean(tm
   assert not os.listdir(tmp_path)  # nothing written
 
 
+def test_the_did_you_mean_comes_from_the_schema_without_running_the_config_file_again(tmp_path):
+  """A config file that counts its own runs: the hint for a misspelt model override (a FluxConfig field)
+  costs no second run of it."""
+  counter = tmp_path / "runs.txt"
+  config_file = tmp_path / "counting_config.py"
+  config_file.write_text(
+      "import sys\n"
+      f"sys.path.insert(0, {os.path.join(ROOT, 'configs')!r})\n"
+      "from flux_ms import get_config as _get_config\n"
+      "def get_config(arg='default'):\n"
+      f"  open({str(counter)!r}, 'a').write('run\\n')\n"
+      "  return _get_config(arg)\n")
+  line = _one_line_error(_run("train.py", "--config", f"{config_file}:demo", "--workdir", str(tmp_path / "run"),
+                              "--config.model_overrides.attention_imp=cudnn"))
+  assert "unknown config field(s) ['model_overrides.attention_imp']" in line, line
+  assert "did you mean --config.model_overrides.attention_impl" in line, line
+  assert counter.read_text() == "run\n"
+  assert not (tmp_path / "run").exists()
+
+
 def test_train_config_error_is_one_line_and_verbose_shows_the_traceback(tmp_path):
   args = ("--config", DEMO, "--workdir", str(tmp_path / "run"), "--config.resolution=30")
   line = _one_line_error(_run("train.py", *args))

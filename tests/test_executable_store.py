@@ -14,7 +14,7 @@ import pytest
 
 from mosaic_jax.configs import flux_ms
 from mosaic_jax.train import executable_store
-from mosaic_jax.train.settings import settings_from_config
+from mosaic_jax.settings import settings_from_config
 
 
 def _step(state, batch, scale):

@@ -20,7 +20,7 @@ from mosaic_jax.encoders import FEATURE_KEYS, FluxEncoders, load_flux_encoders
 from mosaic_jax.model import clip, t5, vae
 from mosaic_jax.model import config as model_config
 from mosaic_jax.model.autoencoder import Autoencoder
-from mosaic_jax.train.settings import ENCODER_CHOICES, ConfigError, autoencoder_geometry, settings_from_config
+from mosaic_jax.settings import ENCODER_CHOICES, ConfigError, autoencoder_geometry
 
 
 # ---- dataset -------------------------------------------------------------------------------------
@@ -226,14 +226,13 @@ def host_inputs(host_batch: dict, encoders: FluxEncoders, settings) -> dict[str,
   return {**encoders.raw_inputs(host_batch), **{k: np.asarray(host_batch[k], spec[k].dtype) for k in PAIR_KEYS}}
 
 
-def encode_dataset(config, out: str, splits=None, batch_size: int = 8, dtype: str = "float32") -> dict:
-  """Writes the cached features of `config`'s dataset splits (default: the train and eval splits) into
-  the new directory `out`, with the config's encoders and sizes; returns the cache spec."""
+def encode_dataset(settings, out: str, splits=None, batch_size: int = 8, dtype: str = "float32") -> dict:
+  """Writes the cached features of the settings' dataset splits (default: the train and eval splits) into
+  the new directory `out`, with the settings' encoders and sizes; returns the cache spec."""
   from mosaic_jax.data import cached_features
-  settings = settings_from_config(config)
   splits = list(splits or dict.fromkeys([settings.dataset.train_split, settings.dataset.eval_split]))
   sources = {split: open_raw_dataset(settings.dataset, split) for split in splits}
   return cached_features.encode_dataset(sources, out, make_encoders(settings, text_encoders=True),
                                         pipeline_config(settings), cache_fingerprint(settings),
-                                        batch_size=batch_size, read_threads=config.dataset.read_threads,
+                                        batch_size=batch_size, read_threads=settings.dataset.read_threads,
                                         dtype=jax.numpy.dtype(dtype))

@@ -27,7 +27,7 @@ from etils import epath
 from mosaic_jax import interop, model, parallel
 from mosaic_jax.train import checkpoint as checkpoint_lib
 from mosaic_jax.train import inputs as inputs_lib
-from mosaic_jax.train.settings import ConfigError, settings_from_config
+from mosaic_jax.settings import ConfigError, settings_from_config
 
 
 class TrainedModelError(ValueError):

@@ -37,7 +37,7 @@ from mosaic_jax.train import inputs as inputs_lib
 from mosaic_jax.train import metrics as metrics_lib
 from mosaic_jax.train import step as step_lib
 from mosaic_jax.train import workdir_config
-from mosaic_jax.train.settings import ConfigError, Settings, check_batch_splits, settings_from_config
+from mosaic_jax.settings import ConfigError, Settings, check_batch_splits, settings_from_config
 
 
 # ---- 2. model -------------------------------------------------------------------------------------
@@ -238,7 +238,7 @@ def final_evaluation(settings: Settings, workdir, params, lora, cfg, encoders, l
 
 # ---- the run --------------------------------------------------------------------------------------
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+def train_and_evaluate(config: ml_collections.ConfigDict | Settings, workdir: str,
                        on_step: Callable[[int, dict], None] | None = None) -> dict:
   """Trains (resuming from `workdir` if it holds a checkpoint), then evaluates.
 
@@ -246,10 +246,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   "eval": the evaluation table row or None}. `on_step(step, metrics)` runs after every step (tests).
   """
   # 1. settings (every config error, before anything is built) and the workdir's record of the config
-  settings = settings_from_config(config)
+  settings = config if isinstance(config, Settings) else settings_from_config(config)
   # Compared with the workdir's before anything is written; one writer; every path through etils.epath,
   # so gs:// workdirs work.
-  changed = workdir_config.check_and_record(config, workdir, write=is_leader())
+  changed = workdir_config.check_and_record(settings, workdir, write=is_leader())
   if changed:
     say("resuming with changed settings (recorded in config_history.jsonl): "
         + ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))

@@ -4,9 +4,10 @@
   config_history.jsonl   one line per resume that changed a field: {"time", "changed": {field: [old, new]},
                          "config": the whole config in effect from then on}
 
-A resume may change only RESUME_SAFE fields: how long to train, how often to log, save and sample, how
-many checkpoints to keep, the evaluation and sampling settings, and the layout over the devices (the
-state is resharded on restore). Any other change (the model, the LoRA, the optimizer and its schedule's
+A resume may change only the fields the settings mark resume-safe (mosaic_jax/settings.py: how long to
+train, how often to log, save and sample, how many checkpoints to keep, the evaluation and sampling
+settings, the layout over the devices, since the state is resharded on restore, and the model overrides
+of how the transformer is executed). Any other change (the model, the LoRA, the optimizer and its schedule's
 shape, the losses, the data and its order, the seed) would continue a run from a state it did not make:
 it is refused with the list of differing fields, and the workdir is left as it was. Note that a new
 total_steps stretches the learning-rate schedule from the resumed step on.
@@ -19,30 +20,13 @@ import time
 
 from etils import epath
 
-from mosaic_jax.train.settings import ConfigError
-
-RESUME_SAFE = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "sample_steps",
-               "eval_examples", "eval_timesteps", "guidance", "peak_tflops_per_device", "remat_policy", "mesh.",
-               "sharding.", "dataset.data_dir", "dataset.read_threads", "dataset.worker_processes")
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict) and key != "model_overrides":
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
-def _is_safe(field: str) -> bool:
-  return any(field == safe or (safe.endswith(".") and field.startswith(safe)) for safe in RESUME_SAFE)
+from mosaic_jax.settings import ConfigError, Settings, config_fields, resume_safe
 
 
 def changes(old: dict, new: dict) -> dict[str, list]:
-  """{field: [old value, new value]} of every field that differs (absent: None)."""
-  old, new = _flat(old), _flat(new)
+  """{field: [old value, new value]} of every field that differs (absent: None), each model override
+  a field of its own."""
+  old, new = config_fields(old), config_fields(new)
   return {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
 
 
@@ -62,19 +46,19 @@ def has_checkpoints(workdir: epath.Path) -> bool:
   return folder.exists() and any(p.name.isdigit() for p in folder.iterdir())
 
 
-def check_and_record(config, workdir: str, write: bool) -> dict[str, list]:
-  """Refuses (ConfigError) a config that may not resume the workdir's checkpoints; records the allowed
+def check_and_record(settings: Settings, workdir: str, write: bool) -> dict[str, list]:
+  """Refuses (ConfigError) settings that may not resume the workdir's checkpoints; records the allowed
   changes (when `write`: process 0). Returns the recorded changes."""
   workdir = epath.Path(workdir)
-  current = json.loads(config.to_json_best_effort())
+  current = settings.to_config()
   previous = in_effect(workdir) if has_checkpoints(workdir) else None
   if previous is None:  # nothing to resume: the config is this run's
     if write:
       workdir.mkdir(parents=True, exist_ok=True)
-      (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+      (workdir / "config.json").write_text(json.dumps(current, indent=2))
     return {}
   changed = changes(previous, current)
-  refused = {k: v for k, v in changed.items() if not _is_safe(k)}
+  refused = {k: v for k, v in changed.items() if not resume_safe(k)}
   if refused:
     listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
     raise ConfigError(f"the config differs from the one {workdir} was trained with in field(s) that a resume "
