@@ -29,7 +29,7 @@ flags.mark_flags_as_required(["config", "out"])
 
 def main(argv):
   del argv
-  from mosaic_jax.train.inputs import encode_dataset  # pylint: disable=import-outside-toplevel
+  from mosaic_jax.train.encode_features import encode_dataset  # pylint: disable=import-outside-toplevel
   spec = encode_dataset(settings_from_config(_CONFIG.value), _OUT.value, _SPLITS.value, _BATCH.value, _DTYPE.value)
   print(f"wrote {spec['splits']} examples and {len(spec['captions'])} distinct captions to {_OUT.value}; "
         f"train with --config.dataset.cached_features={_OUT.value}")

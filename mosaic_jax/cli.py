@@ -30,11 +30,12 @@ USER_ERROR_EXIT_STATUS = 2
 # "module:class" of every user-error type; a type counts only once its module is imported.
 USER_ERRORS = (
     "mosaic_jax.settings:ConfigError", "mosaic_jax.train.checkpoint:CheckpointError",
-    "mosaic_jax.sample:SampleInputError", "mosaic_jax.interop.tensor_table:CheckpointError",
+    "mosaic_jax.sampling.requests:SampleInputError", "mosaic_jax.interop.tensor_table:CheckpointError",
     "mosaic_jax.interop.lora_file:LoraFileError", "mosaic_jax.interop.safetensors_io:SafetensorsError",
     "mosaic_jax.text:TokenizerFilesError", "mosaic_jax.data.cached_features:CacheError",
     "mosaic_jax.data.image_ops:ImageDecodeError", "mosaic_jax.evaluation.dreambench:EvaluationInputError",
-    "mosaic_jax.data.pipeline:DatasetError", "mosaic_jax.train.trained_model:TrainedModelError",
+    "mosaic_jax.data.pipeline:DatasetError", "mosaic_jax.workdir.trained:TrainedModelError",
+    "mosaic_jax.workdir.config:WorkdirError",
 )
 
 

@@ -1,7 +1,7 @@
 """The command-line sampler's files (launch/sample.py): a cases file in, a run folder out.
 
-`read_cases` reads the official cases format; `write_run` samples every case and seed with a
-`sample.Sampler` (the library: models, mesh, batches) into a fresh `run-<UTC time>` folder of PNG files
+`write_run` samples every case and seed with a `sampling.Sampler` (the library: models, mesh, batches;
+sampling.read_cases reads the official cases file) into a fresh `run-<UTC time>` folder of PNG files
 (each result, its panel with the references, optionally the attention heatmaps and maps) and a
 run.json that records the model, the options and the cases.
 """
@@ -20,36 +20,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from mosaic_jax import cli, images
-from mosaic_jax.sample import Case, SampleInputError, Sampler, load_reference
-
-
-def read_cases(path: str) -> list[Case]:
-  """Cases from an official-format JSON file: a list of {"index", "prompt", "image_paths"}.
-
-  Relative image paths are taken from the current folder or, failing that, from the file's folder.
-  """
-  path = os.fspath(path)
-  entries = cli.read_json(path, SampleInputError)
-  if not isinstance(entries, list):
-    raise SampleInputError(f"{path}: expected a JSON list of {{\"index\", \"prompt\", \"image_paths\"}} "
-                           f"objects, got {type(entries).__name__}.")
-  base = os.path.dirname(os.path.abspath(path))
-  cases = []
-  for position, entry in enumerate(entries):
-    where = f"{path}: entry {position}"
-    if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
-      raise SampleInputError(f"{where}: expected an object with a string \"prompt\", got {entry!r}.")
-    image_paths = entry.get("image_paths", [])
-    if not isinstance(image_paths, list) or not all(isinstance(p, str) for p in image_paths):
-      raise SampleInputError(f"{where}: \"image_paths\" must be a list of strings, got {image_paths!r}.")
-    resolved = []
-    for p in image_paths:
-      beside_file = os.path.join(base, p)
-      resolved.append(beside_file if not os.path.isabs(p) and not os.path.exists(p)
-                      and os.path.exists(beside_file) else p)
-    cases.append(Case(str(entry.get("index", position)), entry["prompt"], tuple(resolved)))
-  return cases
+from mosaic_jax import images
+from mosaic_jax.sampling import Case, SampleInputError, Sampler, load_reference
 
 
 def write_run(sampler: Sampler, cases: Sequence[Case], output_dir: str, progress: bool = True) -> list[str]:

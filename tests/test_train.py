@@ -19,13 +19,15 @@ import numpy as np
 import pytest
 
 from train_fixtures import compilation_cache, flux_ms, tensorboard_scalars, tiny_config  # noqa: F401
+from mosaic_jax.encoders import make_encoders
 from mosaic_jax.model.autoencoder import Autoencoder
 from mosaic_jax.model.vae import VaeConfig
 from mosaic_jax.train import ConfigError, settings_from_config, train_and_evaluate
-from mosaic_jax.train import inputs as inputs_lib
+from mosaic_jax.train import batches as batches_lib
+from mosaic_jax.train import compilation
+from mosaic_jax.train import evaluate as evaluate_lib
 from mosaic_jax.train import metrics as metrics_lib
 from mosaic_jax.train import step as step_lib
-from mosaic_jax.train import trainer
 
 
 _FLUX_VAE = Autoencoder("vae", VaeConfig(), {})  # FLUX's autoencoder geometry, without weights
@@ -162,7 +164,7 @@ def test_flux_random_runs_the_recipe_step_with_random_weights(data_dir, tmp_path
   config.losses.mdl_ramp_start, config.losses.mdl_ramp_end = 0, 1
   config.model_overrides.update(num_layers=1, num_single_layers=1, attention_head_dim=32, num_attention_heads=2,
                                 axes_dims_rope=(8, 12, 12))
-  encoders = inputs_lib.make_encoders(config)
+  encoders = make_encoders(settings_from_config(config))
   assert (encoders.autoencoder.kind, encoders.autoencoder.latent_channels, encoders.autoencoder.downsample_factor,
           encoders.t5_config.d_model, encoders.clip_config.hidden_size) == ("vae", 16, 8, 4096, 768)
   seen = []
@@ -249,7 +251,7 @@ def test_the_sampler_takes_a_recipe_workdir_on_a_flux_root(data_dir, tmp_path):
 def no_compilation(monkeypatch):
   def fail(*args, **kwargs):
     raise AssertionError("compiled before reporting the bad input")
-  monkeypatch.setattr(trainer, "compile_steps", fail)
+  monkeypatch.setattr(compilation, "compile_steps", fail)
 
 
 def test_missing_checkpoint_path_is_one_clear_error(data_dir, tmp_path, no_compilation):
@@ -336,9 +338,10 @@ def test_pairs_index_the_token_grid_of_the_autoencoder(data_dir, patch):
   """Pairs are derived on the grid the model sees: 64 px / (2 x patch) tokens a side, not FLUX's 16 px."""
   config = tiny_config(data_dir, pixel_patch_size=patch, eval_examples=4,  # 64 px
                        **{"model_overrides.in_channels": 4 * 3 * patch * patch})  # fits the autoencoder
-  encoders = inputs_lib.make_encoders(config)
+  settings = settings_from_config(config)
+  encoders = make_encoders(settings)
   grid = 64 // (2 * patch)
-  batches = trainer.evaluation_batches(settings_from_config(config, encoders.autoencoder), encoders)
+  batches = evaluate_lib.evaluation_batches(settings, encoders)
   rows = []
   for batch in batches:
     assert batch["target"].shape[1] == 2 * grid  # latent side; 2x2 packing gives grid x grid tokens
@@ -371,7 +374,7 @@ def test_nan_guard_stops_at_the_bad_step_and_keeps_the_last_good_checkpoint(firs
   only step 2 is on disk and finite, and a clean rerun resumes from it with the uninterrupted losses."""
   _, uninterrupted = first_run
   workdir = str(tmp_path / "nan")
-  real_host_inputs, calls = inputs_lib.host_inputs, []
+  real_host_inputs, calls = batches_lib.host_inputs, []
 
   def inf_from_step_3(host_batch, encoders, settings):
     batch = real_host_inputs(host_batch, encoders, settings)
@@ -380,7 +383,7 @@ def test_nan_guard_stops_at_the_bad_step_and_keeps_the_last_good_checkpoint(firs
       batch["target_images"][0, 0, 0, 0] = np.inf
     return batch
 
-  monkeypatch.setattr(inputs_lib, "host_inputs", inf_from_step_3)
+  monkeypatch.setattr(batches_lib, "host_inputs", inf_from_step_3)
   with pytest.raises(FloatingPointError, match=r"at step 3 \(loss nan.*last good checkpoint \(step 2\)"):
     train_and_evaluate(tiny_config(data_dir), workdir)
   monkeypatch.undo()
@@ -424,7 +427,7 @@ def _multidevice_run(data_dir: str, workdir: str) -> dict:
   except ConfigError as error:
     out["indivisible_batch_error"] = str(error)
 
-  real_compile_steps, shardings = trainer.compile_steps, []
+  real_compile_steps, shardings = compilation.compile_steps, []
 
   def recording_compile_steps(cfg, state, *args, **kwargs):
     compiled = real_compile_steps(cfg, state, *args, **kwargs)
@@ -441,7 +444,7 @@ def _multidevice_run(data_dir: str, workdir: str) -> dict:
     shardings.append(record)
     return compiled
 
-  trainer.compile_steps = recording_compile_steps
+  compilation.compile_steps = recording_compile_steps
   for mesh, total_steps in ((MESH_A, 2), (MESH_B, 4)):
     config = tiny_config(data_dir, total_steps=total_steps)
     config.mesh.update(mesh)

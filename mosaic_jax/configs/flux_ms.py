@@ -20,7 +20,7 @@ Variants (combine with commas, e.g. `demo,independent_refs`):
                     are downloaded. 20 steps, one checkpoint, no evaluation; what it learns means
                     nothing. benchmarks/accelerator_check.sh runs it on a lent GPU.
   independent_refs  references attend to themselves only, which makes their keys and values
-                    cacheable across sampling steps (`sample.denoise(..., use_ref_cache=True)`).
+                    cacheable across sampling steps (`sampling.denoise(..., use_ref_cache=True)`).
 
 Any field can be overridden on the command line, e.g. `--config.checkpoint=/ckpt/FLUX.1-dev`.
 """

@@ -27,8 +27,10 @@ On resume, steps are tried newest first: a step folder without its items, an emp
 metadata file, a file whose size or sha256 differs from its checksums, or a restore that raises makes
 the step unusable: one line names the step and the file, the folder is moved aside, and the next
 older step is tried (one line says which step the run resumes from). A step whose writer was killed
-after the commit but before its checksums were written is restored unverified (said so) and its
-checksums are recorded then.
+after the commit but before its checksums were written is unverified: its structure is checked, and it
+is restored if orbax reads it (the only check left: a corruption orbax's reading catches sets it aside
+like any unusable step), said so at every resume. Its checksums are never recorded afterwards: they
+would bless whatever its files hold by then. It stays unverified until pruned.
 """
 
 from __future__ import annotations
@@ -47,9 +49,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from mosaic_jax.interop import save_lora
+from mosaic_jax.workdir.steps import ITEMS, read_state_subtrees
 
 LORA_FILES = {"lora.safetensors": ("trainable", "lora"), "lora_ema.safetensors": ("ema", "lora")}
-ITEMS = ("state", "data")
 
 
 class CheckpointError(RuntimeError):
@@ -134,13 +136,14 @@ class Checkpointer:
         continue
       if not verified:
         report(f"checkpoint step {step} has no recorded checksums (its run stopped right after the commit): "
-               "restored unverified")
+               "restored unverified, and left unverified (checksums recorded now would bless whatever its files "
+               "hold)")
       if skipped:
         report(f"resuming from step {step}, the newest good checkpoint (unusable: {skipped})")
       self._committed.append(step)
-      if not verified or (cfg is not None and "lora" in abstract_state["trainable"]
-                          and not (self.lora_directory / str(step) / "lora_ema.safetensors").exists()):
-        self._start_after_commit(step, cfg if "lora" in abstract_state["trainable"] else None)
+      if cfg is not None and "lora" in abstract_state["trainable"] and not (
+          self.lora_directory / str(step) / "lora_ema.safetensors").exists():  # a killed run's missing exports
+        self._start_after_commit(step, cfg, checksums=False)
       return step, restored[0], restored[1]
     if skipped:
       report(f"no usable checkpoint in {self.directory} (unusable: {skipped}): starting from step 0")
@@ -203,18 +206,19 @@ class Checkpointer:
 
   # ---- after the commit: checksums, exports, pruning (process 0, background) ----
 
-  def _start_after_commit(self, step: int, cfg) -> None:
+  def _start_after_commit(self, step: int, cfg, checksums: bool = True) -> None:
+    """checksums: record them (a step this run saw committed), else only the exports and the pruning."""
     if jax.process_index() != 0:
       return
-    thread = threading.Thread(target=self._after_commit, args=(step, cfg), name=f"after-commit-{step}",
+    thread = threading.Thread(target=self._after_commit, args=(step, cfg, checksums), name=f"after-commit-{step}",
                               daemon=True)
     thread.start()
     self._threads.append(thread)
 
-  def _after_commit(self, step: int, cfg) -> None:
+  def _after_commit(self, step: int, cfg, checksums: bool) -> None:
     try:
       recorded = self.checksum_directory / f"{step}.json"
-      if not recorded.exists():  # else verified on resume: a committed step's files never change
+      if checksums and not recorded.exists():
         self.checksum_directory.mkdir(parents=True, exist_ok=True)
         temporary = self.checksum_directory / f"{step}.json.tmp"  # complete, or absent
         temporary.write_text(json.dumps(file_checksums(self.directory / str(step)), indent=1))
@@ -379,23 +383,6 @@ _PROBLEM_BYTES = 1024  # a reported problem names one path and its cause
 def read_lora_trees(state_directory: epath.Path) -> dict[tuple[str, str], dict]:
   """{(group, "lora"): the LoRA pytree as numpy} for the groups of LORA_FILES, from a committed step."""
   return read_state_subtrees(state_directory, list(LORA_FILES.values()))
-
-
-def read_state_subtrees(state_directory: epath.Path, paths: list[tuple[str, str]]) -> dict[tuple[str, str], Any]:
-  """{(group, name): that subtree of a committed checkpoint's state item, as numpy}, read by this process
-  alone (no barrier with the others; whole arrays on the host, whichever hosts wrote their shards)."""
-  options = ocp.options.MultiprocessingOptions(primary_host=None, active_processes={jax.process_index()})
-  checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=options),
-                                  multiprocessing_options=options)
-  metadata = checkpointer.metadata(state_directory)
-  tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata.tree
-  wanted = {}
-  for group, name in paths:
-    wanted.setdefault(group, {})[name] = tree[group][name]
-  restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-  restored = checkpointer.restore(state_directory, args=ocp.args.PyTreeRestore(
-      item=wanted, restore_args=restore_args, partial_restore=True))
-  return {(group, name): restored[group][name] for group, name in paths}
 
 
 class PreemptionFlag:
