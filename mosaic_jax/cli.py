@@ -117,6 +117,21 @@ def quiet_third_party_logs() -> None:
   root = logging.getLogger()
   for handler in root.handlers:
     handler.addFilter(_ThirdPartyFilter())
+  sys.unraisablehook = _without_closed_loop_callbacks(sys.unraisablehook)
+
+
+def _without_closed_loop_callbacks(unraisablehook):
+  """sys.unraisablehook without the errors of callbacks into an event loop that is already closed. After
+  a save fails (a full disk), orbax closes its event loop while tensorstore still finishes the save's
+  writes; each write's completion callback then fails on the closed loop, and tensorstore hands the
+  error to sys.unraisablehook: hundreds of identical tracebacks ahead of the one line that says what
+  happened (the checkpointer reports the save's own error)."""
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+      return
+    unraisablehook(unraisable)
+  return hook
 
 
 # ---- absl scripts (ml_collections config files) ---------------------------------------------------

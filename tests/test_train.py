@@ -150,6 +150,48 @@ def test_resuming_with_a_changed_model_or_optimizer_is_refused_before_anything_i
   assert {name: open(os.path.join(workdir, name)).read() for name in before} == before
 
 
+def test_a_resume_compares_model_overrides_one_by_one_and_the_sampler_follows_it(first_run, data_dir, tmp_path):
+  """An override at the value in effect is no change, one of how the transformer runs may change; one of
+  its architecture is refused through the command line naming that field alone (one line, status 2,
+  nothing written). Sampling the workdir reads its settings after every resume: a resume that changed
+  sample_steps samples with the new value (config.json keeps the first start's)."""
+  import importlib.util
+  from train_fixtures import train_command
+  from mosaic_jax.workdir.config import resume_changes
+  workdir = str(tmp_path / "run")
+  shutil.copytree(first_run[0], workdir)
+  first_config = open(os.path.join(workdir, "config.json")).read()
+  same = dict(eval_examples=2, sample_steps=2, peak_tflops_per_device=1.0)  # first_run's
+  refused = subprocess.run(train_command(data_dir, workdir, **same, **{"model_overrides.num_layers": 2,
+                                                                     "model_overrides.attention_impl": "xla"}),
+                           capture_output=True, text=True, timeout=300)
+  errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+  assert refused.returncode == 2 and len(errors) == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+  assert "cannot change (model_overrides.num_layers: 1 -> 2): restore" in errors[0], errors[0]
+  assert not os.path.exists(os.path.join(workdir, "config_history.jsonl"))
+
+  settings = settings_from_config(tiny_config(data_dir, sample_steps=3, eval_examples=0,
+                                              **{"model_overrides.attention_impl": "xla"}))
+  chunked = dataclasses.replace(settings, model_overrides=tuple(sorted({**dict(settings.model_overrides),
+                                                                        "attention_chunk": 8}.items())))
+  assert resume_changes(chunked, workdir)["model_overrides.attention_chunk"] == [512, 8]  # allowed
+  resumed = train_and_evaluate(settings, workdir)
+  assert resumed["status"] == "done" and resumed["losses"] == {}
+  history = [json.loads(line) for line in open(os.path.join(workdir, "config_history.jsonl"))]
+  assert history[-1]["changed"] == {"eval_examples": [2, 0], "peak_tflops_per_device": [1.0, 0.0],
+                                    "sample_steps": [2, 3]}
+  assert open(os.path.join(workdir, "config.json")).read() == first_config
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location("launch_sample", os.path.join(root, "launch", "sample.py"))
+  launcher = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(launcher)
+  written = launcher.main(["--checkpoint", workdir, "--prompt", "x", "--output", str(tmp_path / "out"),
+                           "--no_progress"])
+  run = json.load(open(os.path.join(os.path.dirname(written[0]), "run.json")))
+  assert run["options"]["steps"] == 3 and run["model"]["step"] == 4
+
+
 def test_flux_random_runs_the_recipe_step_with_random_weights(data_dir, tmp_path):
   """flux_random: LoRA-only on a frozen bf16 base, FLUX's VAE geometry and text widths, no checkpoint
   (shrunk here to a narrow 2-block transformer at 32 px)."""

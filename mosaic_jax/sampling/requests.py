@@ -116,16 +116,21 @@ def _check_options(options: SampleOptions, size_multiple: int) -> None:
 
 
 def _read_rgb(path: str, what: str):
-  from mosaic_jax.data.image_ops import ImageDecodeError, decode_rgb
+  """The image at `path` as RGB (transparency on white); a missing or unreadable file is one
+  SampleInputError naming it."""
+  from PIL import Image
+  from mosaic_jax.data.image_ops import to_rgb
   try:
-    with open(path, "rb") as f:
-      data = f.read()
+    with open(path, "rb"):
+      pass
   except OSError as e:
     raise SampleInputError(f"{what}: reference image {path}: cannot read it ({e.strerror or e}).") from e
   try:
-    return decode_rgb(data, path)
-  except ImageDecodeError as e:
-    raise SampleInputError(f"{what}: reference image {path}: not a readable image ({e}).") from e
+    image = Image.open(path)  # by its path, so that PIL's own message names the file
+    image.load()
+  except Exception as e:  # PIL raises many types for bad bytes
+    raise SampleInputError(f"{what}: reference image {path}: not a readable image ({type(e).__name__}: {e}).") from e
+  return to_rgb(image)
 
 
 def load_reference(path: str, size: int) -> np.ndarray:
