@@ -15,6 +15,7 @@ import pytest
 from mosaic_jax.data import cached_features, make_iterator
 from mosaic_jax.data.pipeline import PipelineConfig
 from mosaic_jax.encoders import demo_encoders
+from mosaic_jax.settings import config_fields
 from mosaic_jax.interop.safetensors_io import SafetensorsFile
 from mosaic_jax.train import ConfigError, settings_from_config, train_and_evaluate
 from mosaic_jax.train.batches import step_batch
@@ -42,18 +43,8 @@ def cache(data_dir, tmp_path_factory):  # noqa: F811
 
 def _overrides(config) -> dict:
   """tiny_config as --config. overrides (the command line builds its config from the file)."""
-  base = dict(_flat_items(tiny_config.__globals__["flux_ms"].get_config("demo")))
-  return {k: v for k, v in _flat_items(config) if base.get(k) != v}
-
-
-def _flat_items(config, prefix=""):
-  for key, value in config.items():
-    if hasattr(value, "items") and key != "model_overrides":
-      yield from _flat_items(value, f"{prefix}{key}.")
-    elif hasattr(value, "items"):
-      yield from ((f"{prefix}{key}.{k}", v) for k, v in value.items())
-    else:
-      yield f"{prefix}{key}", value
+  base = config_fields(tiny_config.__globals__["flux_ms"].get_config("demo"))
+  return {k: v for k, v in config_fields(config).items() if base.get(k) != v}
 
 
 def test_cache_stores_each_caption_once_with_the_empty_caption_first(cache):
