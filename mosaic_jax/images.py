@@ -67,7 +67,7 @@ def sample_panel(autoencoder, batch, generated_tokens, max_rows: int = 4, min_ti
 def attention_sheet(autoencoder, batch, generated_tokens, attention, max_rows: int = 4,
                     tile: int = 128) -> np.ndarray:
   """uint8: per example (at most max_rows, stacked) the heatmap panel (heatmaps.py) of its
-  sample and its references' attention over the target a_r(j) [B, R, N] (sample.denoise's
+  sample and its references' attention over the target a_r(j) [B, R, N] (sampling.denoise's
   record_attention), for the same batch and samples as sample_panel."""
   grid = batch["target"].shape[1] // 2, batch["target"].shape[2] // 2  # 2x2 latent patches per token
   attention = np.asarray(attention)

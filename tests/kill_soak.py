@@ -28,7 +28,8 @@ import threading
 import time
 
 from fork_server import ForkServer
-from mosaic_jax.train import inputs
+from mosaic_jax.settings import settings_from_config
+from mosaic_jax.train.datasets import open_dataset
 from train_fixtures import tensorboard_scalars, tiny_config, train_command
 
 # What launch/train.py imports, loaded once by the fork server that starts each run of the soak.
@@ -136,7 +137,7 @@ def soak(data_dir: str, root: str, kills: int, steps: int, seed: int = 0, cache_
   # depend on timing, nor on when checkpoints are written: it saves only its last step (the
   # comparison also checks that saving every step changes nothing), and so takes less of the soak's time.
   config = tiny_config(data_dir, **settings)
-  inputs.open_dataset(config, config.dataset.train_split)  # built once, before the runs start side by side
+  open_dataset(settings_from_config(config), config.dataset.train_split)  # built once, before the runs start side by side
   reference_log = os.path.join(logs, "uninterrupted.log")
   reference_s: list[float] = []
   with open(reference_log, "w") as out:

@@ -16,7 +16,6 @@ import ast
 import os
 import pathlib
 
-import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -122,8 +121,6 @@ def _shortest_cycle(graph: dict[str, set[str]], group: set[str], start: str) -> 
   raise AssertionError(f"{start} is on no cycle of {sorted(group)}")
 
 
-@pytest.mark.xfail(strict=True, reason="the circle sample -> train.trained_model -> train.trainer -> train.evaluate "
-                   "-> sample (issue 24, point 1: being removed on another branch; drop this mark when it is)")
 def test_mosaic_jax_has_no_import_cycle():
   graph = import_graph(ROOT / "mosaic_jax")
   # the graph is read: a few edges every version of the package has
