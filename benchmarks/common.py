@@ -34,7 +34,8 @@ FLUX_TEXT_SHAPES = ((512, 4096), (768,))  # T5-XXL states (the recipe's text_len
 
 
 def flux_vae():
-  """FLUX's VAE geometry (/8, 16 channels) with no weights: all compile_from_shapes needs of it."""
+  """FLUX's VAE geometry (/8, 16 channels) with no weights: all the settings of a step compiled from
+  shapes need of it."""
   from mosaic_jax.model.autoencoder import Autoencoder  # pylint: disable=import-outside-toplevel
   from mosaic_jax.model.vae import VaeConfig  # pylint: disable=import-outside-toplevel
   return Autoencoder("vae", VaeConfig(), {})
@@ -55,6 +56,21 @@ def flux_transformer(remat: str, attention: str, layers: tuple[int, int] | None 
   if layers:
     cfg = dataclasses.replace(cfg, num_layers=layers[0], num_single_layers=layers[1])
   return cfg
+
+
+def compile_recipe_step(config, cfg, mesh, reference_counts, autoencoder, text_shapes) -> dict:
+  """{R: the train step of `config` for transformer `cfg` on `mesh`}, compiled from shapes alone, as the
+  trainer compiles it (train/compilation.py); `autoencoder` gives only the latent geometry, and no file
+  the config names is read. A checkout from before the settings package (a --baseline of
+  official_compare.py) compiles it with its own trainer.compile_from_shapes, which made the settings."""
+  try:
+    from mosaic_jax.settings import settings_from_config  # pylint: disable=import-outside-toplevel
+    from mosaic_jax.train.compilation import compile_from_shapes  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    from mosaic_jax.train import trainer  # pylint: disable=import-outside-toplevel
+    return trainer.compile_from_shapes(config, cfg, mesh, reference_counts, autoencoder, text_shapes)
+  settings = settings_from_config(config, autoencoder, check_files=False)
+  return compile_from_shapes(settings, cfg, mesh, reference_counts, text_shapes)
 
 
 def flux_recipe(mesh_sizes: str, batch: int, devices=None):
@@ -96,9 +112,9 @@ def comparison_step(remat: str | None = None, code: str = ROOT):
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   from mosaic_jax import model, parallel  # pylint: disable=import-outside-toplevel
+  # mosaic_jax.train's name, which a baseline from before the settings package has too
+  from mosaic_jax.train import settings_from_config  # pylint: disable=import-outside-toplevel
   from mosaic_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
-  from mosaic_jax.train import trainer  # pylint: disable=import-outside-toplevel
-  from mosaic_jax.train.settings import settings_from_config  # pylint: disable=import-outside-toplevel
 
   c = COMPARISON_SHAPES
   config = _recipe_config(code)  # the recipe: remat policy, optimizer, EMA, loss weights
@@ -122,9 +138,9 @@ def comparison_step(remat: str | None = None, code: str = ROOT):
       axes_dims_rope=(8, (head_dim - 8) // 2, (head_dim - 8) // 2), remat_policy=config.remat_policy)
   mesh = parallel.make_mesh(config.mesh.to_dict(), jax.devices()[:1])
   text_shapes = ((c["txt"], TEXT_WIDTH), (POOLED_WIDTH,))
-  compiled = trainer.compile_from_shapes(config, cfg, mesh, [c["R"]], vae, text_shapes)[c["R"]]
+  compiled = compile_recipe_step(config, cfg, mesh, [c["R"]], vae, text_shapes)[c["R"]]
 
-  # Real values with the shapes compile_from_shapes used, placed as the executable expects.
+  # Real values with the shapes the step was compiled for, placed as the executable expects.
   settings = settings_from_config(config, vae, check_files=False)  # the trainer's own
   base = model.init_params(jax.random.key(0), cfg, jnp.float32)
   lora = model.init_lora(jax.random.key(1), base, cfg, c["rank"])

@@ -1,8 +1,8 @@
 """Where a (re)start of the trainer spends compiling its step: tracing, lowering, the XLA compile, and,
 warm, the load from jax's persistent compilation cache; the recipe's step at FLUX.1-dev scale.
 
-The step is the trainer's own (trainer.compile_from_shapes, as train_memory.py compiles it: the recipe
-config, its sharding rules and remat policy, abstract weights). Each phase is read from jax's own
+The step is the trainer's own (train/compilation.py's compile_from_shapes, as train_memory.py compiles
+it: the recipe config, its sharding rules and remat policy, abstract weights). Each phase is read from jax's own
 duration events (jax.monitoring): the step's trace (jaxpr_trace_duration), its lowering to StableHLO
 (jaxpr_to_mlir_module_duration) and the backend's compile (backend_compile_duration: with the cache
 on, the cache key's hash plus either the XLA compile or the cache read, cache_retrieval_time_sec).
@@ -63,7 +63,7 @@ def start(args) -> dict:
   if args.cpu_devices:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.cpu_devices}"
   import jax  # pylint: disable=import-outside-toplevel
-  from mosaic_jax.train import tpu_compile, trainer  # pylint: disable=import-outside-toplevel
+  from mosaic_jax.train import tpu_compile  # pylint: disable=import-outside-toplevel
 
   jax.config.update("jax_compilation_cache_dir", args.cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -79,7 +79,7 @@ def start(args) -> dict:
   attention = args.attention or ("splash" if args.topology else "xla")
   cfg = common.flux_transformer(args.remat, attention, layers)
   begin = time.perf_counter()
-  trainer.compile_from_shapes(config, cfg, mesh, [args.refs], common.flux_vae(), common.FLUX_TEXT_SHAPES)
+  common.compile_recipe_step(config, cfg, mesh, [args.refs], common.flux_vae(), common.FLUX_TEXT_SHAPES)
   seconds["total_s"] = time.perf_counter() - begin
   seconds["devices"] = f"{len(mesh.devices.flat)} x {mesh.devices.flat[0].device_kind}"
   seconds["blocks"] = f"{cfg.num_layers}+{cfg.num_single_layers}"

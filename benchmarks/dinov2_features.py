@@ -20,7 +20,7 @@ import argparse
 import jax
 import numpy as np
 from PIL import Image
-from timing import best_time
+from common import best_time
 
 from mosaic_jax.correspondence import dinov2
 

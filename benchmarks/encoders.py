@@ -5,7 +5,7 @@ tokens) and CLIP (77 tokens), one image through the VAE encoder.
 
 Then the real input pipeline, both ways, on a synthetic SemAlign-MS dataset built in a temporary folder
 (`--examples` scenes with `--refs` references at the VAE resolution): batches of the training iterator
-turned into what the train step reads (`train.inputs.step_batch`),
+turned into what the train step reads (`train.batches.step_batch`),
   on the fly = decode images, derive pairs, VAE(1 + R images) + T5 + CLIP   (the official loop)
   cached     = read the features launch/encode_dataset.py stored (data/cached_features.py)
 timed over the same batches after one warm-up batch. The ratio is the training input cost saved.
@@ -33,8 +33,9 @@ from mosaic_jax.data.semalign_ms import SemalignMs, SemalignMsConfig
 from mosaic_jax.encoders import FluxEncoders
 from mosaic_jax.model import clip, t5, vae
 from mosaic_jax.model.autoencoder import Autoencoder
-from mosaic_jax.train.inputs import ByteTokenizers, step_batch
-from mosaic_jax.train.settings import settings_from_config
+from mosaic_jax.settings import settings_from_config
+from mosaic_jax.text import ByteTokenizers
+from mosaic_jax.train.batches import step_batch
 
 
 def configs(size):

@@ -2,9 +2,9 @@
 
 The official side is ../shared/bench/official_step.py (see its README for how to get the official
 code, a reference that is run, never copied). Ours is the trainer's own step, built and compiled the
-way the trainer builds it (common.comparison_step: trainer.compile_from_shapes with the recipe config's
-settings, sharding rules and remat policy, on a one-device mesh), then run on random weights and a
-random batch.
+way the trainer builds it (common.comparison_step: train/compilation.py's compile_from_shapes with the
+recipe config's settings, sharding rules and remat policy, on a one-device mesh), then run on random
+weights and a random batch.
 
 Same work on both sides: FLUX scaled to hidden 512 (8 heads x 64), 2 double + 4 single blocks, 64 text
 tokens of width 256, pooled 128, a 16x16-token target and 3 references of 16x16 tokens (64 channels

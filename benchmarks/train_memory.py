@@ -1,8 +1,8 @@
 """Per-device memory of the MOSAIC recipe's train step at FLUX.1-dev scale, from shapes alone.
 
-The trainer's own step (trainer.compile_from_shapes: the config's sharding rules and remat policy) is
-compiled ahead of time for abstract parameters, LoRA, optimizer state and batch: no weights are
-loaded and nothing runs, so a mesh and batch can be checked in minutes before any accelerator time is
+The trainer's own step (train/compilation.py's compile_from_shapes: the config's sharding rules and
+remat policy) is compiled ahead of time for abstract parameters, LoRA, optimizer state and batch: no
+weights are loaded and nothing runs, so a mesh and batch can be checked in minutes before any accelerator time is
 spent. On a machine without the accelerators, fake CPU devices stand in (`--cpu_devices`); their
 numbers come from the CPU compiler, whose buffer assignment differs from the GPU's and TPU's, and
 the xla attention path materializes scores that cudnn/splash would not: read them as an upper bound
@@ -74,7 +74,7 @@ def main():
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.cpu_devices}"
   import jax  # pylint: disable=import-outside-toplevel
-  from mosaic_jax.train import tpu_compile, trainer  # pylint: disable=import-outside-toplevel
+  from mosaic_jax.train import tpu_compile  # pylint: disable=import-outside-toplevel
 
   if args.attention is None:  # the recipe's kernel for the platform compiled for
     args.attention = "splash" if args.topology or args.sampler else "xla"
@@ -104,7 +104,7 @@ def main():
         f"{jax.devices()[0].device_kind}, attention {args.attention}"
         f"{'' if args.attention_chunk is None else f' (query chunk {args.attention_chunk})'}")
   for remat in args.remat.split(","):
-    compiled = trainer.compile_from_shapes(config, transformer(remat), mesh, refs, vae, common.FLUX_TEXT_SHAPES)
+    compiled = common.compile_recipe_step(config, transformer(remat), mesh, refs, vae, common.FLUX_TEXT_SHAPES)
     for r, executable in compiled.items():
       stats = tpu_compile.report(executable)
       print(f"remat {remat}, {r} reference(s): {stats.total_bytes / 2 ** 30:.1f} GiB per device (arguments "
@@ -115,7 +115,7 @@ def compile_for_slice(name, recipe, transformer, refs, remat, figures, vae, text
   """The recipe's step compiled for TPU slice `name`: memory per chip, and the step's FLOPs per chip,
   the compiler's time estimate and the MFU it implies (module docstring: how the scan is counted)."""
   import jax  # pylint: disable=import-outside-toplevel
-  from mosaic_jax.train import metrics, trainer, tpu_compile  # pylint: disable=import-outside-toplevel
+  from mosaic_jax.train import metrics, tpu_compile  # pylint: disable=import-outside-toplevel
 
   spec = tpu_compile.SLICES[name]
   devices = tpu_compile.slice_devices(name)
@@ -130,7 +130,7 @@ def compile_for_slice(name, recipe, transformer, refs, remat, figures, vae, text
     line = f"  {name} {r} ref(s)"
     if "memory" in figures:
       try:
-        memory = tpu_compile.report(trainer.compile_from_shapes(config, cfg, mesh, [r], vae, text_shapes)[r])
+        memory = tpu_compile.report(common.compile_recipe_step(config, cfg, mesh, [r], vae, text_shapes)[r])
         fits = "fits" if memory.total_bytes <= spec.hbm_gib * 2 ** 30 else "does NOT fit"
         line += (f": {memory.total_bytes / 2 ** 30:.1f} GiB per chip (arguments {memory.argument_bytes / 2 ** 30:.1f}, "
                  f"temporaries {memory.temp_bytes / 2 ** 30:.1f}): {fits} in {spec.hbm_gib:.0f} GiB")
@@ -143,8 +143,8 @@ def compile_for_slice(name, recipe, transformer, refs, remat, figures, vae, text
     if "cost" in figures:
       b = base
       shapes = ((b, b), (b + 1, b), (b, b + 1))
-      c = {layers: tpu_compile.report(trainer.compile_from_shapes(config, transformer(remat, layers), mesh, [r],
-                                                                  vae, text_shapes)[r])
+      c = {layers: tpu_compile.report(common.compile_recipe_step(config, transformer(remat, layers), mesh, [r],
+                                                                 vae, text_shapes)[r])
            for layers in shapes}
       for layers in shapes:  # the raw figures, so that a strange extrapolation can be read back to its compile
         print(f"    {layers[0]}+{layers[1]} blocks: {c[layers].flops / 1e12:.3f} TFLOP, {c[layers].bytes_accessed / 1e12:.3f} "
@@ -179,7 +179,8 @@ def compile_sampler(name, transformer, refs, steps):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from mosaic_jax.configs import flux_ms  # pylint: disable=import-outside-toplevel
-  from mosaic_jax import model, parallel, sample  # pylint: disable=import-outside-toplevel
+  from mosaic_jax import model, parallel  # pylint: disable=import-outside-toplevel
+  from mosaic_jax.sampling import denoise  # pylint: disable=import-outside-toplevel
   from mosaic_jax.train import tpu_compile  # pylint: disable=import-outside-toplevel
 
   spec = tpu_compile.SLICES[name]
@@ -187,7 +188,7 @@ def compile_sampler(name, transformer, refs, steps):
   config = flux_ms.get_config("default")
   mesh = parallel.make_mesh(dict(data=1, fsdp=-1, tensor=1), devices)
   rules = dict(param_rules=tuple(config.sharding.param_rules), logical_rules=tuple(config.sharding.logical_rules))
-  # The cache is exact for a model trained with independent references (sample.py); the shapes are the same.
+  # The cache is exact for a model trained with independent references (sampling/loop.py); the shapes are the same.
   cfg = dataclasses.replace(transformer("none"), independent_refs=True)
   key = jax.random.key(0)
   params = jax.eval_shape(lambda k: model.init_params(k, cfg, jnp.bfloat16), key)
@@ -198,13 +199,15 @@ def compile_sampler(name, transformer, refs, steps):
   whole = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.replicated(mesh))
   grid = config.resolution // 16
   for r in refs:
-    args = (placed(params), placed(lora), cfg, whole((1, grid * grid, cfg.in_channels), jnp.float32),
-            whole((1, config.text_len, cfg.joint_attention_dim), jnp.bfloat16), whole((config.text_len, 3), jnp.int32),
-            whole((1, cfg.pooled_projection_dim), jnp.bfloat16), whole((grid * grid, 3), jnp.int32),
-            whole((steps + 1,), jnp.float32), whole((), jnp.float32),
-            whole((1, r, grid * grid, cfg.in_channels), jnp.bfloat16), whole((r, grid * grid, 3), jnp.int32))
+    inputs = model.FluxInputs(
+        target=whole((1, grid * grid, cfg.in_channels), jnp.float32), target_ids=whole((grid * grid, 3), jnp.int32),
+        text=whole((1, config.text_len, cfg.joint_attention_dim), jnp.bfloat16),
+        text_ids=whole((config.text_len, 3), jnp.int32), pooled=whole((1, cfg.pooled_projection_dim), jnp.bfloat16),
+        timestep=None, guidance=whole((), jnp.float32), refs=whole((1, r, grid * grid, cfg.in_channels), jnp.bfloat16),
+        ref_ids=whole((r, grid * grid, 3), jnp.int32))
     with jax.set_mesh(mesh):  # splash places itself under shard_map on the slice's mesh
-      compiled = sample.denoise.lower(*args, use_ref_cache=True).compile()
+      compiled = denoise.lower(placed(params), placed(lora), cfg, inputs, whole((steps + 1,), jnp.float32),
+                               use_ref_cache=True).compile()
     stats = tpu_compile.report(compiled)
     fits = "fits" if stats.total_bytes <= spec.hbm_gib * 2 ** 30 else "does NOT fit"
     print(f"sampler on {name} ({len(devices)} x {devices[0].device_kind}, mesh {dict(mesh.shape)}): FLUX.1-dev + "
