@@ -1,0 +1,1 @@
+"""Point correspondences for images that have none: feature extractors, MOSAIC's matching rule, accuracy."""
