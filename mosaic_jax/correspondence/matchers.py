@@ -71,26 +71,39 @@ class MeshMatcher:
     param_rules, logical_rules = tuple(param_rules), tuple(logical_rules)
     with jax.set_mesh(self.mesh):
       self.params = place(matcher.params, self.mesh, param_rules, logical_rules)
-    self._grids = jax.jit(matcher.grids,
-                          in_shardings=(tree_shardings(matcher.params, self.mesh, param_rules, logical_rules),
-                                        self.data_sharding, self.data_sharding),
+    param_shardings = tree_shardings(matcher.params, self.mesh, param_rules, logical_rules)
+    self._grids = jax.jit(matcher.grids, in_shardings=(param_shardings, self.data_sharding, self.data_sharding),
                           out_shardings=replicated(self.mesh))
+    self._features = jax.jit(matcher.features, in_shardings=(param_shardings, self.data_sharding),
+                             out_shardings=replicated(self.mesh))
 
   def _global(self, host: np.ndarray) -> jax.Array:
     return jax.make_array_from_callback(host.shape, self.data_sharding, lambda index: host[index])
 
+  def _inputs(self, images: np.ndarray) -> jax.Array:
+    """uint8 images [n, 1024, 1024, 3], n <= batch_size, padded by repeating the last -> global inputs."""
+    images = np.asarray(images)
+    if not 0 < len(images) <= self.batch_size:
+      raise ValueError(f"{len(images)} images for a batch of {self.batch_size}")
+    pad = self.batch_size - len(images)
+    if pad:
+      images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
+    return self._global(np.asarray(self.matcher.host_inputs(images)))
+
   def __call__(self, targets: np.ndarray, references: np.ndarray) -> np.ndarray:
     """Prepared uint8 images [n, 1024, 1024, 3] each (n <= batch_size) -> stored grids uint8 [n, 64, 64, 2]."""
-    count = len(targets)
-    if not 0 < count <= self.batch_size or len(references) != count:
-      raise ValueError(f"{count} targets and {len(references)} references for a batch of {self.batch_size}")
-    pad = self.batch_size - count
-    inputs = []
-    for images in (targets, references):
-      images = np.asarray(images)
-      if pad:
-        images = np.concatenate([images, np.repeat(images[-1:], pad, axis=0)])
-      inputs.append(self._global(np.asarray(self.matcher.host_inputs(images))))
+    if len(references) != len(targets):
+      raise ValueError(f"{len(targets)} targets but {len(references)} references")
     with jax.set_mesh(self.mesh):
-      cells = self._grids(self.params, *inputs)
-    return np.stack([matching.stored_grid(grid) for grid in np.asarray(jax.device_get(cells))[:count]])
+      cells = self._grids(self.params, self._inputs(targets), self._inputs(references))
+    return np.stack([matching.stored_grid(grid) for grid in np.asarray(jax.device_get(cells))[:len(targets)]])
+
+  def image_features(self, images: np.ndarray) -> np.ndarray:
+    """uint8 images [n, 1024, 1024, 3] -> float32 feature grids [n, 64, 64, D], batch_size at a time."""
+    out = []
+    for start in range(0, len(images), self.batch_size):
+      chunk = images[start:start + self.batch_size]
+      with jax.set_mesh(self.mesh):
+        features = self._features(self.params, self._inputs(chunk))
+      out.append(np.asarray(jax.device_get(features), np.float32)[:len(chunk)])
+    return np.concatenate(out)
