@@ -13,7 +13,16 @@ fill_manifest.py and docs/matching.md.
 
 from __future__ import annotations
 
+import argparse
+
 from mosaic_jax import cli
+
+
+def channel_list(text: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(c) for c in text.split(",") if c.strip())
+  except ValueError as error:
+    raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated channel numbers, e.g. 154,1446") from error
 
 
 def main(argv=None):
@@ -31,6 +40,9 @@ def main(argv=None):
   parser.add_argument("--ditf_block", type=int, help="DiTF: the block whose input is read (default 28)")
   parser.add_argument("--ditf_timestep", type=float, help="DiTF: sigma of the noisy copies (default 0.26)")
   parser.add_argument("--ditf_copies", type=int, help="DiTF: noisy copies averaged (default 8)")
+  parser.add_argument("--ditf_massive_channels", type=channel_list, help="DiTF: comma-separated channels zeroed before the AdaLN "
+                      "(default FLUX.1-dev's 154,1446; empty: none)")
+  parser.add_argument("--dinov2_layer", type=int, help="DINOv2: the block whose output is read (default 11)")
   parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                       help="the FLUX transformer's and text encoders' weights (DINOv2 stays float32)")
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -61,12 +73,16 @@ def _run(args) -> None:
     from mosaic_jax.correspondence import flux_features
     overrides = {name: value for name, value in (("block", args.ditf_block), ("timestep", args.ditf_timestep),
                                                  ("copies", args.ditf_copies)) if value is not None}
+    if args.ditf_massive_channels is not None:
+      channels = args.ditf_massive_channels
+      overrides.update(massive_channels=channels, discard_massive=bool(channels))
     cfg = dataclasses.replace(flux_features.DitfConfig(), **overrides)
     matcher = extractors.ditf_matcher_from_root(args.flux, cfg, getattr(jnp, args.dtype), args.dift_similarity)
     return matchers.MeshMatcher(matcher, batch_size=args.batch_size or None)
 
   def dinov2():
-    matcher = extractors.dinov2_matcher_from_folder(args.dinov2, similarity=args.geoaware_similarity)
+    matcher = extractors.dinov2_matcher_from_folder(args.dinov2, layer=args.dinov2_layer,
+                                                    similarity=args.geoaware_similarity)
     return matchers.MeshMatcher(matcher, batch_size=args.batch_size or None)
 
   runners = {}

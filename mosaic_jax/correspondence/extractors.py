@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from mosaic_jax.correspondence import matchers
+from mosaic_jax.model.autoencoder import Autoencoder
 
 DITF_SEED = 0
 
@@ -35,7 +36,9 @@ def ditf_matcher(params: Any, flux_cfg, autoencoder, text: np.ndarray, pooled: n
   def features(parts, images):
     return flux_features.image_features_from_images(parts["autoencoder"], parts["transformer"], flux_cfg, images,
                                                     parts["text"], parts["pooled"], jax.random.key(seed), cfg)
-  parts = {"transformer": params, "autoencoder": autoencoder, "text": jnp.asarray(text), "pooled": jnp.asarray(pooled)}
+  if autoencoder.kind == "vae":  # the matcher only encodes: the decoder's weights need no device memory
+    autoencoder = Autoencoder(autoencoder.kind, autoencoder.config, {"encoder": autoencoder.params["encoder"]})
+  parts = {"transformer": params, "autoencoder": autoencoder, "text": text, "pooled": pooled}
   return matchers.Matcher("ditf", "dift", parts, features, matchers.unit_range, similarity)
 
 

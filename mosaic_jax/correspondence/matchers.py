@@ -53,6 +53,22 @@ class Matcher:
                                 self.similarity)
 
 
+def lower_grids(matcher: Matcher, mesh: jax.sharding.Mesh, input_shape: tuple[int, ...], input_dtype=np.float32,
+                param_rules: Iterable = DEFAULT_PARAM_RULES, logical_rules: Iterable = DEFAULT_LOGICAL_RULES):
+  """The grids program lowered from shapes alone (`matcher.params` may be ShapeDtypeStructs, e.g. from
+  jax.eval_shape): inputs [batch, ...] = `input_shape` for targets and references, split and placed as
+  MeshMatcher places them. `.compile()` it for a TPU topology's devices to read memory and time."""
+  param_rules, logical_rules = tuple(param_rules), tuple(logical_rules)
+  shardings = tree_shardings(matcher.params, mesh, param_rules, logical_rules)
+  params = jax.tree_util.tree_map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                                  matcher.params, shardings)
+  data = batch_sharding(mesh, logical_rules)
+  inputs = jax.ShapeDtypeStruct(tuple(input_shape), input_dtype, sharding=data)
+  with jax.set_mesh(mesh):
+    return jax.jit(matcher.grids, in_shardings=(shardings, data, data), out_shardings=replicated(mesh)).lower(
+        params, inputs, inputs)
+
+
 class MeshMatcher:
   """`matcher` jitted over `mesh` for batches of exactly `batch_size` (the last batch is padded)."""
 
