@@ -1,1 +1,1 @@
-"""Point correspondences for images that have none: feature extractors, MOSAIC's matching rule, accuracy."""
+"""Dense correspondences from JAX image features (DINOv2, FLUX diffusion features) and MOSAIC's matching rule."""

@@ -271,6 +271,101 @@ def _remat(step_fn, cfg: FluxConfig):
   return jax.checkpoint(step_fn, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
 
 
+class _Streams(NamedTuple):
+  """The embedded branches and what every block reads besides them; the reference fields are None
+  without references."""
+  txt: jax.Array
+  img: jax.Array
+  refs: Optional[jax.Array]
+  temb: jax.Array
+  temb_ref: Optional[jax.Array]
+  rope_main: tuple
+  rope_ref: Optional[tuple]
+
+
+def _has_refs(inputs: FluxInputs) -> bool:
+  return inputs.refs is not None and inputs.refs.shape[1] > 0
+
+
+def _embed(params, lora, cfg: FluxConfig, inputs: FluxInputs) -> _Streams:
+  """Token embeddings, conditioning vectors and rotary tables of every branch (references at t = 0)."""
+  dtype = params["x_embedder"]["kernel"].dtype
+  batch = inputs.target.shape[0]
+  temb = conditioning(params["time_text_embed"], cfg, inputs.timestep, inputs.guidance, inputs.pooled)
+  img = linear(params["x_embedder"], inputs.target.astype(dtype))
+  txt = linear(params["context_embedder"], inputs.text.astype(dtype))
+  rope_main = rope(jnp.concatenate([inputs.text_ids, inputs.target_ids], axis=0),
+                   cfg.axes_dims_rope, cfg.rope_theta)
+  refs = temb_ref = rope_ref = None
+  if _has_refs(inputs):
+    ref_guidance = (jnp.ones((batch,), jnp.float32) if inputs.ref_guidance is None
+                    else inputs.ref_guidance)
+    temb_ref = conditioning(params["time_text_embed"], cfg, jnp.zeros((batch,), jnp.float32),
+                            ref_guidance, inputs.pooled)
+    refs = linear(params["x_embedder"], inputs.refs.astype(dtype), get_path(lora, "x_embedder"))
+    rope_ref = rope(inputs.ref_ids, cfg.axes_dims_rope, cfg.rope_theta)
+  return _Streams(txt, img, refs, temb, temb_ref, rope_main, rope_ref)
+
+
+def _scan_group(step, carry, params, lora, group: str, cache, count: int, cfg: FluxConfig):
+  """`step` over the first `count` blocks of the stacked `group` with one `lax.scan` (one compiled block
+  whatever the depth). Returns (carry, the steps' extras stacked on a leading layer axis)."""
+  if not count:
+    return carry, {}
+  layers = (params[group], get_path(lora, group), cache)
+  if count == jax.tree_util.tree_leaves(params[group])[0].shape[0]:
+    return jax.lax.scan(_remat(step, cfg), carry, layers, unroll=cfg.unroll_layers)
+
+  # The first blocks only: scan over their indices and read each block's weights in place. Scanning over
+  # a slice of the stacked weights would copy the slice first (XLA:CPU, 4 of 8 FLUX single blocks in
+  # float32: 2.3 GB more temporary memory).
+  def step_at(carry, index):
+    return step(carry, jax.tree_util.tree_map(lambda x: jax.lax.dynamic_index_in_dim(x, index, keepdims=False),
+                                              layers))
+  return jax.lax.scan(_remat(step_at, cfg), carry, jnp.arange(count), unroll=cfg.unroll_layers)
+
+
+def _run_double_blocks(params, lora, cfg: FluxConfig, streams: _Streams, count: int, cache=None,
+                       want_maps=False, pairs=None, keep_kv=False):
+  """The first `count` double blocks: ((txt, img, refs), extras); the options as in double_block."""
+  def step(carry, layer):
+    p, lp, kv = layer
+    return double_block(p, lp, cfg, *carry, streams.temb, streams.temb_ref, streams.rope_main, streams.rope_ref,
+                        want_maps, pairs, kv, keep_kv)
+  return _scan_group(step, (streams.txt, streams.img, streams.refs), params, lora, "transformer_blocks", cache,
+                     count, cfg)
+
+
+def _run_single_blocks(params, lora, cfg: FluxConfig, streams: _Streams, main, refs, count: int, cache=None,
+                       keep_kv=False):
+  """The first `count` single blocks over main = [text | target]: ((main, refs), extras)."""
+  def step(carry, layer):
+    p, lp, kv = layer
+    return single_block(p, lp, cfg, *carry, streams.temb, streams.temb_ref, streams.rope_main, streams.rope_ref,
+                        kv, keep_kv)
+  return _scan_group(step, (main, refs), params, lora, "single_transformer_blocks", cache, count, cfg)
+
+
+def _output_adaln(params, temb):
+  """(shift, scale) of the output layer's AdaLN (`norm_out`, whose linear is (scale, shift) in diffusers)."""
+  scale, shift = modulation(params["norm_out"]["linear"], temb, 2)
+  return shift, scale
+
+
+def _collect_aux(double_extras: dict, single_extras: dict, keep_kv: bool) -> dict:
+  """forward's aux from the blocks' stacked extras (see forward)."""
+  aux = {}
+  if "attention_maps" in double_extras:
+    aux["attention_maps"] = jnp.moveaxis(double_extras["attention_maps"], 0, 1)
+  if "attention_statistics" in double_extras:  # DESIGN's A: mean over double blocks of the head means
+    aux["attention_statistics"] = AttentionStatistics(
+        *(jnp.mean(x, axis=0) for x in double_extras["attention_statistics"]))
+  if keep_kv:
+    aux["ref_kv"] = {name: found["ref_kv"] for name, found in (("double", double_extras),
+                                                                ("single", single_extras)) if "ref_kv" in found}
+  return aux
+
+
 def forward(params, lora, cfg: FluxConfig, inputs: FluxInputs, return_attention_maps: bool = False,
             correspondences: Correspondences | None = None, return_ref_kv: bool = False,
             ref_kv: dict | None = None):
@@ -290,66 +385,68 @@ def forward(params, lora, cfg: FluxConfig, inputs: FluxInputs, return_attention_
     With cfg.independent_refs this is exact, since reference tokens then never see text or target
     and their keys do not change across sampling steps; without it, it is an approximation.
   """
-  dtype = params["x_embedder"]["kernel"].dtype
-  batch = inputs.target.shape[0]
-  has_refs = inputs.refs is not None and inputs.refs.shape[1] > 0
-
-  temb = conditioning(params["time_text_embed"], cfg, inputs.timestep, inputs.guidance, inputs.pooled)
-  img = linear(params["x_embedder"], inputs.target.astype(dtype))
-  txt = linear(params["context_embedder"], inputs.text.astype(dtype))
-  rope_main = rope(jnp.concatenate([inputs.text_ids, inputs.target_ids], axis=0),
-                   cfg.axes_dims_rope, cfg.rope_theta)
-
-  refs = temb_ref = rope_ref = None
+  has_refs = _has_refs(inputs)
   if has_refs and ref_kv is not None:
     raise ValueError("forward: pass either inputs.refs or a ref_kv cache, not both.")
-  if has_refs:
-    ref_guidance = (jnp.ones((batch,), jnp.float32) if inputs.ref_guidance is None
-                    else inputs.ref_guidance)
-    temb_ref = conditioning(params["time_text_embed"], cfg, jnp.zeros((batch,), jnp.float32),
-                            ref_guidance, inputs.pooled)
-    refs = linear(params["x_embedder"], inputs.refs.astype(dtype), get_path(lora, "x_embedder"))
-    rope_ref = rope(inputs.ref_ids, cfg.axes_dims_rope, cfg.rope_theta)
-  want_maps = return_attention_maps and has_refs
-  pairs = correspondences if has_refs else None
+  streams = _embed(params, lora, cfg, inputs)
   keep_kv = return_ref_kv and has_refs
   cache = ref_kv or {}
 
-  extras = {}
-  if cfg.num_layers:
-    def double_step(carry, layer):
-      p, lp, kv = layer
-      return double_block(p, lp, cfg, *carry, temb, temb_ref, rope_main, rope_ref, want_maps, pairs, kv,
-                          keep_kv)
-
-    (txt, img, refs), extras = jax.lax.scan(
-        _remat(double_step, cfg), (txt, img, refs),
-        (params["transformer_blocks"], get_path(lora, "transformer_blocks"), cache.get("double")),
-        unroll=cfg.unroll_layers)
-
-  main = jnp.concatenate([txt, img], axis=1)
-  single_extras = {}
-  if cfg.num_single_layers:
-    def single_step(carry, layer):
-      p, lp, kv = layer
-      return single_block(p, lp, cfg, *carry, temb, temb_ref, rope_main, rope_ref, kv, keep_kv)
-
-    (main, refs), single_extras = jax.lax.scan(
-        _remat(single_step, cfg), (main, refs),
-        (params["single_transformer_blocks"], get_path(lora, "single_transformer_blocks"),
-         cache.get("single")), unroll=cfg.unroll_layers)
+  (txt, img, refs), double_extras = _run_double_blocks(
+      params, lora, cfg, streams, cfg.num_layers, cache.get("double"), return_attention_maps and has_refs,
+      correspondences if has_refs else None, keep_kv)
+  (main, refs), single_extras = _run_single_blocks(params, lora, cfg, streams, jnp.concatenate([txt, img], axis=1),
+                                                   refs, cfg.num_single_layers, cache.get("single"), keep_kv)
   img = main[:, txt.shape[1]:]
 
-  scale, shift = modulation(params["norm_out"]["linear"], temb, 2)  # diffusers order: (scale, shift)
+  shift, scale = _output_adaln(params, streams.temb)
   pred = linear(params["proj_out"], modulate(layer_norm(img), shift, scale))
+  return pred, _collect_aux(double_extras, single_extras, keep_kv)
 
-  aux = {}
-  if "attention_maps" in extras:
-    aux["attention_maps"] = jnp.moveaxis(extras["attention_maps"], 0, 1)
-  if "attention_statistics" in extras:  # DESIGN's A: mean over double blocks of the head means
-    aux["attention_statistics"] = AttentionStatistics(
-        *(jnp.mean(x, axis=0) for x in extras["attention_statistics"]))
-  if keep_kv:
-    aux["ref_kv"] = {name: found["ref_kv"] for name, found in (("double", extras), ("single", single_extras))
-                     if "ref_kv" in found}
-  return pred, aux
+
+# ---- a block's input, for features ---------------------------------------------------------------
+
+class BlockInput(NamedTuple):
+  """The target tokens as one block receives them, and the AdaLN that block applies to them first.
+
+  image:  [B, N, D]  hidden states of the target tokens (the image part of the stream)
+  shift:  [B, D]     the block reads layer_norm(image) * (1 + scale) + shift (its first modulation of
+  scale:  [B, D]     target tokens: a double block's `norm1`, a single block's `norm`, or `norm_out`)
+  """
+  image: jax.Array
+  shift: jax.Array
+  scale: jax.Array
+
+
+def block_input(params, lora, cfg: FluxConfig, inputs: FluxInputs, block: int) -> BlockInput:
+  """The target tokens entering block `block`: the image-token output of the `block` blocks before it.
+
+  Blocks count as the checkpoint runs them: double blocks 0 .. num_layers - 1, then single blocks;
+  `num_layers + num_single_layers` is the output layer (the last block's output, with `norm_out`'s
+  shift and scale). Only the blocks before `block` run, the rest of the model is never traced; the
+  numbers are forward's (same embeddings, the same scanned double_block / single_block).
+  """
+  depth = cfg.num_layers + cfg.num_single_layers
+  if not 0 <= block <= depth:
+    raise ValueError(f"block={block}: expected 0..{depth} ({cfg.num_layers} double blocks, "
+                     f"{cfg.num_single_layers} single blocks, then {depth} for the output layer).")
+  streams = _embed(params, lora, cfg, inputs)
+  (txt, img, refs), _ = _run_double_blocks(params, lora, cfg, streams, min(block, cfg.num_layers))
+  if block > cfg.num_layers:
+    (main, _), _ = _run_single_blocks(params, lora, cfg, streams, jnp.concatenate([txt, img], axis=1), refs,
+                                      block - cfg.num_layers)
+    img = main[:, txt.shape[1]:]
+  return BlockInput(img, *_image_adaln(params, cfg, streams.temb, block))
+
+
+def _image_adaln(params, cfg: FluxConfig, temb, block: int):
+  """(shift, scale) of block `block`'s first AdaLN of target tokens, split as double_block,
+  single_block and the output layer split their modulation."""
+  def at(stacked_linear, index):  # one layer's modulation linear out of the stacked group
+    return jax.tree_util.tree_map(lambda x: x[index], stacked_linear)
+  if block < cfg.num_layers:
+    return tuple(modulation(at(params["transformer_blocks"]["norm1"]["linear"], block), temb, 6)[:2])
+  if block < cfg.num_layers + cfg.num_single_layers:
+    single = at(params["single_transformer_blocks"]["norm"]["linear"], block - cfg.num_layers)
+    return tuple(modulation(single, temb, 3)[:2])
+  return _output_adaln(params, temb)
