@@ -43,6 +43,8 @@ def main(argv=None):
   parser.add_argument("--ditf_massive_channels", type=channel_list, help="DiTF: comma-separated channels zeroed before the AdaLN "
                       "(default FLUX.1-dev's 154,1446; empty: none)")
   parser.add_argument("--dinov2_layer", type=int, help="DINOv2: the block whose output is read (default 11)")
+  parser.add_argument("--attention", choices=("xla", "splash", "cudnn"), default="",
+                      help="the FLUX transformer's attention kernel (default: the model's, xla; splash on TPUs)")
   parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                       help="the FLUX transformer's and text encoders' weights (DINOv2 stays float32)")
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -66,18 +68,18 @@ def _run(args) -> None:
 
   import jax.numpy as jnp
 
-  from mosaic_jax.correspondence import extractors, fill_manifest, matchers
+  from mosaic_jax.correspondence import extractors, fill_manifest, flux_features, matchers
   from mosaic_jax.parallel import distributed
 
   def ditf():
-    from mosaic_jax.correspondence import flux_features
     overrides = {name: value for name, value in (("block", args.ditf_block), ("timestep", args.ditf_timestep),
                                                  ("copies", args.ditf_copies)) if value is not None}
     if args.ditf_massive_channels is not None:
       channels = args.ditf_massive_channels
       overrides.update(massive_channels=channels, discard_massive=bool(channels))
     cfg = dataclasses.replace(flux_features.DitfConfig(), **overrides)
-    matcher = extractors.ditf_matcher_from_root(args.flux, cfg, getattr(jnp, args.dtype), args.dift_similarity)
+    matcher = extractors.ditf_matcher_from_root(args.flux, cfg, getattr(jnp, args.dtype), args.dift_similarity,
+                                                args.attention)
     return matchers.MeshMatcher(matcher, batch_size=args.batch_size or None)
 
   def dinov2():

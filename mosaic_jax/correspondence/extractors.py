@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from mosaic_jax.correspondence import matchers
+from mosaic_jax.correspondence import flux_features, matchers
 from mosaic_jax.model.autoencoder import Autoencoder
 
 DITF_SEED = 0
@@ -29,7 +30,6 @@ DITF_SEED = 0
 def ditf_matcher(params: Any, flux_cfg, autoencoder, text: np.ndarray, pooled: np.ndarray, cfg=None,
                  similarity: str = "", seed: int = DITF_SEED) -> matchers.Matcher:
   """The FLUX DiTF matcher of a loaded transformer, its autoencoder and the encoded empty prompt."""
-  from mosaic_jax.correspondence import flux_features  # pylint: disable=import-outside-toplevel
   cfg = cfg if cfg is not None else flux_features.DitfConfig()
   cfg.check(flux_cfg)
 
@@ -42,11 +42,15 @@ def ditf_matcher(params: Any, flux_cfg, autoencoder, text: np.ndarray, pooled: n
   return matchers.Matcher("ditf", "dift", parts, features, matchers.unit_range, similarity)
 
 
-def ditf_matcher_from_root(root: str, cfg=None, dtype=jnp.bfloat16, similarity: str = "") -> matchers.Matcher:
-  """The DiTF matcher of a FLUX checkpoint root (transformer/, vae/, text_encoder*/, tokenizer*/)."""
+def ditf_matcher_from_root(root: str, cfg=None, dtype=jnp.bfloat16, similarity: str = "",
+                           attention_impl: str = "") -> matchers.Matcher:
+  """The DiTF matcher of a FLUX checkpoint root (transformer/, vae/, text_encoder*/, tokenizer*/);
+  `attention_impl` replaces the model's (xla, splash on TPUs, cudnn on GPUs: model/config.py)."""
   from mosaic_jax import encoders, interop  # pylint: disable=import-outside-toplevel
   root = os.path.expanduser(root)
   flux_cfg, params = interop.load_flux_transformer(os.path.join(root, "transformer"), dtype=dtype)
+  if attention_impl:
+    flux_cfg = dataclasses.replace(flux_cfg, attention_impl=attention_impl)
   flux_encoders = encoders.load_flux_encoders(root, t5_dtype=dtype, clip_dtype=dtype)
   text, pooled = flux_encoders.encode_captions([""], batch_size=1)
   return ditf_matcher(params, flux_cfg, flux_encoders.autoencoder, text, pooled, cfg, similarity)
