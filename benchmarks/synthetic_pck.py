@@ -78,7 +78,7 @@ def prepared_pairs(count: int, seed: int, size: int):
       yield scene, index, small[0], small[1]
 
 
-def evaluate(runners: dict, pairs: list, similarity: str) -> dict:
+def evaluate(runners: dict, pairs: list, similarity: str, grid: int) -> dict:
   """PCK per grid and of the agreement-kept cells, pooled over every masked target cell of every reference."""
   totals = {"a": [], "b": [], "kept": [], "kept_hits": []}
   for scene, index, target, reference in pairs:
@@ -88,7 +88,7 @@ def evaluate(runners: dict, pairs: list, similarity: str) -> dict:
     grids = {}
     for name, runner in runners.items():
       if runner is None:
-        grids[name] = quantized(exact, 8)
+        grids[name] = quantized(exact, grid)
         continue
       features = runner.image_features(np.stack([target, reference]))
       tokens = np.asarray(matching.match_cells(features[:1], features[1:], similarity))[0]
@@ -125,30 +125,34 @@ def main(argv=None):
   parser.add_argument("--workdir", required=True, help="the demo's training workdir (launch/train.py ...:demo)")
   parser.add_argument("--scenes", type=int, default=48)
   parser.add_argument("--seed", type=int, default=1234)
+  parser.add_argument("--sizes", default="32,128", help="feature image sizes in px (the demo trained at 32)")
   args = parser.parse_args(argv)
   from mosaic_jax import model
   from mosaic_jax.train.trained_model import load_trained
   trained = load_trained(args.workdir)
-  size = trained.config.resolution
-  pairs = [(scene, index, target, reference) for scene, index, target, reference in
-           prepared_pairs(args.scenes, args.seed, size)]
   random_params = model.init_params(jax.random.key(args.seed), trained.cfg, jax.numpy.float32)
-  rows = [("trained demo", demo_runners(trained.params, trained, size)),
-          ("random weights", demo_runners(random_params, trained, size)),
-          ("exact pairs", {"a": None, "b": None})]
-  print(f"synthetic scenes at {SCENE_SIZE} px, {len(pairs)} references from {args.scenes} scenes (seed {args.seed}); "
-        f"demo step {trained.step}, features at {size} px ({size // 4}x{size // 4} tokens); PCK@0.1 over masked "
-        "target cells")
-  print(f"{'weights':<15} {'similarity':<10} {'PCK grid A':>10} {'per ref':>8} {'PCK grid B':>10} "
-        f"{'kept':>6} {'precision':>9}")
-  for name, runners in rows:
-    for similarity in matching.SIMILARITIES:
-      if name == "exact pairs" and similarity == "dot":
-        continue
-      result = evaluate(runners, pairs, similarity)
-      shown = similarity if name != "exact pairs" else "-"
-      print(f"{name:<15} {shown:<10} {100 * result['pck_a']:>10.1f} {100 * result['pck_a_per_ref']:>8.1f} "
-            f"{100 * result['pck_b']:>10.1f} {100 * result['kept']:>6.1f} {100 * result['precision']:>9.1f}")
+  token_pixels = 2 * trained.encoders.autoencoder.downsample_factor
+  print(f"synthetic scenes at {SCENE_SIZE} px from {args.scenes} scenes (seed {args.seed}); demo step {trained.step} "
+        f"(trained at {trained.config.resolution} px); PCK@0.1 over masked target cells, pooled")
+  print(f"{'size':>5} {'tokens':>7} {'weights':<15} {'similarity':<10} {'PCK grid A':>10} {'per ref':>8} "
+        f"{'PCK grid B':>10} {'kept':>6} {'precision':>9}")
+  for size in (int(value) for value in args.sizes.split(",")):
+    grid = size // token_pixels
+    pairs = list(prepared_pairs(args.scenes, args.seed, size))
+    rows = [("trained demo", demo_runners(trained.params, trained, size)),
+            ("random weights", demo_runners(random_params, trained, size)),
+            ("exact pairs", {"a": None, "b": None})]
+    for name, runners in rows:
+      for similarity in matching.SIMILARITIES:
+        if name == "exact pairs" and similarity == "dot":
+          continue
+        result = evaluate(runners, pairs, similarity, grid)
+        shown = similarity if name != "exact pairs" else "-"
+        print(f"{size:>5} {f'{grid}x{grid}':>7} {name:<15} {shown:<10} {100 * result['pck_a']:>10.1f} "
+              f"{100 * result['pck_a_per_ref']:>8.1f} {100 * result['pck_b']:>10.1f} {100 * result['kept']:>6.1f} "
+              f"{100 * result['precision']:>9.1f}", flush=True)
+  print(f"({len(pairs)} references; grid A reads the input of block {GRID_A.block}, grid B of block {GRID_B.block}; "
+        "'exact pairs': the exact grid through the same token quantization, the ceiling at that size)")
 
 
 if __name__ == "__main__":
