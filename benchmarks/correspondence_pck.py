@@ -42,6 +42,7 @@ def main(argv=None):
   parser.add_argument("--split", default="test", choices=("trn", "val", "test"))
   parser.add_argument("--max_pairs", type=int, default=0, help="the first N pairs (default: all)")
   parser.add_argument("--dinov2", help="transformers Dinov2Model folder")
+  parser.add_argument("--dinov2_layer", type=int, help="the block whose output is read (default 11)")
   parser.add_argument("--flux", help="FLUX checkpoint root (transformer/, vae/, text_encoder*/, tokenizer*/)")
   parser.add_argument("--similarity", choices=("cosine", "dot"), default="cosine")
   parser.add_argument("--batch_size", type=int, default=0, help="images per step (default: the device count)")
@@ -56,7 +57,8 @@ def main(argv=None):
   pairs = pck.spair_pairs(args.spair, args.split, args.max_pairs)
   makers = []
   if args.dinov2:
-    makers.append(("dinov2", lambda: extractors.dinov2_matcher_from_folder(args.dinov2, similarity=args.similarity)))
+    makers.append(("dinov2", lambda: extractors.dinov2_matcher_from_folder(args.dinov2, layer=args.dinov2_layer,
+                                                                           similarity=args.similarity)))
   if args.flux:
     makers.append(("ditf", lambda: extractors.ditf_matcher_from_root(args.flux, similarity=args.similarity)))
   rows = []

@@ -71,6 +71,27 @@ def test_the_command_writes_both_grids_and_the_manifest(matched, capsys):
   assert "dift grids 0 written, 2 already there" in capsys.readouterr().out
   assert {path: os.stat(path).st_mtime_ns for path in out.rglob("*")} == before
 
+  # the folder dataset built from --out reads the grids (pairs from agreeing grids: test_correspondence_fill.py)
+  import tensorflow_datasets as tfds
+  from mosaic_jax.data.semalign_ms import SemalignMs
+  data_dir = str(matched["mine"] / "tfds")
+  SemalignMs(config="folder", data_dir=data_dir).download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=str(out)))
+  example = tfds.data_source("semalign_ms/folder", data_dir=data_dir)["train"][1]
+  assert example["id"] == b"train-2" and [bool(x) for x in example["refs"]["has_coords"]] == [True, False]
+  for slot in ("dift", "geoaware"):
+    np.testing.assert_array_equal(example["refs"][f"coord_{slot}"][0], np.load(out / "coord" / slot / "train-2_ref0.npy"))
+
+
+def test_the_spair_benchmark_runs_on_real_format_weights(weights, tmp_path, capsys):
+  from test_correspondence_pck import write_spair
+  sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+  import correspondence_pck
+  write_spair(tmp_path)
+  rows = correspondence_pck.main(["--spair", str(tmp_path), "--dinov2", weights["dinov2"], "--dinov2_layer", "1"])
+  assert [(name, result["pairs"], result["points"]) for name, result in rows] == [("dinov2", 2, 6)]
+  assert "55.7 (DINOv2-B/14)" in capsys.readouterr().out
+
 
 def test_bad_input_is_one_line(weights, tmp_path, capsys):
   (tmp_path / "train.jsonl").write_text('{"id": "a", "target": "t.png", "refs": ["r.png"]}\n'
