@@ -36,7 +36,7 @@ USER_ERRORS = (
     "mosaic_jax.text:TokenizerFilesError", "mosaic_jax.data.cached_features:CacheError",
     "mosaic_jax.data.image_ops:ImageDecodeError", "mosaic_jax.evaluation.dreambench:EvaluationInputError",
     "mosaic_jax.data.pipeline:DatasetError", "mosaic_jax.train.trained_model:TrainedModelError",
-    "mosaic_jax.correspondence.flux_features:FluxFeatureError",
+    "mosaic_jax.correspondence.flux_features:FluxFeatureError", "mosaic_jax.data.composition:CompositionError",
     "mosaic_jax.correspondence.fill_manifest:MatchInputError", "mosaic_jax.correspondence.pck:PckInputError",
 )
 

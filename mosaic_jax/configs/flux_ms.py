@@ -4,9 +4,14 @@
 Variants (combine with commas, e.g. `demo,independent_refs`):
   default           the MOSAIC recipe of DESIGN section 3: FLUX.1-dev, LoRA rank 512 on reference
                     tokens, 512 px target and references, up to 6 references, AdamW 8e-5, EMA 0.99,
-                    SCAL 0.1, MDL ramp 10k -> 11k, bf16 base. Needs `--config.checkpoint` (a FLUX
-                    checkpoint root: transformer/, vae/, text_encoder*/, tokenizer*/) and
-                    `--config.dataset.data_dir` (a built `semalign_ms` dataset).
+                    SCAL 0.1, MDL ramp 10k -> 11k, bf16 base, on `semalign_ms/subjects200k_multi`
+                    (2 to 6 released Subjects200K pairs composed per example: docs/data.md). Needs
+                    `--config.checkpoint` (a FLUX checkpoint root: transformer/, vae/, text_encoder*/,
+                    tokenizer*/) and `--config.dataset.data_dir` where that set was built
+                    (`python launch/build_dataset.py --config subjects200k_multi --manual_dir
+                    RELEASED_DIR --data_dir DIR`).
+  synthetic         the recipe on the synthetic multi-subject set `semalign_ms/synthetic` instead
+                    (`python launch/build_dataset.py --config synthetic --data_dir DIR`).
   demo              a tiny DiT trained from scratch (base + reference LoRA) on the synthetic dataset
                     (built on first use) at 32 px, 4 px per token, with the exact pixel autoencoder
                     (patch 2) and tiny random text encoders: needs no downloaded file; 1500 steps,
@@ -33,7 +38,7 @@ from ml_collections import config_dict
 from mosaic_jax.model import config as model_config
 from mosaic_jax.parallel.sharding import DEFAULT_LOGICAL_RULES, DEFAULT_PARAM_RULES
 
-VARIANTS = ("default", "demo", "demo_diffusion", "demo_scal", "flux_random", "independent_refs")
+VARIANTS = ("default", "synthetic", "demo", "demo_diffusion", "demo_scal", "flux_random", "independent_refs")
 
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
@@ -79,7 +84,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
 
   # ---- data -------------------------------------------------------------------------------------
   config.dataset = ml_collections.ConfigDict()
-  config.dataset.name = "semalign_ms/synthetic"
+  config.dataset.name = "semalign_ms/subjects200k_multi"  # composed from the released pairs: docs/data.md
   config.dataset.data_dir = ""
   config.dataset.train_split = "train"
   config.dataset.eval_split = "validation"
@@ -89,7 +94,8 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   # A directory of precomputed encoder features (launch/encode_dataset.py with this config): training
   # reads it instead of running the VAE, T5 and CLIP every step, and does not load the text encoders.
   config.dataset.cached_features = ""
-  # A synthetic config built on first use when the dataset is missing (0 train examples: never build).
+  # A dataset name that semalign_ms does not register is a synthetic config with these settings, built on
+  # first use when it is missing (0 train examples: never build).
   config.dataset.build = ml_collections.ConfigDict(dict(
       image_size=512, min_refs=1, max_refs=6, num_train=0, num_validation=0, seed=0))
 
@@ -128,6 +134,8 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   config.eval_timesteps = (0.25, 0.5, 0.75)
 
   for variant in variants:
+    if variant == "synthetic":
+      config.dataset.name = "semalign_ms/synthetic"
     if variant.startswith("demo"):
       _demo(config)
     if variant == "demo_diffusion":

@@ -85,11 +85,13 @@ def open_raw_dataset(dataset_config, split: str, build_if_missing: bool = True):
                       "holding the built semalign_ms dataset; see launch/build_dataset.py).")
   builder = _builder(dataset_config)
   if not pipeline.is_built(builder):
-    buildable = dataset_config.build.num_train > 0
+    buildable = dataset_config.build.num_train > 0 and builder.builder_config.source == "synthetic"
     if not (build_if_missing and buildable):
+      from mosaic_jax.data.semalign_ms import build_command
       raise ConfigError(
-          f"dataset {dataset_config.name} not found under {builder.data_dir}: build it with "
-          "launch/build_dataset.py or pass --config.dataset.data_dir=DIR where it was built.")
+          f"dataset {dataset_config.name} is not built under {builder.data_dir}: build it with "
+          f"`{build_command(builder.builder_config, os.path.expanduser(dataset_config.data_dir))}`, or pass "
+          "--config.dataset.data_dir=DIR where it was built.")
     print(f"building {dataset_config.name} into {builder.data_dir} (first use)", flush=True)
     builder.download_and_prepare()
   try:
