@@ -29,7 +29,7 @@ from mosaic_jax.evaluation.dino import DEFAULT_DINO_EPS, DinoModel, load_dino
 from mosaic_jax.evaluation.dreambench import (EvalCase, EvaluationInputError, generated_images, subject_root,
                                               subject_views)
 from mosaic_jax.evaluation.embedder import BatchedEmbedder
-from mosaic_jax.evaluation.vit import encode_images
+from mosaic_jax.model.vit import encode_images
 
 METRICS = ("clip_t", "clip_i", "clip_i_min", "dino", "dino_min")
 
