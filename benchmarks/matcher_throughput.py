@@ -14,10 +14,11 @@ Here (the devices jax sees; random weights of the real shapes):
   and a single block; per image = VAE + copies * (embed + 19 double + 9 single), embed = (a) - double.
 TPU (the real TPU compiler on libtpu's compile-only devices; nothing runs): each matcher's whole step
 (features of targets and references, argmax) at the real sizes from jax.eval_shape params, one pair per
-chip, the batch split and the params placed as training places them: memory per chip, and the compiler's
-time estimate per step and per 1024 px image. The FLUX step is compiled with its blocks unrolled (the
-compiler counts a scan body once); DINOv2's blocks are a scan, so its estimate is the compiled step plus
-11 more blocks, each estimated by compiling one block at the same shape.
+chip, the batch split and the params placed as training places them: memory per chip, and the time per
+step and per 1024 px image. Both models run their blocks in a scan, whose body the compiler counts once,
+so the time adds the other blocks, estimated from compiles of one or two blocks at the same per-chip
+batch (ditf_tpu, dinov2_tpu). Where the compiler gives no time estimate (it answers a negative number for
+these programs), a roofline of its FLOPs and HBM traffic stands in (step_seconds).
 """
 
 from __future__ import annotations
@@ -135,32 +136,66 @@ def tpu_mesh(slice_name: str):
 
 
 def dinov2_tpu(mesh, slice_name: str) -> dict:
-  """DINOv2 B/14, float32 as the matcher runs it."""
+  """DINOv2 B/14, float32 as the matcher runs it, splash attention."""
   batch = mesh.size
   cfg = dinov2.dinov2_vitb14()
   shapes = jax.eval_shape(lambda key: dinov2.init_params(key, cfg), jax.random.key(0))
-  matcher = extractors.dinov2_matcher(dinov2.Dinov2Model(cfg, shapes))
+  matcher = extractors.dinov2_matcher(dinov2.Dinov2Model(cfg, shapes), attention_impl="splash")
   report, compile_s = _tpu_report(matchers.lower_grids(matcher, mesh, (batch, 896, 896, 3)))
+  vit_cfg = matcher.params.config.vit  # splash
   one_block = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct((1,) + leaf.shape[1:], leaf.dtype), shapes["layers"])
   tokens = jax.ShapeDtypeStruct((2, 1 + 64 * 64, cfg.vit.hidden_size), jnp.float32)  # a chip's two images
-  block_report, _ = _tpu_report(_lower_on(mesh, lambda p, x: vit.run_blocks(p, cfg.vit, x), one_block, tokens))
+  block_report, _ = _tpu_report(_lower_on(mesh, lambda p, x: vit.run_blocks(p, vit_cfg, x), one_block, tokens))
   step_s, how = step_seconds([(report, 1), (block_report, EXTRA_DINOV2_BLOCKS)], slice_name)
   return {"report": report, "compile_s": compile_s, "step_s": step_s, "how": how, "per_image_s": step_s / (2 * batch)}
 
 
-def ditf_tpu(mesh, slice_name: str) -> dict:
-  """FLUX.1-dev DiTF, bf16 weights, blocks unrolled, splash attention (xla's attention does not fit: 17.5 GiB
-  of temporaries per v5e chip at one pair per chip)."""
-  batch = mesh.size
-  flux_cfg = dataclasses.replace(model_config.flux1_dev(), unroll_layers=True, attention_impl="splash")
+def _flux_shapes(flux_cfg):
   params = jax.eval_shape(lambda key: transformer.init_params(key, flux_cfg, jnp.bfloat16), jax.random.key(0))
-  vae_cfg = vae.VaeConfig()
-  encoder = jax.eval_shape(lambda key: {"encoder": vae.init_params(key, vae_cfg)["encoder"]}, jax.random.key(1))
   text = jax.ShapeDtypeStruct((1, T5_TOKENS, T5_WIDTH), jnp.bfloat16)
   pooled = jax.ShapeDtypeStruct((1, CLIP_WIDTH), jnp.bfloat16)
+  return params, text, pooled
+
+
+def _features_report(mesh, double: int, single: int, block: int, images: int):
+  """The transformer part alone (latents in), FLUX.1-dev width, `double` + `single` blocks, read at `block`."""
+  from mosaic_jax.parallel.sharding import batch_sharding, tree_shardings
+  flux_cfg = dataclasses.replace(model_config.flux1_dev(), num_layers=double, num_single_layers=single,
+                                 attention_impl="splash")
+  params, text, pooled = _flux_shapes(flux_cfg)
+  cfg = dataclasses.replace(DITF, block=block)
+  shardings = tree_shardings(params, mesh)
+  params = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                        params, shardings)
+  latents = jax.ShapeDtypeStruct((images, 128, 128, 16), jnp.float32, sharding=batch_sharding(mesh))
+  with jax.set_mesh(mesh):
+    lowered = jax.jit(lambda p, x: flux_features.image_features(p, flux_cfg, x, text, pooled, jax.random.key(0),
+                                                                cfg)).lower(params, latents)
+  return _tpu_report(lowered)[0]
+
+
+def ditf_tpu(mesh, slice_name: str) -> dict:
+  """FLUX.1-dev DiTF, bf16 weights, splash attention (xla's attention needs 17.5 GiB of temporaries per v5e chip
+  at one pair per chip), blocks in their scans as the matcher runs them: memory of the whole step. The
+  compiler counts a scan body once, so the time adds the other 18 double and 8 single blocks, each the
+  difference of two compiles of the transformer part alone at the same per-chip batch (1 and 2 double
+  blocks; 1 double + 1 single). (Unrolling all blocks instead makes the compiler gather many blocks'
+  weights at once: 17.7 GiB.)"""
+  batch = mesh.size
+  flux_cfg = dataclasses.replace(model_config.flux1_dev(), attention_impl="splash")
+  params, text, pooled = _flux_shapes(flux_cfg)
+  vae_cfg = vae.VaeConfig()
+  encoder = jax.eval_shape(lambda key: {"encoder": vae.init_params(key, vae_cfg)["encoder"]}, jax.random.key(1))
   matcher = extractors.ditf_matcher(params, flux_cfg, Autoencoder("vae", vae_cfg, encoder), text, pooled)
   report, compile_s = _tpu_report(matchers.lower_grids(matcher, mesh, (batch, 1024, 1024, 3)))
-  step_s, how = step_seconds([(report, 1)], slice_name)
+  one_double = _features_report(mesh, 1, 0, 1, 2 * batch)
+  two_double = _features_report(mesh, 2, 0, 2, 2 * batch)
+  double_single = _features_report(mesh, 1, 1, 2, 2 * batch)
+  doubles, singles = min(DITF.block, 19), DITF.block - min(DITF.block, 19)
+  # step + (doubles - 1) * (two_double - one_double) + (singles - 1) * (double_single - one_double)
+  parts = [(report, 1), (two_double, doubles - 1), (double_single, singles - 1),
+           (one_double, -(doubles - 1) - (singles - 1))]
+  step_s, how = step_seconds(parts, slice_name)
   return {"report": report, "compile_s": compile_s, "step_s": step_s, "how": how, "per_image_s": step_s / (2 * batch)}
 
 
@@ -202,7 +237,7 @@ def main(argv=None):
     mesh = tpu_mesh(args.topology)
     print(f"== {args.topology} ({mesh.size} chips, {tpu_compile.SLICES[args.topology].hbm_gib} GiB HBM each), one "
           "pair per chip, TPU compiler", flush=True)
-    for estimate, title in ((dinov2_tpu, "DINOv2 B/14 896 px, float32"),
+    for estimate, title in ((dinov2_tpu, "DINOv2 B/14 896 px, float32, splash"),
                             (ditf_tpu, f"FLUX.1-dev DiTF 1024 px, bf16, splash, block {DITF.block} x {DITF.copies} copies")):
       entry = estimate(mesh, args.topology)
       report = entry["report"]

@@ -15,10 +15,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-# The extractors come from their own branches (helper-dino, helper-ditf); until those are merged here too,
-# this module has nothing to run.
-pytest.importorskip("mosaic_jax.correspondence.dinov2")
-pytest.importorskip("mosaic_jax.correspondence.flux_features")
 
 from flux_root_fixtures import build_flux_root  # noqa: E402
 from test_correspondence_fill import write_manifest_folder  # noqa: E402

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from mosaic_jax.correspondence import flux_features, matchers
+from mosaic_jax.correspondence import dinov2, flux_features, matchers
 from mosaic_jax.model.autoencoder import Autoencoder
 
 DITF_SEED = 0
@@ -57,14 +57,16 @@ def ditf_matcher_from_root(root: str, cfg=None, dtype=jnp.bfloat16, similarity: 
 
 
 def dinov2_host_inputs(images: np.ndarray) -> np.ndarray:
-  from mosaic_jax.correspondence import dinov2  # pylint: disable=import-outside-toplevel
   return np.stack([dinov2.preprocess(Image.fromarray(np.asarray(image))) for image in images])
 
 
-def dinov2_matcher(model, layer: int | None = None, positions: str = "hub", similarity: str = "") -> matchers.Matcher:
-  """The DINOv2 matcher of a loaded `dinov2.Dinov2Model` (its params are what the mesh places)."""
-  from mosaic_jax.correspondence import dinov2  # pylint: disable=import-outside-toplevel
+def dinov2_matcher(model: dinov2.Dinov2Model, layer: int | None = None, positions: str = "hub",
+                   similarity: str = "", attention_impl: str = "") -> matchers.Matcher:
+  """The DINOv2 matcher of a loaded `dinov2.Dinov2Model` (its params are what the mesh places);
+  `attention_impl` "splash" on TPUs (DINOv2 runs in float32: cudnn does not apply; "" or "xla" keeps xla)."""
   layer = dinov2.GEOAWARE_LAYER if layer is None else layer
+  if attention_impl == "splash":
+    model = model.with_attention("splash")
 
   def features(loaded, pixels):
     return dinov2.patch_features(loaded, pixels, layer=layer, positions=positions)
@@ -72,7 +74,7 @@ def dinov2_matcher(model, layer: int | None = None, positions: str = "hub", simi
 
 
 def dinov2_matcher_from_folder(folder: str, dtype=jnp.float32, layer: int | None = None, positions: str = "hub",
-                               similarity: str = "") -> matchers.Matcher:
+                               similarity: str = "", attention_impl: str = "") -> matchers.Matcher:
   """The DINOv2 matcher of a transformers `Dinov2Model` folder (config.json + model.safetensors)."""
-  from mosaic_jax.correspondence import dinov2  # pylint: disable=import-outside-toplevel
-  return dinov2_matcher(dinov2.load_dinov2(os.path.expanduser(folder), dtype=dtype), layer, positions, similarity)
+  return dinov2_matcher(dinov2.load_dinov2(os.path.expanduser(folder), dtype=dtype), layer, positions, similarity,
+                        attention_impl)
