@@ -31,11 +31,10 @@ from mosaic_jax.data import correspondence  # noqa: E402
 
 # (target shape, reference shape, mask kind): the released crops (512 squares) and users' own shapes;
 # the mask at half the target's size, as masks often come, or missing (the official full mask).
-CASES = [((512, 512), (512, 512), "soft"), ((600, 400), (300, 500), "soft"), ((384, 700), (700, 700), "missing"),
-         ((1100, 1300), (512, 256), "soft")]
+CASES = [((512, 512), (512, 512), "soft"), ((384, 700), (700, 700), "missing"), ((1100, 1300), (512, 256), "soft")]
 
 
-GRID_CASES = (0, 2)
+GRID_CASES = (0, 1)
 
 
 @pytest.fixture(scope="module")

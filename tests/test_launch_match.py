@@ -73,10 +73,11 @@ def test_the_command_writes_both_grids_and_the_manifest(matched, capsys):
   data_dir = str(matched["mine"] / "tfds")
   SemalignMs(config="folder", data_dir=data_dir).download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=str(out)))
-  example = tfds.data_source("semalign_ms/folder", data_dir=data_dir)["train"][1]
-  assert example["id"] == b"train-2" and [bool(x) for x in example["refs"]["has_coords"]] == [True, False]
+  example = tfds.data_source("semalign_ms/folder", data_dir=data_dir)["train"][0]
+  assert example["id"] == b"scene/zero" and [bool(x) for x in example["refs"]["has_coords"]] == [True, True]
   for slot in ("dift", "geoaware"):
-    np.testing.assert_array_equal(example["refs"][f"coord_{slot}"][0], np.load(out / "coord" / slot / "train-2_ref0.npy"))
+    np.testing.assert_array_equal(example["refs"][f"coord_{slot}"][0],
+                                  np.load(out / "coord" / slot / "scene_zero_ref0.npy"))
 
 
 def test_the_spair_benchmark_runs_on_real_format_weights(weights, tmp_path, capsys):
