@@ -159,7 +159,7 @@ def _flux_shapes(flux_cfg):
 
 def _features_report(mesh, double: int, single: int, block: int, images: int):
   """The transformer part alone (latents in), FLUX.1-dev width, `double` + `single` blocks, read at `block`."""
-  from mosaic_jax.parallel.sharding import batch_sharding, tree_shardings
+  from mosaic_jax.parallel.sharding import batch_sharding, replicated, tree_shardings
   flux_cfg = dataclasses.replace(model_config.flux1_dev(), num_layers=double, num_single_layers=single,
                                  attention_impl="splash")
   params, text, pooled = _flux_shapes(flux_cfg)
@@ -168,9 +168,10 @@ def _features_report(mesh, double: int, single: int, block: int, images: int):
   params = jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
                         params, shardings)
   latents = jax.ShapeDtypeStruct((images, 128, 128, 16), jnp.float32, sharding=batch_sharding(mesh))
+  text, pooled = (jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)) for x in (text, pooled))
   with jax.set_mesh(mesh):
-    lowered = jax.jit(lambda p, x: flux_features.image_features(p, flux_cfg, x, text, pooled, jax.random.key(0),
-                                                                cfg)).lower(params, latents)
+    lowered = jax.jit(lambda p, x, t, c: flux_features.image_features(p, flux_cfg, x, t, c, jax.random.key(0),
+                                                                      cfg)).lower(params, latents, text, pooled)
   return _tpu_report(lowered)[0]
 
 
@@ -188,6 +189,8 @@ def ditf_tpu(mesh, slice_name: str) -> dict:
   encoder = jax.eval_shape(lambda key: {"encoder": vae.init_params(key, vae_cfg)["encoder"]}, jax.random.key(1))
   matcher = extractors.ditf_matcher(params, flux_cfg, Autoencoder("vae", vae_cfg, encoder), text, pooled)
   report, compile_s = _tpu_report(matchers.lower_grids(matcher, mesh, (batch, 1024, 1024, 3)))
+  print(f"  (FLUX DiTF step compiled in {compile_s:.0f} s: {report.total_bytes / 2 ** 30:.2f} GiB per chip; now its "
+        "blocks' time)", flush=True)
   one_double = _features_report(mesh, 1, 0, 1, 2 * batch)
   two_double = _features_report(mesh, 2, 0, 2, 2 * batch)
   double_single = _features_report(mesh, 1, 1, 2, 2 * batch)
