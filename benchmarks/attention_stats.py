@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mosaic_jax import losses, model
-from timing import best_time
+from common import best_time
 from mosaic_jax.model import attention
 from mosaic_jax.model.attention_stats import Correspondences, block_statistics, statistics_from_maps
 

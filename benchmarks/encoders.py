@@ -24,8 +24,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import best_time
+from common import best_time
 
+from mosaic_jax.configs import flux_ms
 from mosaic_jax.data import cached_features, make_iterator
 from mosaic_jax.data.pipeline import RAW_IMAGE_DECODERS, PipelineConfig
 from mosaic_jax.data.semalign_ms import SemalignMs, SemalignMsConfig
@@ -33,6 +34,7 @@ from mosaic_jax.encoders import FluxEncoders
 from mosaic_jax.model import clip, t5, vae
 from mosaic_jax.model.autoencoder import Autoencoder
 from mosaic_jax.train.inputs import ByteTokenizers, step_batch
+from mosaic_jax.train.settings import settings_from_config
 
 
 def configs(size):
@@ -66,13 +68,16 @@ def input_cost(encoders, resolution: int, refs: int, examples: int, batch: int) 
     cache = os.path.join(folder, "cache")
     cached_features.encode_dataset({"train": (raw, num_refs)}, cache, encoders, pipeline, {}, batch_size=batch)
     cached, _ = cached_features.open_split(cache, "train")
+    config = flux_ms.get_config("default")  # the step's batch layout at this resolution and latent geometry
+    config.resolution = config.ref_resolution = resolution
+    settings = settings_from_config(config, encoders.autoencoder, check_files=False)
 
     def seconds_per_example(source):
       iterator = make_iterator(source, num_refs, pipeline)
-      step_batch(next(iterator), encoders)  # warm-up: compiles, fills caches
+      step_batch(next(iterator), encoders, settings)  # warm-up: compiles, fills caches
       start, seen = time.perf_counter(), 0
       for host_batch in iterator:
-        jax.block_until_ready(step_batch(host_batch, encoders))
+        jax.block_until_ready(step_batch(host_batch, encoders, settings))
         seen += batch
       return (time.perf_counter() - start) / seen
 

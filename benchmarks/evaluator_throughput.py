@@ -16,7 +16,7 @@ import time
 
 import jax
 import numpy as np
-from timing import best_time
+from common import best_time
 
 from mosaic_jax.evaluation import preprocess
 from mosaic_jax.evaluation.clip_model import text_embeddings

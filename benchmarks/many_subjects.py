@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mosaic_jax import losses, model
+from mosaic_jax import losses
 from mosaic_jax.configs import flux_ms
 from mosaic_jax.data import correspondence, schema, synthetic
 from mosaic_jax.data.image_ops import encode_png
@@ -116,7 +116,7 @@ def curve(params, lora, cfg, config, encoders, max_refs: int, scenes: int, seed:
           heatmap_dir: str | None = None) -> list[dict]:
   """The table's rows; with heatmap_dir, also each R's first scene as an attention panel (the maps at
   the middle timestep over the real target, one colour per reference)."""
-  from mosaic_jax.evaluation.heatmaps import attention_panel
+  from mosaic_jax.heatmaps import attention_panel
   rows = []
   for num_refs in range(1, max_refs + 1):
     batch, regions, pictures = scene_batch(config, encoders, num_refs, scenes, seed)

@@ -39,6 +39,8 @@ from __future__ import annotations
 import argparse
 import os
 
+import common
+
 
 def parse_args():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -71,40 +73,20 @@ def main():
   elif args.cpu_devices:  # before jax starts
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.cpu_devices}"
-  import dataclasses  # pylint: disable=import-outside-toplevel
-
   import jax  # pylint: disable=import-outside-toplevel
-  from mosaic_jax.configs import flux_ms  # pylint: disable=import-outside-toplevel
-  from mosaic_jax import model, parallel  # pylint: disable=import-outside-toplevel
-  from mosaic_jax.model.autoencoder import Autoencoder  # pylint: disable=import-outside-toplevel
-  from mosaic_jax.model.vae import VaeConfig  # pylint: disable=import-outside-toplevel
-  from mosaic_jax.train import trainer  # pylint: disable=import-outside-toplevel
-
-  from mosaic_jax.train import tpu_compile  # pylint: disable=import-outside-toplevel
+  from mosaic_jax.train import tpu_compile, trainer  # pylint: disable=import-outside-toplevel
 
   if args.attention is None:  # the recipe's kernel for the platform compiled for
     args.attention = "splash" if args.topology or args.sampler else "xla"
-  vae = Autoencoder("vae", VaeConfig(), {})  # FLUX's VAE geometry (/8, 16 channels); no weights
-  text_shapes = ((512, 4096), (768,))  # T5-XXL states, pooled CLIP-L (config.text_len is 512)
+  vae = common.flux_vae()
   refs = [int(r) for r in args.refs.split(",")]
+  depth = tuple(int(n) for n in args.layers.split(",")) if args.layers else None
 
-  def transformer(remat, layers=None):
-    cfg = dataclasses.replace(model.config.flux1_dev(), remat_policy=remat, attention_impl=args.attention)
-    if layers is not None:  # a cost compile (module docstring)
-      cfg = dataclasses.replace(cfg, unroll_layers=True, attention_impl="xla", attention_chunk=0)
-    elif args.attention_chunk is not None:
-      cfg = dataclasses.replace(cfg, attention_chunk=args.attention_chunk)
-    if layers or args.layers:
-      layers = layers or tuple(int(n) for n in args.layers.split(","))
-      cfg = dataclasses.replace(cfg, num_layers=layers[0], num_single_layers=layers[1])
-    return cfg
+  def transformer(remat, layers=None):  # layers: a cost compile's blocks (module docstring)
+    return common.flux_transformer(remat, args.attention, layers or depth, args.attention_chunk,
+                                   unrolled=layers is not None)
 
-  def recipe(devices):
-    config = flux_ms.get_config("default")
-    config.mesh.update(dict(zip(("data", "fsdp", "tensor"), (int(s) for s in args.mesh.split(",")))))
-    mesh = parallel.make_mesh(config.mesh.to_dict(), devices)
-    config.batch_size = args.batch or mesh.size
-    return config, mesh
+  recipe = lambda devices: common.flux_recipe(args.mesh, args.batch, devices)
 
   if args.sampler:
     compile_sampler(args.sampler, transformer, refs, args.steps)
@@ -112,8 +94,8 @@ def main():
   if args.topology:
     for name in args.topology.split(","):
       for remat in args.remat.split(","):
-        compile_for_slice(name, recipe, transformer, refs, remat, args.figures.split(","), vae, text_shapes,
-                          args.cost_base)
+        compile_for_slice(name, recipe, transformer, refs, remat, args.figures.split(","), vae,
+                          common.FLUX_TEXT_SHAPES, args.cost_base)
     return
 
   config, mesh = recipe(None)
@@ -122,7 +104,7 @@ def main():
         f"{jax.devices()[0].device_kind}, attention {args.attention}"
         f"{'' if args.attention_chunk is None else f' (query chunk {args.attention_chunk})'}")
   for remat in args.remat.split(","):
-    compiled = trainer.compile_from_shapes(config, transformer(remat), mesh, refs, vae, text_shapes)
+    compiled = trainer.compile_from_shapes(config, transformer(remat), mesh, refs, vae, common.FLUX_TEXT_SHAPES)
     for r, executable in compiled.items():
       stats = tpu_compile.report(executable)
       print(f"remat {remat}, {r} reference(s): {stats.total_bytes / 2 ** 30:.1f} GiB per device (arguments "

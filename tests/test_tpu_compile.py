@@ -15,7 +15,8 @@ from mosaic_jax import model, parallel
 from mosaic_jax.configs import flux_ms
 from mosaic_jax.model.autoencoder import Autoencoder
 from mosaic_jax.model.vae import VaeConfig
-from mosaic_jax.train import metrics, trainer, tpu_compile
+from mosaic_jax.settings import settings_from_config
+from mosaic_jax.train import compilation, metrics, tpu_compile
 
 SLICE = "v5e-4"
 
@@ -39,7 +40,8 @@ def test_tiny_train_step_with_splash_compiles_for_a_tpu_slice():
   cfg = dataclasses.replace(model.config.tiny(), in_channels=64, attention_impl="splash", remat_policy="full",
                             unroll_layers=True)
   text_shapes = ((config.text_len, cfg.joint_attention_dim), (cfg.pooled_projection_dim,))
-  compiled = trainer.compile_from_shapes(config, cfg, mesh, [1], Autoencoder("vae", VaeConfig(), {}), text_shapes)[1]
+  settings = settings_from_config(config, Autoencoder("vae", VaeConfig(), {}), check_files=False)
+  compiled = compilation.compile_from_shapes(settings, cfg, mesh, [1], text_shapes)[1]
 
   hlo = compiled.as_text()
   # The Pallas kernel compiled by Mosaic for the TPU: forward and both backward kernels, for the main
@@ -64,8 +66,8 @@ def test_tiny_train_step_with_splash_compiles_for_a_tpu_slice():
 
   # "recompute_mlp" keeps the projections and attention outputs: its backward pass reruns none of the
   # attention kernels that "full" reruns (a forward kernel per block at least) and fewer matmuls.
-  kept = trainer.compile_from_shapes(config, dataclasses.replace(cfg, remat_policy="recompute_mlp"), mesh, [1],
-                                     Autoencoder("vae", VaeConfig(), {}), text_shapes)[1]
+  kept = compilation.compile_from_shapes(settings, dataclasses.replace(cfg, remat_policy="recompute_mlp"), mesh, [1],
+                                         text_shapes)[1]
   kernels = lambda executable: executable.as_text().count('custom_call_target="tpu_custom_call"')
   assert kernels(compiled) - kernels(kept) >= 4
   assert tpu_compile.report(kept).flops < report.flops

@@ -22,7 +22,9 @@ from mosaic_jax.data.composition import CompositionSettings  # noqa: E402
 from mosaic_jax.data.pipeline import make_iterator  # noqa: E402
 from mosaic_jax.data.semalign_ms import SemalignMs, SemalignMsConfig  # noqa: E402
 from mosaic_jax.train import settings_from_config, train_and_evaluate  # noqa: E402
-from mosaic_jax.train import inputs as inputs_lib  # noqa: E402
+from mosaic_jax.train.datasets import open_raw_dataset, pipeline_config  # noqa: E402
+from mosaic_jax.train.encode_features import encode_dataset  # noqa: E402
+from mosaic_jax.train.fingerprint import cache_fingerprint  # noqa: E402
 
 # Pairs checked on the training grid: 64 px with 8 px tokens (the demo's pixel autoencoder with patch 4),
 # 8x8 tokens.
@@ -50,7 +52,7 @@ def test_a_few_steps_at_six_references_with_scal_and_mdl(data_dir, tmp_path):
   settings = settings_from_config(config, check_files=False)
   # The trainer's batches, replayed (the pipeline is deterministic): every reference of every example has
   # token pairs.
-  iterator = make_iterator(*inputs_lib.open_raw_dataset(settings.dataset, "train"), inputs_lib.pipeline_config(settings))
+  iterator = make_iterator(*open_raw_dataset(settings.dataset, "train"), pipeline_config(settings))
   assert iterator.reference_counts == [6]
   for _ in range(settings.total_steps):
     batch = next(iterator)
@@ -61,10 +63,10 @@ def test_a_few_steps_at_six_references_with_scal_and_mdl(data_dir, tmp_path):
 
   # The cached-features reader on composed records: a cache of the split yields the same pairs.
   out = str(tmp_path / "features")
-  inputs_lib.encode_dataset(config, out, splits=["train"], batch_size=8)
-  cached = make_iterator(*cached_features.open_split(out, "train", inputs_lib.cache_fingerprint(config)),
-                         inputs_lib.pipeline_config(settings))
-  raw = make_iterator(*inputs_lib.open_raw_dataset(settings.dataset, "train"), inputs_lib.pipeline_config(settings))
+  encode_dataset(settings, out, splits=["train"], batch_size=8)
+  cached = make_iterator(*cached_features.open_split(out, "train", cache_fingerprint(settings)),
+                         pipeline_config(settings))
+  raw = make_iterator(*open_raw_dataset(settings.dataset, "train"), pipeline_config(settings))
   for _ in range(settings.total_steps):
     from_cache, from_records = next(cached), next(raw)
     for key in ("pair_ref", "pair_ref_token", "pair_target_token", "pair_valid", "record_index"):
