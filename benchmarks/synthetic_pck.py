@@ -128,7 +128,7 @@ def main(argv=None):
   parser.add_argument("--sizes", default="32,128", help="feature image sizes in px (the demo trained at 32)")
   args = parser.parse_args(argv)
   from mosaic_jax import model
-  from mosaic_jax.train.trained_model import load_trained
+  from mosaic_jax.workdir.trained import load_trained
   trained = load_trained(args.workdir)
   random_params = model.init_params(jax.random.key(args.seed), trained.cfg, jax.numpy.float32)
   token_pixels = 2 * trained.encoders.autoencoder.downsample_factor

@@ -44,8 +44,8 @@ def main(argv=None):
                       "(default FLUX.1-dev's 154,1446; empty: none)")
   parser.add_argument("--dinov2_layer", type=int, help="DINOv2: the block whose output is read (default 11)")
   parser.add_argument("--attention", choices=("xla", "splash", "cudnn"), default="",
-                      help="attention kernel (default xla; splash on TPUs, for both matchers; cudnn on NVIDIA GPUs, "
-                      "for FLUX in bfloat16)")
+                      help="the FLUX matcher's attention kernel (default xla; splash on TPUs, cudnn on NVIDIA GPUs "
+                      "in bfloat16; DINOv2 keeps xla)")
   parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                       help="the FLUX transformer's and text encoders' weights (DINOv2 stays float32)")
   parser.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -85,7 +85,7 @@ def _run(args) -> None:
 
   def dinov2():
     matcher = extractors.dinov2_matcher_from_folder(args.dinov2, layer=args.dinov2_layer,
-                                                    similarity=args.geoaware_similarity, attention_impl=args.attention)
+                                                    similarity=args.geoaware_similarity)
     return matchers.MeshMatcher(matcher, batch_size=args.batch_size or None)
 
   runners = {}

@@ -61,12 +61,10 @@ def dinov2_host_inputs(images: np.ndarray) -> np.ndarray:
 
 
 def dinov2_matcher(model: dinov2.Dinov2Model, layer: int | None = None, positions: str = "hub",
-                   similarity: str = "", attention_impl: str = "") -> matchers.Matcher:
-  """The DINOv2 matcher of a loaded `dinov2.Dinov2Model` (its params are what the mesh places);
-  `attention_impl` "splash" on TPUs (DINOv2 runs in float32: cudnn does not apply; "" or "xla" keeps xla)."""
+                   similarity: str = "") -> matchers.Matcher:
+  """The DINOv2 matcher of a loaded `dinov2.Dinov2Model` (its params are what the mesh places). Its attention
+  stays the model's: 4097 tokens at 896 px are no multiple of 128 for splash, and cudnn wants bf16."""
   layer = dinov2.GEOAWARE_LAYER if layer is None else layer
-  if attention_impl == "splash":
-    model = model.with_attention("splash")
 
   def features(loaded, pixels):
     return dinov2.patch_features(loaded, pixels, layer=layer, positions=positions)
@@ -74,7 +72,6 @@ def dinov2_matcher(model: dinov2.Dinov2Model, layer: int | None = None, position
 
 
 def dinov2_matcher_from_folder(folder: str, dtype=jnp.float32, layer: int | None = None, positions: str = "hub",
-                               similarity: str = "", attention_impl: str = "") -> matchers.Matcher:
+                               similarity: str = "") -> matchers.Matcher:
   """The DINOv2 matcher of a transformers `Dinov2Model` folder (config.json + model.safetensors)."""
-  return dinov2_matcher(dinov2.load_dinov2(os.path.expanduser(folder), dtype=dtype), layer, positions, similarity,
-                        attention_impl)
+  return dinov2_matcher(dinov2.load_dinov2(os.path.expanduser(folder), dtype=dtype), layer, positions, similarity)
