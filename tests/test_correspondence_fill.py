@@ -181,3 +181,18 @@ def test_the_filled_folder_builds_a_dataset_with_pairs(filled, tmp_path):
   refs, targets = correspondence.derive_token_pairs(example["refs"]["coord_dift"][0],
                                                     example["refs"]["coord_geoaware"][0], mask, 32)
   assert len(refs) > 10
+
+
+def test_lower_grids_compiles_from_shapes_the_program_mesh_matcher_runs():
+  """matchers.lower_grids (what the TPU estimates compile) from ShapeDtypeStructs alone: run on real params it
+  gives MeshMatcher's grids."""
+  import jax
+  runner = toy_matcher("dift", 3)
+  shapes = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), runner.matcher.params)
+  shape_only = matchers.Matcher("toy", "dift", shapes, colour_features)
+  compiled = matchers.lower_grids(shape_only, runner.mesh, (2, 1024, 1024, 3)).compile()
+  rng = np.random.default_rng(0)
+  targets, references = (rng.integers(0, 256, (2, 1024, 1024, 3), dtype=np.uint8) for _ in range(2))
+  with jax.set_mesh(runner.mesh):
+    cells = compiled(runner.params, runner.device_inputs(targets), runner.device_inputs(references))
+  np.testing.assert_array_equal(np.asarray(cells), runner(targets, references))

@@ -101,7 +101,7 @@ class MeshMatcher:
   def _global(self, host: np.ndarray) -> jax.Array:
     return jax.make_array_from_callback(host.shape, self.data_sharding, lambda index: host[index])
 
-  def _inputs(self, images: np.ndarray) -> jax.Array:
+  def device_inputs(self, images: np.ndarray) -> jax.Array:
     """uint8 images [n, 1024, 1024, 3], n <= batch_size, padded by repeating the last -> global inputs."""
     images = np.asarray(images)
     if not 0 < len(images) <= self.batch_size:
@@ -116,7 +116,7 @@ class MeshMatcher:
     if len(references) != len(targets):
       raise ValueError(f"{len(targets)} targets but {len(references)} references")
     with jax.set_mesh(self.mesh):
-      cells = self._grids(self.params, self._inputs(targets), self._inputs(references))
+      cells = self._grids(self.params, self.device_inputs(targets), self.device_inputs(references))
     return np.stack([matching.stored_grid(grid) for grid in np.asarray(jax.device_get(cells))[:len(targets)]])
 
   def image_features(self, images: np.ndarray) -> np.ndarray:
@@ -125,6 +125,6 @@ class MeshMatcher:
     for start in range(0, len(images), self.batch_size):
       chunk = images[start:start + self.batch_size]
       with jax.set_mesh(self.mesh):
-        features = self._features(self.params, self._inputs(chunk))
+        features = self._features(self.params, self.device_inputs(chunk))
       out.append(np.asarray(jax.device_get(features), np.float32)[:len(chunk)])
     return np.concatenate(out)
