@@ -133,7 +133,7 @@ def main(argv=None):
   random_params = model.init_params(jax.random.key(args.seed), trained.cfg, jax.numpy.float32)
   token_pixels = 2 * trained.encoders.autoencoder.downsample_factor
   print(f"synthetic scenes at {SCENE_SIZE} px from {args.scenes} scenes (seed {args.seed}); demo step {trained.step} "
-        f"(trained at {trained.config.resolution} px); PCK@0.1 over masked target cells, pooled")
+        f"(trained at {trained.settings.resolution} px); PCK@0.1 over masked target cells, pooled")
   print(f"{'size':>5} {'tokens':>7} {'weights':<15} {'similarity':<10} {'PCK grid A':>10} {'per ref':>8} "
         f"{'PCK grid B':>10} {'kept':>6} {'precision':>9}")
   for size in (int(value) for value in args.sizes.split(",")):
