@@ -11,14 +11,17 @@
   python benchmarks/attention_stats.py
 """
 
+from __future__ import annotations
+
+import argparse
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import best_time
 
 from mosaic_jax import losses, model
-from timing import best_time
 from mosaic_jax.model import attention
 from mosaic_jax.model.attention_stats import Correspondences, block_statistics, statistics_from_maps
 
@@ -127,6 +130,8 @@ def masked_versus_dense(grid=16, num_refs=6, text_len=64, heads=6, head_dim=64):
 
 
 if __name__ == "__main__":
+  # No options: the parser gives --help (the docstring) instead of a run.
+  argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
   print(f"device: {jax.devices()[0].device_kind}")
   memory_at_flux_shapes()
   block_time_with_statistics()

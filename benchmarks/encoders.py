@@ -5,7 +5,7 @@ tokens) and CLIP (77 tokens), one image through the VAE encoder.
 
 Then the real input pipeline, both ways, on a synthetic SemAlign-MS dataset built in a temporary folder
 (`--examples` scenes with `--refs` references at the VAE resolution): batches of the training iterator
-turned into what the train step reads (`train.inputs.step_batch`),
+turned into what the train step reads (`train.batches.step_batch`),
   on the fly = decode images, derive pairs, VAE(1 + R images) + T5 + CLIP   (the official loop)
   cached     = read the features launch/encode_dataset.py stored (data/cached_features.py)
 timed over the same batches after one warm-up batch. The ratio is the training input cost saved.
@@ -24,15 +24,18 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import best_time
+from common import best_time
 
+from mosaic_jax.configs import flux_ms
 from mosaic_jax.data import cached_features, make_iterator
 from mosaic_jax.data.pipeline import RAW_IMAGE_DECODERS, PipelineConfig
 from mosaic_jax.data.semalign_ms import SemalignMs, SemalignMsConfig
 from mosaic_jax.encoders import FluxEncoders
 from mosaic_jax.model import clip, t5, vae
 from mosaic_jax.model.autoencoder import Autoencoder
-from mosaic_jax.train.inputs import ByteTokenizers, step_batch
+from mosaic_jax.settings import settings_from_config
+from mosaic_jax.text import ByteTokenizers
+from mosaic_jax.train.batches import step_batch
 
 
 def configs(size):
@@ -66,13 +69,16 @@ def input_cost(encoders, resolution: int, refs: int, examples: int, batch: int) 
     cache = os.path.join(folder, "cache")
     cached_features.encode_dataset({"train": (raw, num_refs)}, cache, encoders, pipeline, {}, batch_size=batch)
     cached, _ = cached_features.open_split(cache, "train")
+    config = flux_ms.get_config("default")  # the step's batch layout at this resolution and latent geometry
+    config.resolution = config.ref_resolution = resolution
+    settings = settings_from_config(config, encoders.autoencoder, check_files=False)
 
     def seconds_per_example(source):
       iterator = make_iterator(source, num_refs, pipeline)
-      step_batch(next(iterator), encoders)  # warm-up: compiles, fills caches
+      step_batch(next(iterator), encoders, settings)  # warm-up: compiles, fills caches
       start, seen = time.perf_counter(), 0
       for host_batch in iterator:
-        jax.block_until_ready(step_batch(host_batch, encoders))
+        jax.block_until_ready(step_batch(host_batch, encoders, settings))
         seen += batch
       return (time.perf_counter() - start) / seen
 

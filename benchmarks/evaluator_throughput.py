@@ -16,11 +16,12 @@ import time
 
 import jax
 import numpy as np
-from timing import best_time
+from common import best_time
 
-from mosaic_jax.evaluation import preprocess, vit
+from mosaic_jax.evaluation import preprocess
 from mosaic_jax.evaluation.clip_model import text_embeddings
 from mosaic_jax.model import clip as clip_text
+from mosaic_jax.model import vit
 
 CLIP_B32_TEXT = clip_text.ClipTextConfig(hidden_size=512, intermediate_size=2048, num_attention_heads=8,
                                          eos_token_id=49407)

@@ -30,17 +30,17 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mosaic_jax import losses, model
+from mosaic_jax import losses
 from mosaic_jax.configs import flux_ms
 from mosaic_jax.data import correspondence, schema, synthetic
 from mosaic_jax.data.image_ops import encode_png
 from mosaic_jax.data.pipeline import prepare_example, stack_examples
+from mosaic_jax.encoders import make_encoders
 from mosaic_jax.model import FluxInputs, forward, image_ids, pack_latents, reference_ids, text_ids
-from mosaic_jax.train import inputs as inputs_lib
-from mosaic_jax.train.evaluate import _neighbourhood_hits, _neighbourhood_size
-from mosaic_jax.train.settings import settings_from_config
+from mosaic_jax.settings import settings_from_config
+from mosaic_jax.train.datasets import pipeline_config
+from mosaic_jax.train.evaluate import _neighbourhood_hits, _neighbourhood_size, model_latents
 from mosaic_jax.train.step import pack_references
-from mosaic_jax.train.trainer import model_latents
 
 LOST_FACTOR = 1.0
 
@@ -66,8 +66,8 @@ def scene_batch(config, encoders, num_refs: int, scenes: int, seed: int):
   size = config.dataset.build.image_size
   grid = correspondence.token_grid(config.resolution, config.token_pixels)
   ref_grid = correspondence.token_grid(config.ref_resolution, config.token_pixels)
-  pipeline = inputs_lib.pipeline_config(config, global_batch_size=scenes, dropout=False,
-                                        max_pairs=num_refs * ref_grid * ref_grid)
+  pipeline = pipeline_config(config, global_batch_size=scenes, dropout=False,
+                             max_pairs=num_refs * ref_grid * ref_grid)
   examples, regions, pictures = [], [], []
   for index in range(scenes):
     scene = synthetic.make_scene(np.random.default_rng([seed, 7_777, num_refs, index]), num_refs, size)
@@ -116,7 +116,7 @@ def curve(params, lora, cfg, config, encoders, max_refs: int, scenes: int, seed:
           heatmap_dir: str | None = None) -> list[dict]:
   """The table's rows; with heatmap_dir, also each R's first scene as an attention panel (the maps at
   the middle timestep over the real target, one colour per reference)."""
-  from mosaic_jax.evaluation.heatmaps import attention_panel
+  from mosaic_jax.heatmaps import attention_panel
   rows = []
   for num_refs in range(1, max_refs + 1):
     batch, regions, pictures = scene_batch(config, encoders, num_refs, scenes, seed)
@@ -208,7 +208,7 @@ def main():
   args = p.parse_args()
   config = settings_from_config(flux_ms.get_config(args.variant), check_files=False)
   cfg, params, lora, step = load_trained(args.workdir, config, args.ema)
-  encoders = inputs_lib.make_encoders(config)
+  encoders = make_encoders(config)
   print(f"{args.workdir} at step {step}; lost = own-region mass < {LOST_FACTOR} x region share; "
         f"t in {tuple(config.eval_timesteps)}\n{HEADER}", flush=True)
   out = args.out or args.workdir

@@ -2,8 +2,9 @@
 
 The official side is ../shared/bench/official_step.py (see its README for how to get the official
 code, a reference that is run, never copied). Ours is the trainer's own step, built and compiled the
-way the trainer builds it (trainer.compile_from_shapes: the recipe config's settings, sharding rules
-and remat policy, on a one-device mesh), then run on random weights and a random batch.
+way the trainer builds it (common.comparison_step: train/compilation.py's compile_from_shapes with the
+recipe config's settings, sharding rules and remat policy, on a one-device mesh), then run on random
+weights and a random batch.
 
 Same work on both sides: FLUX scaled to hidden 512 (8 heads x 64), 2 double + 4 single blocks, 64 text
 tokens of width 256, pooled 128, a 16x16-token target and 3 references of 16x16 tokens (64 channels
@@ -37,88 +38,9 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import COMPARISON_SHAPES, LORA_PARAMS, ROOT, comparison_step
+
 OFFICIAL_SCRIPT = os.path.join(os.path.dirname(ROOT), "shared", "bench", "official_step.py")
-# The comparison's shapes, in official_step.py's keys (its BENCH_CFG).
-SHAPES = dict(hidden_heads=8, head_dim=64, double=2, single=4, txt=64, tgt_hw=16, ref_hw=16, R=3, rank=64)
-PAIRS_PER_REF = 40
-TEXT_WIDTH, POOLED_WIDTH = 256, 128
-LORA_PARAMS = 4_100_096  # both sides must train exactly this many
-
-
-def _recipe_config(code: str):
-  """The recipe config of checkout `code`, read from its configs/flux_ms.py as `--config` reads it (a
-  baseline checkout may predate the config's move into the package)."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.spec_from_file_location("flux_ms", os.path.join(code, "configs", "flux_ms.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config("default")
-
-
-def build_ours(threads: int, remat: str | None = None, code: str = ROOT):
-  """(compiled step, state, base, batch, lora parameter count, model config) of the trainer's step on
-  SHAPES, with the recipe config of checkout `code` (whose mosaic_jax this process imports: the
-  installed one, or the baseline's that `measure` puts on PYTHONPATH)."""
-  import dataclasses  # pylint: disable=import-outside-toplevel
-
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
-  from mosaic_jax import model, parallel  # pylint: disable=import-outside-toplevel
-  from mosaic_jax.model.autoencoder import Autoencoder  # pylint: disable=import-outside-toplevel
-  from mosaic_jax.model.vae import VaeConfig  # pylint: disable=import-outside-toplevel
-  from mosaic_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
-  from mosaic_jax.train import trainer  # pylint: disable=import-outside-toplevel
-  from mosaic_jax.train.settings import settings_from_config  # pylint: disable=import-outside-toplevel
-
-  c = SHAPES
-  config = _recipe_config(code)  # the recipe: remat policy, optimizer, EMA, loss weights
-  config.dtype = "float32"
-  config.lora_rank = c["rank"]
-  config.batch_size = 1
-  config.mesh.update(dict(data=1, fsdp=1, tensor=1))
-  vae = Autoencoder("vae", VaeConfig(), {})  # FLUX's latent geometry: 16 px per token, 64 channels
-  token_px = 2 * vae.downsample_factor
-  config.resolution, config.ref_resolution = c["tgt_hw"] * token_px, c["ref_hw"] * token_px
-  config.dataset.max_pairs = PAIRS_PER_REF * c["R"]
-  config.text_len = c["txt"]
-  # The official step weighs MDL 1.0 from the first step; the recipe ramps it in from step 10,000.
-  config.losses.mdl_ramp_start = config.losses.mdl_ramp_end = 0
-  if remat is not None:
-    config.remat_policy = remat
-  head_dim = c["head_dim"]
-  cfg = dataclasses.replace(
-      model.config.flux1_dev(), num_layers=c["double"], num_single_layers=c["single"], attention_head_dim=head_dim,
-      num_attention_heads=c["hidden_heads"], joint_attention_dim=TEXT_WIDTH, pooled_projection_dim=POOLED_WIDTH,
-      axes_dims_rope=(8, (head_dim - 8) // 2, (head_dim - 8) // 2), remat_policy=config.remat_policy)
-  mesh = parallel.make_mesh(config.mesh.to_dict(), jax.devices()[:1])
-  text_shapes = ((c["txt"], TEXT_WIDTH), (POOLED_WIDTH,))
-  compiled = trainer.compile_from_shapes(config, cfg, mesh, [c["R"]], vae, text_shapes)[c["R"]]
-
-  # Real values with the shapes compile_from_shapes used, placed as the executable expects.
-  settings = settings_from_config(config, vae, check_files=False)  # the trainer's own
-  base = model.init_params(jax.random.key(0), cfg, jnp.float32)
-  lora = model.init_lora(jax.random.key(1), base, cfg, c["rank"])
-  state = step_lib.init_state({"lora": lora}, step_lib.make_optimizer(settings.optimizer, settings.total_steps))
-  shardings = compiled.input_shardings[0]
-  state, base = jax.device_put((state, base), (shardings[0], shardings[1]))
-  rng = np.random.default_rng(0)
-  latent = lambda *s: rng.standard_normal(s).astype(np.float32)
-  h, hr, ch = 2 * c["tgt_hw"], 2 * c["ref_hw"], vae.latent_channels
-  n_t, n_r = c["tgt_hw"] ** 2, c["ref_hw"] ** 2
-  pair_ref = np.repeat(np.arange(c["R"]), PAIRS_PER_REF)[None].astype(np.int32)
-  pair_ref_token = np.concatenate([rng.choice(n_r, PAIRS_PER_REF, replace=False) for _ in range(c["R"])])
-  batch = {"target_mean": latent(1, h, h, ch), "target_std": np.zeros((1, h, h, ch), np.float32),
-           "ref_means": latent(1, c["R"], hr, hr, ch), "t5": latent(1, c["txt"], TEXT_WIDTH),
-           "pooled": latent(1, POOLED_WIDTH), "pair_ref": pair_ref,
-           "pair_ref_token": pair_ref_token[None].astype(np.int32),
-           "pair_target_token": rng.integers(0, n_t, (1, pair_ref.shape[1])).astype(np.int32),
-           "pair_valid": np.ones(pair_ref.shape, bool), "drop_refs": np.zeros((1,), bool)}
-  batch = jax.device_put(batch, shardings[2])
-  lora_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(lora))
-  return compiled, state, base, batch, lora_params, cfg
 
 
 def run_ours(threads: int, steps: int, remat: str | None, code: str) -> dict:
@@ -129,7 +51,7 @@ def run_ours(threads: int, steps: int, remat: str | None, code: str) -> dict:
   import numpy as np  # pylint: disable=import-outside-toplevel
 
   start = time.perf_counter()
-  compiled, state, base, batch, lora_params, cfg = build_ours(threads, remat, code)
+  compiled, state, base, batch, lora_params, cfg = comparison_step(remat, code)
   compile_s = time.perf_counter() - start
   state, metrics = compiled(state, base, batch)  # warm-up
   jax.block_until_ready((state, metrics))
@@ -209,7 +131,7 @@ def measure(side: dict, threads: int, steps: int, official: str) -> dict:
   """One subprocess of `side` (see sides_of) pinned to the first `threads` cores; its JSON line."""
   env = dict(os.environ)
   if side["impl"] == "official":
-    env.update(OFFICIAL=official, THREADS=str(threads), BENCH_CFG=json.dumps({**SHAPES, "steps": steps}),
+    env.update(OFFICIAL=official, THREADS=str(threads), BENCH_CFG=json.dumps({**COMPARISON_SHAPES, "steps": steps}),
                OMP_NUM_THREADS=str(threads))
     stand_in = _cv2_stand_in()
     if stand_in:

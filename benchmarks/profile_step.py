@@ -1,11 +1,11 @@
 """Where the time of our train step goes: per-op times of the compiled step on XLA:CPU, by category.
 
-Builds the step of benchmarks/official_compare.py (the trainer's own step on the comparison's shapes),
-traces a few steps with jax.profiler (XLA:CPU records one event per executed thunk: a fusion, a dot, a
-copy, a loop), and maps each thunk to the optimized HLO (hlo_costs.py): its FLOPs (dots counted inside fusions, loop
-bodies multiplied by their trip counts), the source line that made it (the HLO's stack frames) and
-whether it runs in the forward pass, the backward pass or as a recomputation of the forward pass
-(jax.checkpoint's "rematted_computation"). Prints:
+Builds the step official_compare.py times (common.comparison_step: the trainer's own step on the
+comparison's shapes), traces a few steps with jax.profiler (XLA:CPU records one event per executed
+thunk: a fusion, a dot, a copy, a loop), and maps each thunk to the optimized HLO (hlo_costs.py): its
+FLOPs (dots counted inside fusions, loop bodies multiplied by their trip counts), the source line that
+made it (the HLO's stack frames) and whether it runs in the forward pass, the backward pass or as a
+recomputation of the forward pass (jax.checkpoint's "rematted_computation"). Prints:
 
   - the step time by category (projections and MLPs, LoRA, attention, attention statistics,
     elementwise work, layout work, losses, optimizer, EMA, NaN guard) and phase;
@@ -35,7 +35,7 @@ import os
 import tempfile
 import time
 
-import official_compare  # builds the step the comparison times (benchmarks/ is the script's folder)
+from common import COMPARISON_SHAPES, comparison_step  # the step the comparison times
 from hlo_costs import Hlo, category, phase  # the optimized HLO read back (shared with train_memory.py)
 
 
@@ -119,7 +119,7 @@ def main():
   import jax  # pylint: disable=import-outside-toplevel
   from mosaic_jax.train import metrics as metrics_lib  # pylint: disable=import-outside-toplevel
 
-  compiled, state, base, batch, _, cfg = official_compare.build_ours(1, args.remat)
+  compiled, state, base, batch, _, cfg = comparison_step(args.remat)
   text = compiled.as_text()
   if args.hlo_out:
     with open(args.hlo_out, "w") as f:
@@ -168,7 +168,7 @@ def main():
   accounted = sum(sum(p.values()) for p in table.values())
 
   print(f"step {plain_s:.3f} s untraced, {traced_s:.3f} s traced; thunks account for {accounted:.3f} s "
-        f"({cfg.remat_policy} remat, {official_compare.SHAPES})")
+        f"({cfg.remat_policy} remat, {COMPARISON_SHAPES})")
   print(f"\n{'category':<52} {'fwd ms':>8} {'bwd ms':>8} {'remat ms':>8} {'total ms':>9} {'share':>6} "
         f"{'GFLOP':>7} {'GFLOP/s':>8}")
   for cat, phases in sorted(table.items(), key=lambda kv: -sum(kv[1].values())):
@@ -208,7 +208,7 @@ def main():
     print(f"{seconds * 1e3:>7.1f} {runs:>5.0f} {flops / 1e9:>6.2f} {flops / 1e9 / seconds if flops else 0:>8.1f}  "
           f"{name:<28} {ph:<9} {cat[:28]:<28} {src}  {shape}")
 
-  c = official_compare.SHAPES
+  c = COMPARISON_SHAPES
   shape = metrics_lib.StepShape(1, c["txt"], c["tgt_hw"] ** 2, c["R"], c["ref_hw"] ** 2)
   analytic = metrics_lib.train_step_flops(cfg, shape, c["rank"], trains_base=False)
   reported = compiled.cost_analysis()

@@ -1,4 +1,4 @@
-"""Time per image of the jitted sampler (mosaic_jax.sample.denoise) with 4 references, with and without
+"""Time per image of the jitted sampler (mosaic_jax.sampling.denoise) with 4 references, with and without
 the reference KV cache, and with no references, measured in one run on whatever device JAX has.
 
 A small FLUX-shaped model (random weights, independent_refs, a random rank-16 LoRA): heads of 128 as in
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mosaic_jax import model, sample
+from mosaic_jax import model, sampling
 
 
 def main():
@@ -36,7 +36,7 @@ def main():
   parser.add_argument("--size", type=int, default=256, help="target and reference size in pixels")
   parser.add_argument("--refs", type=int, default=4)
   parser.add_argument("--text-len", type=int, default=128)
-  parser.add_argument("--steps", type=int, default=sample.DEFAULT_STEPS)
+  parser.add_argument("--steps", type=int, default=sampling.DEFAULT_STEPS)
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--dtype", default="float32")
   parser.add_argument("--repeats", type=int, default=2)
@@ -51,16 +51,17 @@ def main():
   lora = model.init_lora(jax.random.key(1), params, cfg, rank=16, dtype=dtype)
   grid, b = args.size // 16, args.batch
   rng = np.random.default_rng(0)
-  common = dict(
-      noise_tokens=rng.standard_normal((b, grid * grid, cfg.in_channels), np.float32),
+  no_refs = model.FluxInputs(
+      target=rng.standard_normal((b, grid * grid, cfg.in_channels), np.float32),
+      target_ids=model.image_ids(grid, grid),
       text=rng.standard_normal((b, args.text_len, cfg.joint_attention_dim), np.float32),
       text_ids=model.text_ids(args.text_len),
       pooled=rng.standard_normal((b, cfg.pooled_projection_dim), np.float32),
-      target_ids=model.image_ids(grid, grid), sigmas=sample.flow_sigmas(args.steps, grid * grid),
-      guidance=np.float32(sample.DEFAULT_GUIDANCE))
-  with_refs = dict(refs=rng.standard_normal((b, args.refs, grid * grid, cfg.in_channels), np.float32),
-                   ref_ids=model.reference_ids(args.refs, grid, grid))
-  runs = {"no references": (dict(), False), f"{args.refs} refs, no cache": (with_refs, False),
+      timestep=None, guidance=np.float32(sampling.DEFAULT_GUIDANCE))
+  with_refs = no_refs._replace(refs=rng.standard_normal((b, args.refs, grid * grid, cfg.in_channels), np.float32),
+                               ref_ids=model.reference_ids(args.refs, grid, grid))
+  sigmas = sampling.flow_sigmas(args.steps, grid * grid)
+  runs = {"no references": (no_refs, False), f"{args.refs} refs, no cache": (with_refs, False),
           f"{args.refs} refs, KV cache": (with_refs, True)}
 
   print(f"device {jax.devices()[0].device_kind}; hidden {cfg.hidden_size} ({args.heads} heads of 128), "
@@ -68,14 +69,14 @@ def main():
         f"target {grid * grid} tokens, text {args.text_len}, {args.refs} references of {grid * grid} tokens; "
         f"{args.steps} steps, batch {b}")
   per_image = {}
-  for name, (refs, use_cache) in runs.items():
+  for name, (inputs, use_cache) in runs.items():
     start = time.perf_counter()
-    compiled = sample.denoise.lower(params, lora, cfg, **common, **refs, use_ref_cache=use_cache).compile()
+    compiled = sampling.denoise.lower(params, lora, cfg, inputs, sigmas, use_ref_cache=use_cache).compile()
     compile_s = time.perf_counter() - start
     times = []
     for _ in range(args.repeats):
       start = time.perf_counter()
-      jax.block_until_ready(compiled(params, lora, **common, **refs))
+      jax.block_until_ready(compiled(params, lora, inputs, sigmas))
       times.append(time.perf_counter() - start)
     per_image[name] = min(times) / b
     print(f"{name:>22}: {per_image[name]:8.3f} s per image ({per_image[name] / args.steps * 1e3:7.1f} ms "

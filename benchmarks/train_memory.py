@@ -1,9 +1,9 @@
 """Per-device memory of the MOSAIC recipe's train step at FLUX.1-dev scale, from shapes alone.
 
-The trainer's own step (trainer.compile_from_shapes: the config's sharding rules and remat policy) is
-compiled ahead of time for abstract parameters, LoRA, optimizer state and batch: no weights are
-loaded and nothing runs, so a mesh and batch can be checked in minutes before any accelerator time is
-spent. On a machine without the accelerators, fake CPU devices stand in (`--cpu_devices`); their
+The trainer's own step (train/compilation.py's compile_from_shapes: the config's sharding rules and
+remat policy) is compiled ahead of time for abstract parameters, LoRA, optimizer state and batch: no
+weights are loaded and nothing runs, so a mesh and batch can be checked in minutes before any
+accelerator time is spent. On a machine without the accelerators, fake CPU devices stand in (`--cpu_devices`); their
 numbers come from the CPU compiler, whose buffer assignment differs from the GPU's and TPU's, and
 the xla attention path materializes scores that cudnn/splash would not: read them as an upper bound
 and as ratios between settings. On real devices, run without --cpu_devices.
@@ -39,6 +39,8 @@ from __future__ import annotations
 import argparse
 import os
 
+import common
+
 
 def parse_args():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,38 +71,16 @@ def main():
   elif args.cpu_devices:  # before jax starts
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={args.cpu_devices}"
-  import dataclasses  # pylint: disable=import-outside-toplevel
-
   import jax  # pylint: disable=import-outside-toplevel
-  from mosaic_jax.configs import flux_ms  # pylint: disable=import-outside-toplevel
-  from mosaic_jax import model, parallel  # pylint: disable=import-outside-toplevel
-  from mosaic_jax.model.autoencoder import Autoencoder  # pylint: disable=import-outside-toplevel
-  from mosaic_jax.model.vae import VaeConfig  # pylint: disable=import-outside-toplevel
-  from mosaic_jax.train import trainer  # pylint: disable=import-outside-toplevel
-
   from mosaic_jax.train import tpu_compile  # pylint: disable=import-outside-toplevel
 
   if args.attention is None:  # the recipe's kernel for the platform compiled for
     args.attention = "splash" if args.topology or args.sampler else "xla"
-  vae = Autoencoder("vae", VaeConfig(), {})  # FLUX's VAE geometry (/8, 16 channels); no weights
-  text_shapes = ((512, 4096), (768,))  # T5-XXL states, pooled CLIP-L (config.text_len is 512)
+  vae = common.flux_vae()
   refs = [int(r) for r in args.refs.split(",")]
-
-  def transformer(remat):
-    cfg = dataclasses.replace(model.config.flux1_dev(), remat_policy=remat, attention_impl=args.attention)
-    if args.attention_chunk is not None:
-      cfg = dataclasses.replace(cfg, attention_chunk=args.attention_chunk)
-    if args.layers:
-      layers = tuple(int(n) for n in args.layers.split(","))
-      cfg = dataclasses.replace(cfg, num_layers=layers[0], num_single_layers=layers[1])
-    return cfg
-
-  def recipe(devices):
-    config = flux_ms.get_config("default")
-    config.mesh.update(dict(zip(("data", "fsdp", "tensor"), (int(s) for s in args.mesh.split(",")))))
-    mesh = parallel.make_mesh(config.mesh.to_dict(), devices)
-    config.batch_size = args.batch or mesh.size
-    return config, mesh
+  depth = tuple(int(n) for n in args.layers.split(",")) if args.layers else None
+  transformer = lambda remat: common.flux_transformer(remat, args.attention, depth, args.attention_chunk)
+  recipe = lambda devices: common.flux_recipe(args.mesh, args.batch, devices)
 
   if args.sampler:
     compile_sampler(args.sampler, transformer, refs, args.steps)
@@ -108,7 +88,8 @@ def main():
   if args.topology:
     for name in args.topology.split(","):
       for remat in args.remat.split(","):
-        compile_for_slice(name, recipe, transformer, refs, remat, args.figures.split(","), vae, text_shapes)
+        compile_for_slice(name, recipe, transformer, refs, remat, args.figures.split(","), vae,
+                          common.FLUX_TEXT_SHAPES)
     return
 
   config, mesh = recipe(None)
@@ -117,7 +98,7 @@ def main():
         f"{jax.devices()[0].device_kind}, attention {args.attention}"
         f"{'' if args.attention_chunk is None else f' (query chunk {args.attention_chunk})'}")
   for remat in args.remat.split(","):
-    compiled = trainer.compile_from_shapes(config, transformer(remat), mesh, refs, vae, text_shapes)
+    compiled = common.compile_recipe_step(config, transformer(remat), mesh, refs, vae, common.FLUX_TEXT_SHAPES)
     for r, executable in compiled.items():
       stats = tpu_compile.report(executable)
       print(f"remat {remat}, {r} reference(s): {stats.total_bytes / 2 ** 30:.1f} GiB per device (arguments "
@@ -129,7 +110,7 @@ def compile_for_slice(name, recipe, transformer, refs, remat, figures, vae, text
   optimized HLO, the step's FLOPs and HBM traffic per chip, an estimated step time and the MFU it implies
   (module docstring)."""
   import jax  # pylint: disable=import-outside-toplevel
-  from mosaic_jax.train import metrics, trainer, tpu_compile  # pylint: disable=import-outside-toplevel
+  from mosaic_jax.train import metrics, tpu_compile  # pylint: disable=import-outside-toplevel
 
   import hlo_costs  # pylint: disable=import-outside-toplevel  (benchmarks/ is the script's folder)
 
@@ -145,7 +126,7 @@ def compile_for_slice(name, recipe, transformer, refs, remat, figures, vae, text
   for r in refs:
     line = f"  {name} {r} ref(s)"
     try:
-      compiled = trainer.compile_from_shapes(config, cfg, mesh, [r], vae, text_shapes)[r]
+      compiled = common.compile_recipe_step(config, cfg, mesh, [r], vae, text_shapes)[r]
     except jax.errors.JaxRuntimeError as e:
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise
@@ -207,7 +188,8 @@ def compile_sampler(name, transformer, refs, steps):
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   from mosaic_jax.configs import flux_ms  # pylint: disable=import-outside-toplevel
-  from mosaic_jax import model, parallel, sample  # pylint: disable=import-outside-toplevel
+  from mosaic_jax import model, parallel  # pylint: disable=import-outside-toplevel
+  from mosaic_jax.sampling import denoise  # pylint: disable=import-outside-toplevel
   from mosaic_jax.train import tpu_compile  # pylint: disable=import-outside-toplevel
 
   spec = tpu_compile.SLICES[name]
@@ -215,7 +197,7 @@ def compile_sampler(name, transformer, refs, steps):
   config = flux_ms.get_config("default")
   mesh = parallel.make_mesh(dict(data=1, fsdp=-1, tensor=1), devices)
   rules = dict(param_rules=tuple(config.sharding.param_rules), logical_rules=tuple(config.sharding.logical_rules))
-  # The cache is exact for a model trained with independent references (sample.py); the shapes are the same.
+  # The cache is exact for a model trained with independent references (sampling/loop.py); the shapes are the same.
   cfg = dataclasses.replace(transformer("none"), independent_refs=True)
   key = jax.random.key(0)
   params = jax.eval_shape(lambda k: model.init_params(k, cfg, jnp.bfloat16), key)
@@ -226,13 +208,15 @@ def compile_sampler(name, transformer, refs, steps):
   whole = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.replicated(mesh))
   grid = config.resolution // 16
   for r in refs:
-    args = (placed(params), placed(lora), cfg, whole((1, grid * grid, cfg.in_channels), jnp.float32),
-            whole((1, config.text_len, cfg.joint_attention_dim), jnp.bfloat16), whole((config.text_len, 3), jnp.int32),
-            whole((1, cfg.pooled_projection_dim), jnp.bfloat16), whole((grid * grid, 3), jnp.int32),
-            whole((steps + 1,), jnp.float32), whole((), jnp.float32),
-            whole((1, r, grid * grid, cfg.in_channels), jnp.bfloat16), whole((r, grid * grid, 3), jnp.int32))
+    inputs = model.FluxInputs(
+        target=whole((1, grid * grid, cfg.in_channels), jnp.float32), target_ids=whole((grid * grid, 3), jnp.int32),
+        text=whole((1, config.text_len, cfg.joint_attention_dim), jnp.bfloat16),
+        text_ids=whole((config.text_len, 3), jnp.int32), pooled=whole((1, cfg.pooled_projection_dim), jnp.bfloat16),
+        timestep=None, guidance=whole((), jnp.float32), refs=whole((1, r, grid * grid, cfg.in_channels), jnp.bfloat16),
+        ref_ids=whole((r, grid * grid, 3), jnp.int32))
     with jax.set_mesh(mesh):  # splash places itself under shard_map on the slice's mesh
-      compiled = sample.denoise.lower(*args, use_ref_cache=True).compile()
+      compiled = denoise.lower(placed(params), placed(lora), cfg, inputs, whole((steps + 1,), jnp.float32),
+                               use_ref_cache=True).compile()
     stats = tpu_compile.report(compiled)
     fits = "fits" if stats.total_bytes <= spec.hbm_gib * 2 ** 30 else "does NOT fit"
     print(f"sampler on {name} ({len(devices)} x {devices[0].device_kind}, mesh {dict(mesh.shape)}): FLUX.1-dev + "

@@ -24,9 +24,9 @@ import numpy as np
 
 from mosaic_jax import model
 from mosaic_jax.configs import flux_ms
+from mosaic_jax.settings import settings_from_config
 from mosaic_jax.train import metrics as metrics_lib
 from mosaic_jax.train import step as step_lib
-from mosaic_jax.train.settings import settings_from_config
 
 
 def _batch(rng, settings, num_refs, cfg):

@@ -20,7 +20,9 @@ import time
 import numpy as np
 
 from mosaic_jax.configs import flux_ms
-from mosaic_jax.train import inputs, train_and_evaluate
+from mosaic_jax.settings import settings_from_config
+from mosaic_jax.train import train_and_evaluate
+from mosaic_jax.train.encode_features import encode_dataset
 
 
 def demo_config(data_dir: str, steps: int, cached: str = ""):
@@ -50,7 +52,7 @@ def main():
   with tempfile.TemporaryDirectory() as tmp:
     data_dir, cache = os.path.join(tmp, "tfds"), os.path.join(tmp, "features")
     config = demo_config(data_dir, args.steps)
-    inputs.encode_dataset(config, cache, splits=[config.dataset.train_split])
+    encode_dataset(settings_from_config(config), cache, splits=[config.dataset.train_split])
     times = {"on the fly": [], "cached": []}
     for repeat in range(args.repeats):
       for mode, cached in (("on the fly", ""), ("cached", cache)):

@@ -16,6 +16,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from mosaic_jax import cli
+from mosaic_jax.settings import known_fields, settings_from_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/flux_ms.py[:variant]", lock_config=True)
 _OUT = flags.DEFINE_string("out", None, "new directory for the cached features (never overwritten)")
@@ -28,11 +29,11 @@ flags.mark_flags_as_required(["config", "out"])
 
 def main(argv):
   del argv
-  from mosaic_jax.train.inputs import encode_dataset  # pylint: disable=import-outside-toplevel
-  spec = encode_dataset(_CONFIG.value, _OUT.value, _SPLITS.value, _BATCH.value, _DTYPE.value)
+  from mosaic_jax.train.encode_features import encode_dataset  # pylint: disable=import-outside-toplevel
+  spec = encode_dataset(settings_from_config(_CONFIG.value), _OUT.value, _SPLITS.value, _BATCH.value, _DTYPE.value)
   print(f"wrote {spec['splits']} examples and {len(spec['captions'])} distinct captions to {_OUT.value}; "
         f"train with --config.dataset.cached_features={_OUT.value}")
 
 
 if __name__ == "__main__":
-  cli.run_absl(main)
+  cli.run_absl(main, known_fields)

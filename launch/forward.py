@@ -3,8 +3,14 @@
   python launch/forward.py --config configs/flux_ms.py:demo
   python launch/forward.py --config configs/flux_ms.py --config.checkpoint=/ckpt/FLUX.1-dev \
       --config.lora=/ckpt/mosaic_lora.safetensors
+
+--config.checkpoint may also be a diffusers transformer folder or a BFL single .safetensors file (no
+vae/: the token size is then FLUX's, 16 px).
 """
 
+from __future__ import annotations
+
+import os
 import time
 
 import jax
@@ -13,47 +19,53 @@ import numpy as np
 from ml_collections import config_flags
 
 from mosaic_jax import cli, interop, model
-from mosaic_jax.train.settings import autoencoder_geometry
+from mosaic_jax.model.autoencoder import Autoencoder
+from mosaic_jax.model.vae import VaeConfig
+from mosaic_jax.settings import Settings, known_fields, settings_from_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/flux_ms.py[:variant]", lock_config=True)
 
 
-def build_model(config):
-  dtype = jnp.dtype(config.dtype)
-  if config.checkpoint:
-    loaded, params = interop.load_flux_transformer(config.checkpoint, dtype=dtype)
-    cfg = model.config.resolve(config.model, config.model_overrides, loaded)
+def read_settings(config) -> Settings:
+  """The config as Settings, at this script's door. No dataset is read; a checkpoint that is a bare
+  transformer has no vae/, and FLUX's VAE geometry gives the token size."""
+  root = os.path.expanduser(config.checkpoint)
+  no_vae = config.encoders == "checkpoint" and not os.path.isdir(os.path.join(root, "vae"))
+  return settings_from_config(config, Autoencoder("vae", VaeConfig(), {}) if no_vae else None, check_files=False)
+
+
+def build_model(settings: Settings):
+  dtype = jnp.dtype(settings.dtype)
+  if settings.checkpoint:
+    loaded, params = interop.load_flux_transformer(os.path.expanduser(settings.checkpoint), dtype=dtype)
+    cfg = settings.transformer_config(loaded)
   else:
-    cfg = model.config.resolve(config.model, config.model_overrides)
-    params = model.init_params(jax.random.key(config.seed), cfg, dtype)
-  lora = interop.load_lora(config.lora, cfg) if config.lora else None
+    cfg = settings.transformer_config()
+    params = model.init_params(jax.random.key(settings.seed), cfg, dtype)
+  lora = interop.load_lora(os.path.expanduser(settings.lora), cfg) if settings.lora else None
   return cfg, params, lora
 
 
-def random_inputs(config, cfg) -> model.FluxInputs:
-  rng = np.random.default_rng(config.seed)
-  # 2 x the autoencoder's downsample factor: 16 for FLUX's VAE, 2 x the patch for the demo's pixel autoencoder
-  # (a checkpoint that is a bare transformer has no vae/: FLUX's)
-  has_vae = config.encoders != "checkpoint" or os.path.isdir(os.path.join(config.checkpoint, "vae"))
-  pixels = 2 * autoencoder_geometry(config).downsample_factor if has_vae else 16
-  grid, ref_grid = config.resolution // pixels, config.ref_resolution // pixels
-  b, r = config.batch_size, config.num_refs
+def random_inputs(settings: Settings, cfg) -> model.FluxInputs:
+  rng = np.random.default_rng(settings.seed)
+  grid, ref_grid = settings.resolution // settings.token_pixels, settings.ref_resolution // settings.token_pixels
+  b, r, text_len = settings.batch_size, settings.num_refs, settings.text_len
   return model.FluxInputs(
       target=rng.standard_normal((b, grid * grid, cfg.in_channels), np.float32),
       target_ids=model.image_ids(grid, grid),
-      text=rng.standard_normal((b, config.text_len, cfg.joint_attention_dim), np.float32),
-      text_ids=model.text_ids(config.text_len),
+      text=rng.standard_normal((b, text_len, cfg.joint_attention_dim), np.float32),
+      text_ids=model.text_ids(text_len),
       pooled=rng.standard_normal((b, cfg.pooled_projection_dim), np.float32),
-      timestep=np.full((b,), 0.5, np.float32), guidance=np.full((b,), config.guidance, np.float32),
+      timestep=np.full((b,), 0.5, np.float32), guidance=np.full((b,), settings.guidance, np.float32),
       refs=rng.standard_normal((b, r, ref_grid * ref_grid, cfg.in_channels), np.float32) if r else None,
       ref_ids=model.reference_ids(r, ref_grid, ref_grid) if r else None)
 
 
 def main(argv):
   del argv
-  config = _CONFIG.value
-  cfg, params, lora = build_model(config)
-  inputs = random_inputs(config, cfg)
+  settings = read_settings(_CONFIG.value)
+  cfg, params, lora = build_model(settings)
+  inputs = random_inputs(settings, cfg)
   forward = jax.jit(model.forward, static_argnums=(2, 4))
   start = time.perf_counter()
   compiled = forward.lower(params, lora, cfg, inputs, True).compile()
@@ -62,7 +74,7 @@ def main(argv):
   pred, aux = jax.block_until_ready(compiled(params, lora, inputs))
   run_s = time.perf_counter() - start
   print(f"model: {cfg}")
-  print(f"references: {config.num_refs}, prediction {pred.shape} {pred.dtype}, "
+  print(f"references: {settings.num_refs}, prediction {pred.shape} {pred.dtype}, "
         f"finite: {bool(jnp.isfinite(pred).all())}")
   if "attention_maps" in aux:
     print(f"attention maps (per double block, head-averaged): {aux['attention_maps'].shape}")
@@ -70,4 +82,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run_absl(main)
+  cli.run_absl(main, known_fields)

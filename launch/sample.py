@@ -27,9 +27,9 @@ import os
 
 import jax
 
-from mosaic_jax import cli, sample, sample_driver
+from mosaic_jax import cli, sample_driver, sampling
 from mosaic_jax.parallel import distributed
-from mosaic_jax.train import settings_from_config, trained_model
+from mosaic_jax.workdir import trained
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -75,12 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                  help="target size, N or WIDTHxHEIGHT, multiples of 16 (default 512; a workdir's resolution)")
   p.add_argument("--ref_size", type=int, default=None, help="reference size (default 512; a workdir's)")
   p.add_argument("--steps", type=int, default=None,
-                 help=f"denoising steps (default {sample.DEFAULT_STEPS}; a workdir's sample_steps)")
+                 help=f"denoising steps (default {sampling.DEFAULT_STEPS}; a workdir's sample_steps)")
   p.add_argument("--guidance", type=float, default=None,
-                 help=f"guidance (default {sample.DEFAULT_GUIDANCE}; 1.0 for a workdir that trained its base)")
+                 help=f"guidance (default {sampling.DEFAULT_GUIDANCE}; 1.0 for a workdir that trained its base)")
   p.add_argument("--seeds", type=int, nargs="+", default=[0])
   p.add_argument("--batch_size", type=int, default=1, help="seeds sampled together (sharded over devices)")
-  p.add_argument("--max_refs", type=int, default=sample.DEFAULT_MAX_REFS)
+  p.add_argument("--max_refs", type=int, default=sampling.DEFAULT_MAX_REFS)
   p.add_argument("--independent_refs", action="store_true",
                  help="the LoRA was trained with independent_refs (references attend only to themselves); "
                       "LoRA files this project exported say so themselves")
@@ -89,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--save_attention", action="store_true",
                  help="also write each reference's attention over the result as heatmaps "
                       "(<index>_seed<seed>_attention.png/.npy); samples without the reference KV cache")
-  p.add_argument("--attention", choices=("xla", "cudnn", "splash"), default="xla",
-                 help="attention kernel: cudnn on NVIDIA GPUs (bf16), splash on TPUs")
+  p.add_argument("--attention", choices=("xla", "cudnn", "splash"), default=None,
+                 help="attention kernel: cudnn on NVIDIA GPUs (bf16), splash on TPUs (default xla; a training "
+                      "workdir's own)")
   p.add_argument("--dtype", default="bfloat16", help="transformer and text-encoder dtype")
   p.add_argument("--t5_max_length", type=int, default=512)
   p.add_argument("--mesh", type=parse_mesh, default={"data": -1, "fsdp": 1, "tensor": 1},
@@ -105,40 +106,46 @@ def main(argv: list[str] | None = None) -> list[str]:
   distributed.initialize(force=args.distributed)  # before anything touches the devices
   if args.cases:
     if args.ref:
-      raise sample.SampleInputError("--ref goes with --prompt; a cases file lists its own image_paths.")
-    cases = sample_driver.read_cases(args.cases)
+      raise sampling.SampleInputError("--ref goes with --prompt; a cases file lists its own image_paths.")
+    cases = sampling.read_cases(args.cases)
   else:
-    cases = [sample.Case("0", args.prompt, tuple(args.ref))]
-  run = trained_model.find_run(args.checkpoint)
+    cases = [sampling.Case("0", args.prompt, tuple(args.ref))]
+  run = trained.find_run(args.checkpoint)
   if run is not None and args.lora:
-    raise sample.SampleInputError(f"--lora {args.lora}: {args.checkpoint} is a training workdir, which brings its "
-                                  "own LoRA (--step picks the step, --no_ema the non-EMA weights).")
-  # Defaults: the official sampling settings, or the training run's own sizes, steps and guidance.
-  config = None if run is None else trained_model.read_config(run[0])
-  size = args.size or ((config.resolution,) * 2 if config else (sample.DEFAULT_SIZE,) * 2)
-  guidance = args.guidance if args.guidance is not None else (
-      sample.DEFAULT_GUIDANCE if config is None or config.trainable == "lora" else 1.0)
-  options = sample.SampleOptions(
-      height=size[0], width=size[1], ref_size=args.ref_size or (config.ref_resolution if config else sample.DEFAULT_SIZE),
-      steps=args.steps or (config.sample_steps if config else sample.DEFAULT_STEPS), guidance=guidance,
-      seeds=tuple(args.seeds), batch_size=args.batch_size, max_refs=args.max_refs,
-      ref_cache={"auto": None, "on": True, "off": False}[args.ref_cache], save_attention=args.save_attention)
+    raise sampling.SampleInputError(f"--lora {args.lora}: {args.checkpoint} is a training workdir, which brings "
+                                    "its own LoRA (--step picks the step, --no_ema the non-EMA weights).")
+  settings = None if run is None else trained.read_settings(run[0])  # in effect after the workdir's resumes
+  options = sample_options(args, settings)
   # Pixels per token: FLUX's 16, or the training run's autoencoder's (the sampler checks again once loaded).
-  token_pixels = 16 if config is None else settings_from_config(config, check_files=False).token_pixels
-  sample.validate_request(cases, options, token_pixels)  # before any weight is read
+  sampling.validate_request(cases, options, 16 if settings is None else settings.token_pixels)  # before any weight
   if run is None:
-    sampler = sample.load_sampler(args.checkpoint, args.lora or None, options, dtype=args.dtype,
-                                  independent_refs=args.independent_refs, t5_max_length=args.t5_max_length,
-                                  text_dtype=args.dtype, attention_impl=args.attention, mesh_shape=args.mesh)
+    sampler = sampling.load_sampler(args.checkpoint, args.lora or None, options, dtype=args.dtype,
+                                    independent_refs=args.independent_refs, t5_max_length=args.t5_max_length,
+                                    text_dtype=args.dtype, attention_impl=args.attention or "xla", mesh_shape=args.mesh)
   else:
-    sampler = sample.load_trained_sampler(args.checkpoint, options, step=args.step, ema=not args.no_ema,
-                                          attention_impl=args.attention, mesh_shape=args.mesh)
+    sampler = sampling.load_trained_sampler(args.checkpoint, options, step=args.step, ema=not args.no_ema,
+                                            attention_impl=args.attention, mesh_shape=args.mesh)
   with distributed.exit_on_failure():
     written = sample_driver.write_run(sampler, cases, args.output, progress=not args.no_progress)
   where = f"process {jax.process_index()}: " if jax.process_count() > 1 else ""
   print(f"{where}wrote {len(written)} files" + (f" to {os.path.dirname(written[0])}" if written else ""))
   return written
 
+
+def sample_options(args, settings) -> sampling.SampleOptions:
+  """The flags' options; what they leave out comes from the training run's settings (its size, sample
+  steps and guidance) or, for a FLUX root, the official sampling defaults."""
+  if settings is None:
+    size, ref_size = (sampling.DEFAULT_SIZE,) * 2, sampling.DEFAULT_SIZE
+    steps, guidance = sampling.DEFAULT_STEPS, sampling.DEFAULT_GUIDANCE
+  else:
+    size, ref_size = (settings.resolution,) * 2, settings.ref_resolution
+    steps, guidance = settings.sample_steps, trained.sampling_guidance(settings)
+  return sampling.SampleOptions(
+      height=(args.size or size)[0], width=(args.size or size)[1], ref_size=args.ref_size or ref_size,
+      steps=args.steps or steps, guidance=guidance if args.guidance is None else args.guidance,
+      seeds=tuple(args.seeds), batch_size=args.batch_size, max_refs=args.max_refs,
+      ref_cache={"auto": None, "on": True, "off": False}[args.ref_cache], save_attention=args.save_attention)
 
 if __name__ == "__main__":
   cli.run(main)

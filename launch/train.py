@@ -26,6 +26,7 @@ from ml_collections import config_flags
 
 from mosaic_jax import cli
 from mosaic_jax.parallel import distributed
+from mosaic_jax.settings import known_fields, settings_from_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/flux_ms.py[:variant]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, logs, LoRA exports and samples go here")
@@ -37,13 +38,14 @@ PREEMPTED_EXIT_STATUS = 143
 
 def main(argv):
   del argv
+  settings = settings_from_config(_CONFIG.value)  # the config checked: the one conversion, here
   distributed.initialize(force=_DISTRIBUTED.value)  # before anything touches the devices
   from mosaic_jax.train import train_and_evaluate
   with distributed.exit_on_failure():
-    result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    result = train_and_evaluate(settings, _WORKDIR.value)
   if result["status"] == "preempted":
     sys.exit(PREEMPTED_EXIT_STATUS)
 
 
 if __name__ == "__main__":
-  cli.run_absl(main)
+  cli.run_absl(main, known_fields)

@@ -6,11 +6,11 @@ traceback; internal errors keep their tracebacks; third-party log lines stay off
 
 A user error is bad input the user can fix (a config field, a path, a file's content): the exception
 types listed in USER_ERRORS, the configuration flags' parse errors (an unknown `--config.x` override
-gets the trainer's "unknown field" message with a did-you-mean), and argparse's errors. After the line
+gets the settings' "unknown field" message with a did-you-mean, from the schema the script passes), and argparse's errors. After the line
 is printed the process ends at once (os._exit): no shutdown barrier of a multi-process job, and no
 background writer (orbax, tensorstore) dying noisily with the interpreter.
 
-  absl scripts:     cli.run_absl(main)           (instead of app.run(main))
+  absl scripts:     cli.run_absl(main, settings.known_fields)   (instead of app.run(main))
   argparse scripts: parser = cli.ArgumentParser(...); cli.run(main)
 """
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import importlib.util
 import json
 import logging
 import os
@@ -30,13 +29,15 @@ USER_ERROR_EXIT_STATUS = 2
 
 # "module:class" of every user-error type; a type counts only once its module is imported.
 USER_ERRORS = (
-    "mosaic_jax.train.settings:ConfigError", "mosaic_jax.train.checkpoint:CheckpointError",
-    "mosaic_jax.sample:SampleInputError", "mosaic_jax.interop.tensor_table:CheckpointError",
+    "mosaic_jax.settings:ConfigError", "mosaic_jax.train.checkpoint:CheckpointError",
+    "mosaic_jax.sampling.requests:SampleInputError", "mosaic_jax.interop.tensor_table:CheckpointError",
     "mosaic_jax.interop.lora_file:LoraFileError", "mosaic_jax.interop.safetensors_io:SafetensorsError",
     "mosaic_jax.text:TokenizerFilesError", "mosaic_jax.data.cached_features:CacheError",
     "mosaic_jax.data.image_ops:ImageDecodeError", "mosaic_jax.evaluation.dreambench:EvaluationInputError",
-    "mosaic_jax.data.pipeline:DatasetError", "mosaic_jax.train.trained_model:TrainedModelError",
-    "mosaic_jax.correspondence.flux_features:FluxFeatureError",
+    "mosaic_jax.data.pipeline:DatasetError", "mosaic_jax.workdir.trained:TrainedModelError",
+    "mosaic_jax.workdir.config:WorkdirError",
+    "mosaic_jax.correspondence.flux_features:FluxFeatureError", "mosaic_jax.data.composition:CompositionError",
+    "mosaic_jax.correspondence.fill_manifest:MatchInputError", "mosaic_jax.correspondence.pck:PckInputError",
 )
 
 
@@ -118,6 +119,21 @@ def quiet_third_party_logs() -> None:
   root = logging.getLogger()
   for handler in root.handlers:
     handler.addFilter(_ThirdPartyFilter())
+  sys.unraisablehook = _without_closed_loop_callbacks(sys.unraisablehook)
+
+
+def _without_closed_loop_callbacks(unraisablehook):
+  """sys.unraisablehook without the errors of callbacks into an event loop that is already closed. After
+  a save fails (a full disk), orbax closes its event loop while tensorstore still finishes the save's
+  writes; each write's completion callback then fails on the closed loop, and tensorstore hands the
+  error to sys.unraisablehook: hundreds of identical tracebacks ahead of the one line that says what
+  happened (the checkpointer reports the save's own error)."""
+
+  def hook(unraisable):
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+      return
+    unraisablehook(unraisable)
+  return hook
 
 
 # ---- absl scripts (ml_collections config files) ---------------------------------------------------
@@ -131,21 +147,12 @@ def _config_overrides(argv: list[str]) -> list[str]:
   return out
 
 
-def _unknown_override(config, argv: list[str]) -> str | None:
-  """The trainer's "unknown field" message for the first override that names no field of `config`."""
-  if config is None:
-    return None
+def _unknown_override(argv: list[str], known: set[str]) -> str | None:
+  """The "unknown field" message for the first override that names no config field (`known`: every
+  field, dotted), or None. A part (`dataset`) is a known prefix, not a field."""
   for path in _config_overrides(argv):
-    node = config
-    parts = path.split(".")
-    for depth, part in enumerate(parts):
-      keys = list(node.keys()) if hasattr(node, "keys") else []
-      if part not in keys:
-        if depth and parts[depth - 1] == "model_overrides":
-          break  # FluxConfig's fields, checked by the trainer
-        return unknown_field_message([".".join(parts[:depth + 1])],
-                                     [".".join(parts[:depth] + [k]) for k in keys])
-      node = node[part]
+    if path not in known and not any(name.startswith(path + ".") for name in known):
+      return unknown_field_message([path], known)
   return None
 
 
@@ -160,33 +167,13 @@ def unknown_field_message(unknown: list[str], known) -> str:
   return f"unknown config field(s) {sorted(unknown)}: not a field of configs/flux_ms.py ({hint})"
 
 
-def _config_of_command_line(argv: list[str]):
-  """The ConfigDict that --config FILE[:variant] names, or None (unreadable: reported as it is)."""
-  spec = None
-  for i, arg in enumerate(argv):
-    if arg == "--config" and i + 1 < len(argv):
-      spec = argv[i + 1]
-    elif arg.startswith("--config="):
-      spec = arg[len("--config="):]
-  if not spec:
-    return None
-  path, _, variant = spec.partition(":")
-  try:
-    loader = importlib.util.spec_from_file_location("_command_line_config", path)
-    module = importlib.util.module_from_spec(loader)
-    loader.loader.exec_module(module)
-    return module.get_config(variant) if variant else module.get_config()
-  except Exception:  # pylint: disable=broad-except  # absl's own message says what is wrong
-    return None
-
-
-def _parse_absl_flags(argv: list[str]) -> list[str]:
+def _parse_absl_flags(argv: list[str], known_fields: Callable[[], set[str]] | None) -> list[str]:
   from absl import flags
   argv = _strip_verbose(argv)
   try:
     return flags.FLAGS(argv)
   except Exception as error:  # pylint: disable=broad-except  # flags.Error, or ml_collections' own
-    message = _unknown_override(_config_of_command_line(argv), argv)
+    message = _unknown_override(argv, known_fields()) if known_fields is not None else None
     if message is None:
       lines = [line.strip() for line in str(error).strip().strip("'\"").splitlines() if line.strip()]
       # A config file's own error comes as a traceback in the text: its first and last lines say it.
@@ -195,8 +182,10 @@ def _parse_absl_flags(argv: list[str]) -> list[str]:
     raise  # unreachable
 
 
-def run_absl(main: Callable[[list[str]], Any]) -> None:
-  """app.run(main) with one-line user errors (flags and main's own) and quiet third-party logs."""
+def run_absl(main: Callable[[list[str]], Any], known_fields: Callable[[], set[str]] | None = None) -> None:
+  """app.run(main) with one-line user errors (flags and main's own) and quiet third-party logs.
+  known_fields: every config field (settings.known_fields), for the did-you-mean of a misspelt
+  --config. override; the schema, not the config file, which is not run a second time."""
   from absl import app
 
   def main_with_guard(argv):
@@ -210,7 +199,7 @@ def run_absl(main: Callable[[list[str]], Any]) -> None:
         _exit_with(f"--config: the config file could not be loaded ({lines[-1] if lines else error!r})")
     return guarded(main, argv)
 
-  app.run(main_with_guard, flags_parser=_parse_absl_flags)
+  app.run(main_with_guard, flags_parser=lambda argv: _parse_absl_flags(argv, known_fields))
 
 
 # ---- argparse scripts -----------------------------------------------------------------------------

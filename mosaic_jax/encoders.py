@@ -5,6 +5,11 @@ pooled CLIP [B, 768]) and images -> a latent posterior, each as one jitted funct
 batches (the last batch is padded, so every call reuses one compiled program). The autoencoder may be
 the FLUX VAE or the exact pixel autoencoder (autoencoder.py); the text encoders are optional, so a demo
 without a checkpoint can still encode images.
+
+`make_encoders(settings)` is the run's choice (settings.encoders): FLUX's from the checkpoint root, the
+demo's file-free ones (the pixel autoencoder and tiny random T5 and CLIP behind a byte tokenizer), or
+FLUX's VAE geometry with random weights (flux_random). Training, a workdir read back as a model and
+dataset encoding all take their encoders from it.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ import numpy as np
 from mosaic_jax import text
 from mosaic_jax.interop.text_encoder_checkpoint import load_clip_text_encoder, load_t5_encoder
 from mosaic_jax.interop.vae_checkpoint import load_vae
-from mosaic_jax.model import clip, t5
+from mosaic_jax.model import clip, t5, vae
+from mosaic_jax.model import config as model_config
 from mosaic_jax.model.autoencoder import Autoencoder
 from mosaic_jax.model.latents import Posterior, sample_posterior, to_model_latents
+from mosaic_jax.settings import Settings, autoencoder_geometry
 
 # The encoder outputs a train step needs, whether computed on the fly or read from a cache
 # (data/cached_features.py): raw posterior statistics, so that every step can draw a fresh target
@@ -162,3 +169,51 @@ def load_flux_encoders(root: str, autoencoder: str = "vae", text_encoders: bool 
   t5_cfg, t5_params = load_t5_encoder(os.path.join(root, "text_encoder_2"), dtype=t5_dtype, place=place)
   clip_cfg, clip_params = load_clip_text_encoder(os.path.join(root, "text_encoder"), dtype=clip_dtype)
   return FluxEncoders(ae, t5_cfg, t5_params, clip_cfg, clip_params, text.load_flux_tokenizers(root, t5_max_length))
+
+
+# ---- the run's choice ------------------------------------------------------------------------------
+
+def make_encoders(settings: Settings, text_encoders: bool | None = None) -> FluxEncoders:
+  """The encoders of the settings. By default FLUX's text encoders are not loaded when training reads
+  cached features (T5-XXL alone is 9.5 GB): only the autoencoder is needed, to decode sample images."""
+  if text_encoders is None:
+    text_encoders = not settings.dataset.cached_features
+  if settings.encoders == "demo":
+    return demo_encoders(settings, settings.seed)
+  if settings.encoders == "random":
+    return random_encoders(settings, settings.seed)
+  return load_flux_encoders(settings.checkpoint, autoencoder="vae", t5_max_length=settings.text_len,
+                            text_encoders=text_encoders)
+
+
+def text_widths(settings: Settings) -> tuple[int, int]:
+  """(T5 state width, pooled CLIP width) that the settings' transformer preset (with its overrides) takes:
+  the file-free text encoders are built to match it."""
+  cfg = model_config.resolve(settings.model, dict(settings.model_overrides))
+  return cfg.joint_attention_dim, cfg.pooled_projection_dim
+
+
+def _tiny_text_encoders(settings: Settings, seed: int) -> dict:
+  """Tiny random T5 and CLIP (widths matching the transformer) behind the byte tokenizer."""
+  t5_width, clip_width = text_widths(settings)
+  t5_cfg = dataclasses.replace(t5.tiny(), d_model=t5_width)
+  clip_cfg = dataclasses.replace(clip.tiny(), hidden_size=clip_width, max_position_embeddings=16,
+                                 eos_token_id=clip.tiny().vocab_size - 1)
+  t5_key, clip_key = jax.random.split(jax.random.key(seed + 1_000_003))
+  return dict(t5_config=t5_cfg, t5_params=t5.init_params(t5_key, t5_cfg), clip_config=clip_cfg,
+              clip_params=clip.init_params(clip_key, clip_cfg),
+              tokenizers=text.ByteTokenizers(t5_cfg.vocab_size, settings.text_len, clip_cfg.max_position_embeddings))
+
+
+def demo_encoders(settings: Settings, seed: int = 0) -> FluxEncoders:
+  """Pixel autoencoder (2 x pixel_patch_size px per token) and tiny random text encoders; no files."""
+  return FluxEncoders(autoencoder_geometry(settings), **_tiny_text_encoders(settings, seed))  # no weights
+
+
+def random_encoders(settings: Settings, seed: int = 0) -> FluxEncoders:
+  """FLUX's VAE geometry (/8, 16 channels) with random weights, and the tiny random text encoders:
+  the recipe's exact shapes with no downloaded file, to check a machine before the weights are there.
+  What it trains on means nothing."""
+  vae_cfg = autoencoder_geometry(settings).config  # VaeConfig()
+  vae_params = vae.init_params(jax.random.key(seed + 2_000_003), vae_cfg)
+  return FluxEncoders(Autoencoder("vae", vae_cfg, vae_params), **_tiny_text_encoders(settings, seed))

@@ -16,7 +16,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from mosaic_jax.evaluation.heatmaps import attention_panel
+from mosaic_jax.heatmaps import attention_panel
 from mosaic_jax.model.latents import unpack_latents
 
 
@@ -66,8 +66,8 @@ def sample_panel(autoencoder, batch, generated_tokens, max_rows: int = 4, min_ti
 
 def attention_sheet(autoencoder, batch, generated_tokens, attention, max_rows: int = 4,
                     tile: int = 128) -> np.ndarray:
-  """uint8: per example (at most max_rows, stacked) the heatmap panel (evaluation/heatmaps.py) of its
-  sample and its references' attention over the target a_r(j) [B, R, N] (sample.denoise's
+  """uint8: per example (at most max_rows, stacked) the heatmap panel (heatmaps.py) of its
+  sample and its references' attention over the target a_r(j) [B, R, N] (sampling.denoise's
   record_attention), for the same batch and samples as sample_panel."""
   grid = batch["target"].shape[1] // 2, batch["target"].shape[2] // 2  # 2x2 latent patches per token
   attention = np.asarray(attention)

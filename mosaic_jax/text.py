@@ -8,10 +8,15 @@ local_files_only, and a missing file is reported by name before transformers is 
 Token ids are padded to a fixed length and truncated the way diffusers' FluxPipeline does it: CLIP to
 77 tokens, T5 to 512 (FLUX.1-dev's max_sequence_length), both padding="max_length", truncation on, no
 attention mask used downstream. Ids come back as int32 numpy arrays [B, max_length], ready for jit.
+
+Without a checkpoint (the demo, flux_random) the tiny random text encoders read `ByteTokenizers`: the
+caption's UTF-8 bytes as ids, a fixed function of the caption, which is all a conditioning signal
+needs in a from-scratch model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from typing import NamedTuple, Sequence
@@ -85,3 +90,25 @@ def load_flux_tokenizers(root: str, t5_max_length: int = T5_MAX_LENGTH) -> FluxT
   root = os.fspath(root)
   return FluxTokenizers(load_clip_tokenizer(os.path.join(root, "tokenizer")),
                         load_t5_tokenizer(os.path.join(root, "tokenizer_2")), t5_max_length)
+
+
+@dataclasses.dataclass(frozen=True)
+class ByteTokenizers:
+  """UTF-8 bytes -> ids in [1, vocab - 2], then the end token (vocab - 1), padded with 0."""
+  vocab_size: int
+  t5_max_length: int
+  clip_max_length: int
+
+  def _ids(self, captions, length: int) -> np.ndarray:
+    out = np.zeros((len(captions), length), np.int32)
+    for row, caption in enumerate(captions):
+      ids = [1 + b % (self.vocab_size - 2) for b in str(caption).encode("utf-8")][:length - 1]
+      out[row, :len(ids)] = ids
+      out[row, len(ids)] = self.vocab_size - 1
+    return out
+
+  def t5_ids(self, captions) -> np.ndarray:
+    return self._ids(captions, self.t5_max_length)
+
+  def clip_ids(self, captions) -> np.ndarray:
+    return self._ids(captions, self.clip_max_length)

@@ -240,3 +240,107 @@ def write_folder() -> str:
       handle.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
   _CACHE["folder"] = root
   return root
+
+
+# ---- a released layout of many pairs, for the composed config (subjects200k_multi) -------------------
+
+# Each good pair's grids plant an affine field, one symmetry of the square per pair: target cell (i, j)
+# matches reference cell SYMMETRIES[k % 8](i, j), both matchers alike. Composed coordinates can then be
+# predicted from a pair's provenance alone, and a coordinate carried from the wrong pair or through the
+# wrong placement shows.
+SYMMETRIES = [
+    lambda i, j: (i, j), lambda i, j: (j, i), lambda i, j: (63 - i, j), lambda i, j: (i, 63 - j),
+    lambda i, j: (63 - i, 63 - j), lambda i, j: (j, 63 - i), lambda i, j: (63 - j, i), lambda i, j: (63 - j, 63 - i),
+]
+MULTI_GOOD_PAIRS = 28
+# Rows that cannot be composed, after the good ones: (case, the build report reason that counts it).
+MULTI_BAD_ROWS = [
+    ("missing_mask", "skipped_pair_missing_mask"),
+    ("missing_coords", "skipped_pair_missing_coords"),
+    ("empty_mask", "skipped_pair_empty_mask"),
+    ("speck_mask", "skipped_pair_too_few_token_pairs"),
+    ("corrupt_image", "skipped_corrupt_image"),
+    ("other_collection", "filtered_by_official_rule"),
+]
+
+
+def symmetry_grid(k: int) -> np.ndarray:
+  i, j = np.meshgrid(np.arange(64), np.arange(64), indexing="ij")
+  y, x = SYMMETRIES[k % 8](i, j)
+  return np.stack([y, x], axis=-1).astype(np.uint8)
+
+
+def ellipse_mask(rng: np.random.Generator, size: int = 512) -> np.ndarray:
+  """A subject blob covering about 8 to 25% of the crop, somewhere near the middle."""
+  ry, rx = rng.uniform(0.16, 0.3, 2) * size
+  cy, cx = rng.uniform(0.35, 0.65, 2) * size
+  y, x = np.meshgrid(np.arange(size) + 0.5, np.arange(size) + 0.5, indexing="ij")
+  return ((((y - cy) / ry) ** 2 + ((x - cx) / rx) ** 2) < 1).astype(np.uint8) * 255
+
+
+def _flat_diptych_png(rng: np.random.Generator) -> bytes:
+  """A 1056x528 diptych of a few flat rectangles, as PNG: cheap to decode and re-encode (the composer
+  encodes every image it writes), and each crop still unique."""
+  image = np.full((528, 1056, 3), rng.integers(0, 256, 3), np.uint8)
+  for _ in range(6):
+    top, left = rng.integers(0, 480), rng.integers(0, 1000)
+    image[top:top + rng.integers(20, 200), left:left + rng.integers(20, 300)] = rng.integers(0, 256, 3)
+  buffer = io.BytesIO()
+  Image.fromarray(image).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def released_multi_layout() -> dict:
+  """Writes MULTI_GOOD_PAIRS composable pairs (items "thing 0"...; pairs 4 and 5 share an item name up to
+  case) and the MULTI_BAD_ROWS once; returns {dir, pairs: {uid: {k, item, caption, mask, grid, diptych,
+  shard, row}}, bad: {case: uid}}."""
+  if "released_multi" in _CACHE:
+    return _CACHE["released_multi"]
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  import torch
+
+  root = os.path.join(_ROOT, "released_multi")
+  for sub in ("shards/a", "shards/b", "mask", "coord/dift", "coord/geoaware"):
+    os.makedirs(os.path.join(root, sub), exist_ok=True)
+  quality = {"compositeStructure": 9, "objectConsistency": 8, "imageQuality": 7}
+  rng = np.random.default_rng(11)
+  rows, pairs, bad = [], {}, {}
+  cases = [("good", k) for k in range(MULTI_GOOD_PAIRS)] + [(case, None) for case, _ in MULTI_BAD_ROWS]
+  half = len(cases) // 2  # two shards in two folders, to exercise relative shard paths
+  for index, (case, k) in enumerate(cases):
+    item = {4: "Mug", 5: "mug"}.get(k, f"thing {index}")
+    caption = f"The {item} on a table in a sunny room."
+    data = b"\xff\xd8 not a jpeg" if case == "corrupt_image" else _flat_diptych_png(rng)
+    rows.append({"image": {"bytes": data, "path": f"{index}.jpg"},
+                 "description": {"item": item, "description_0": caption, "description_1": "elsewhere"},
+                 "collection": "collection_1" if case == "other_collection" else "collection_2",
+                 "quality_assessment": quality})
+    if case == "corrupt_image":
+      continue
+    uid = official_uid(item, caption, Image.open(io.BytesIO(data)))
+    mask = ellipse_mask(rng)
+    if case == "empty_mask":
+      mask[:] = 0
+    if case == "speck_mask":  # 3x3 px: no token of a 32x32 grid samples it
+      mask[:] = 0
+      mask[260:263, 260:263] = 255
+    if case != "missing_mask":
+      Image.fromarray(mask).save(os.path.join(root, "mask", f"{uid}.png"))
+    grid = symmetry_grid(k if k is not None else index)
+    if case != "missing_coords":
+      for matcher in ("dift", "geoaware"):
+        torch.save(torch.from_numpy(grid.reshape(-1, 2).astype(np.int64)),
+                   os.path.join(root, "coord", matcher, f"{uid}_ref0.pt"))
+    if case == "good":
+      pairs[uid] = {"k": k, "item": item, "caption": caption, "mask": mask > 127, "grid": grid, "diptych": data,
+                    "shard": "shards/a/train-00000.parquet" if index < half else "shards/b/train-00001.parquet",
+                    "row": index if index < half else index - half}
+    else:
+      bad[case] = uid
+  table = pa.Table.from_pylist(rows)
+  pq.write_table(table.slice(0, half), os.path.join(root, "shards", "a", "train-00000.parquet"))
+  pq.write_table(table.slice(half), os.path.join(root, "shards", "b", "train-00001.parquet"))
+  result = {"dir": root, "pairs": pairs, "bad": bad}
+  _CACHE["released_multi"] = result
+  return result

@@ -14,8 +14,14 @@ import pytest
 
 from mosaic_jax.data import cached_features, make_iterator
 from mosaic_jax.data.pipeline import PipelineConfig
+from mosaic_jax.encoders import demo_encoders
+from mosaic_jax.settings import config_fields
 from mosaic_jax.interop.safetensors_io import SafetensorsFile
-from mosaic_jax.train import ConfigError, inputs, settings_from_config, train_and_evaluate
+from mosaic_jax.train import ConfigError, settings_from_config, train_and_evaluate
+from mosaic_jax.train.batches import step_batch
+from mosaic_jax.train.datasets import open_dataset, open_raw_dataset
+from mosaic_jax.train.encode_features import encode_dataset
+from mosaic_jax.train.fingerprint import cache_fingerprint
 from test_train import compilation_cache, data_dir, tiny_config  # noqa: F401  # pylint: disable=unused-import  # the same tiny run, one compile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,7 +32,7 @@ def cache(data_dir, tmp_path_factory):  # noqa: F811
   """The tiny dataset's train and validation splits, encoded through the command-line entry point."""
   out = str(tmp_path_factory.mktemp("features") / "cache")
   config = tiny_config(data_dir)
-  inputs.open_raw_dataset(config.dataset, "train")  # build the dataset first (as training would)
+  open_raw_dataset(settings_from_config(config).dataset, "train")  # build the dataset first (as training would)
   # batch 3 does not divide 16 examples or 32 references: the padded last encoder batch is covered
   subprocess.run([sys.executable, os.path.join(ROOT, "launch", "encode_dataset.py"),
                   f"--config={os.path.join(ROOT, 'configs', 'flux_ms.py')}:demo", f"--out={out}", "--batch_size=3",
@@ -37,18 +43,8 @@ def cache(data_dir, tmp_path_factory):  # noqa: F811
 
 def _overrides(config) -> dict:
   """tiny_config as --config. overrides (the command line builds its config from the file)."""
-  base = dict(_flat_items(tiny_config.__globals__["flux_ms"].get_config("demo")))
-  return {k: v for k, v in _flat_items(config) if base.get(k) != v}
-
-
-def _flat_items(config, prefix=""):
-  for key, value in config.items():
-    if hasattr(value, "items") and key != "model_overrides":
-      yield from _flat_items(value, f"{prefix}{key}.")
-    elif hasattr(value, "items"):
-      yield from ((f"{prefix}{key}.{k}", v) for k, v in value.items())
-    else:
-      yield f"{prefix}{key}", value
+  base = config_fields(tiny_config.__globals__["flux_ms"].get_config("demo"))
+  return {k: v for k, v in config_fields(config).items() if base.get(k) != v}
 
 
 def test_cache_stores_each_caption_once_with_the_empty_caption_first(cache):
@@ -58,8 +54,8 @@ def test_cache_stores_each_caption_once_with_the_empty_caption_first(cache):
   assert spec["captions"][0] == "" and len(set(spec["captions"])) == len(spec["captions"])
   with SafetensorsFile(os.path.join(out, "captions", "t5.safetensors")) as t5:
     assert t5.shape("t5") == (len(spec["captions"]), config.text_len, 32)
-  source, num_refs = cached_features.open_split(out, "train", inputs.cache_fingerprint(config))
-  raw_source, raw_num_refs = inputs.open_raw_dataset(config.dataset, "train")
+  source, num_refs = cached_features.open_split(out, "train", cache_fingerprint(settings_from_config(config)))
+  raw_source, raw_num_refs = open_raw_dataset(settings_from_config(config).dataset, "train")
   np.testing.assert_array_equal(num_refs, raw_num_refs)
   assert [source[i]["example_id"] for i in range(len(source))] == [
       raw_source[i]["id"].decode() for i in range(len(raw_source))]
@@ -68,18 +64,18 @@ def test_cache_stores_each_caption_once_with_the_empty_caption_first(cache):
 def test_cached_batches_equal_on_the_fly_encoding(cache):
   """Every field the train step reads, for 3 epochs with dropout on and pairs subsampled."""
   config, out = cache
-  encoders = inputs.demo_encoders(config, config.seed)
-  settings = settings_from_config(config, encoders.autoencoder)
+  settings = settings_from_config(config)
+  encoders = demo_encoders(settings, config.seed)
   pipeline = PipelineConfig(target_size=config.resolution, ref_size=config.ref_resolution, global_batch_size=4,
                             max_pairs=4, token_pixels=settings.token_pixels, seed=3, read_threads=1,
                             num_epochs=3)
-  raw = make_iterator(*inputs.open_raw_dataset(config.dataset, "train"), pipeline)
+  raw = make_iterator(*open_raw_dataset(settings.dataset, "train"), pipeline)
   cached = make_iterator(*cached_features.open_split(out, "train"), pipeline)
   dropped_captions = subsampled = 0
   for raw_batch, cached_batch in zip(raw, cached, strict=True):
     assert list(raw_batch["example_id"]) == list(cached_batch["example_id"])
     assert list(raw_batch["caption"]) == list(cached_batch["caption"])
-    expected, got = inputs.step_batch(raw_batch, encoders, settings), inputs.step_batch(cached_batch, encoders, settings)
+    expected, got = step_batch(raw_batch, encoders, settings), step_batch(cached_batch, encoders, settings)
     assert sorted(expected) == sorted(got)
     for key, value in expected.items():
       if value.dtype == np.float32:
@@ -108,7 +104,7 @@ def test_a_cache_for_other_settings_names_the_field(cache, data_dir, tmp_path): 
   _, out = cache
   config = tiny_config(data_dir, resolution=128, **{"dataset.cached_features": out})
   with pytest.raises(ConfigError, match=r"resolution: cache 64, config 128.*--config\.dataset\.cached_features"):
-    inputs.open_dataset(config, "train")
+    open_dataset(settings_from_config(config), "train")
 
 
 def test_an_unfinished_cache_is_refused_and_an_existing_one_never_overwritten(cache, tmp_path):
@@ -120,6 +116,6 @@ def test_an_unfinished_cache_is_refused_and_an_existing_one_never_overwritten(ca
   with open(os.path.join(out, "cache.json")) as f:
     before = json.load(f)
   with pytest.raises(cached_features.CacheError, match="exists and is not empty"):
-    inputs.encode_dataset(config, out)
+    encode_dataset(settings_from_config(config), out)
   with open(os.path.join(out, "cache.json")) as f:
     assert json.load(f) == before

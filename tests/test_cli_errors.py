@@ -35,6 +35,26 @@ def test_train_unknown_override_gets_the_trainers_message_with_a_did_you_mean(tm
   assert not os.listdir(tmp_path)  # nothing written
 
 
+def test_the_did_you_mean_comes_from_the_schema_without_running_the_config_file_again(tmp_path):
+  """A config file that counts its own runs: the hint for a misspelt model override (a FluxConfig field)
+  costs no second run of it."""
+  counter = tmp_path / "runs.txt"
+  config_file = tmp_path / "counting_config.py"
+  config_file.write_text(
+      "import sys\n"
+      f"sys.path.insert(0, {os.path.join(ROOT, 'configs')!r})\n"
+      "from flux_ms import get_config as _get_config\n"
+      "def get_config(arg='default'):\n"
+      f"  open({str(counter)!r}, 'a').write('run\\n')\n"
+      "  return _get_config(arg)\n")
+  line = _one_line_error(_run("train.py", "--config", f"{config_file}:demo", "--workdir", str(tmp_path / "run"),
+                              "--config.model_overrides.attention_imp=cudnn"))
+  assert "unknown config field(s) ['model_overrides.attention_imp']" in line, line
+  assert "did you mean --config.model_overrides.attention_impl" in line, line
+  assert counter.read_text() == "run\n"
+  assert not (tmp_path / "run").exists()
+
+
 def test_train_config_error_is_one_line_and_verbose_shows_the_traceback(tmp_path):
   args = ("--config", DEMO, "--workdir", str(tmp_path / "run"), "--config.resolution=30")
   line = _one_line_error(_run("train.py", *args))
@@ -75,3 +95,57 @@ def test_sample_input_error_is_one_line(tmp_path):
 def test_build_dataset_errors_are_one_line(tmp_path, args, expected):
   line = _one_line_error(_run("build_dataset.py", *[a.replace("DATA", str(tmp_path)) for a in args]))
   assert expected in line, line
+
+
+def _run_side_by_side(runs: dict[str, tuple[str, list[str]]]) -> dict[str, subprocess.CompletedProcess]:
+  """{name: (script, args)} run as concurrent processes (each mostly starts Python and jax) -> results."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  procs = {name: subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", script), *args], cwd=ROOT, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for name, (script, args) in runs.items()}
+  results = {}
+  for name, proc in procs.items():
+    out, err = proc.communicate(timeout=300)
+    results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+  return results
+
+
+def test_a_new_users_faults_are_one_line_with_status_2_and_write_nothing(tmp_path):
+  """Each fault made for real through the command line: one line naming what is wrong, status 2, and
+  nothing written (no workdir, no dataset folders, no run folder)."""
+  from train_fixtures import train_command
+  a_file = tmp_path / "a_file"
+  a_file.write_text("not a folder")
+  broken = tmp_path / "broken.png"
+  broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)  # a PNG signature, then nothing a PNG holds
+  workdir, missing = tmp_path / "run", tmp_path / "no" / "such" / "tfds"
+  train = lambda *flags, where=workdir: ("train.py", ["--config", DEMO, "--workdir", str(where), *flags])
+  # A dataset built on first use into a fresh folder, too small for one batch: TFDS stays quiet.
+  tiny = train_command(str(tmp_path / "tfds"), workdir, **{"dataset.name": "semalign_ms/synthetic_three",
+                                                            "dataset.build.num_train": 3, "batch_size": 4})
+  faults = {  # name: ((script, args), what the line says, what it must not say)
+      "lora_rank=-1": (train("--config.lora_rank=-1"), "config.lora_rank=-1: expected a positive integer", "Type"),
+      "lora_rank=0": (train("--config.lora_rank=0"), "config.lora_rank=0: expected a positive integer", "Zero"),
+      "batch_size=0": (train("--config.batch_size=0"), "config.batch_size=0: expected a positive integer",
+                       "total_steps"),
+      "workdir is a file": (train(where=a_file), f"--workdir {a_file} is a file: expected a folder", "Exists"),
+      "workdir under a file": (train(where=a_file / "run"), f"--workdir {a_file / 'run'} lies under the file "
+                               f"{a_file}", "NotADirectory"),
+      "data_dir missing": (train(f"--config.dataset.data_dir={missing}"),
+                           f"config.dataset.data_dir='{missing}' does not exist, nor does {missing.parent}", "building"),
+      "corrupt PNG": (("sample.py", ["--prompt", "x", "--ref", str(broken), "--checkpoint", str(tmp_path),
+                                     "--output", str(tmp_path / "out")]),
+                      f"reference image {broken}: not a readable image", "BytesIO"),
+      "too small to train": (("train.py", tiny[2:]), "gives no training batch", "Downloading"),
+  }
+  results = _run_side_by_side({name: command for name, (command, _, _) in faults.items()})
+  for name, (_, expected, unexpected) in faults.items():
+    line = _one_line_error(results[name])
+    assert expected in line and unexpected not in line, (name, line)
+  assert not os.path.exists(workdir) and not os.path.exists(tmp_path / "no") and not os.path.exists(tmp_path / "out")
+  assert a_file.read_text() == "not a folder"
+  quiet = results["too small to train"]
+  assert "building semalign_ms/synthetic_three into" in quiet.stdout, quiet.stdout
+  for noise in ("Downloading and preparing", "downloaded and prepared", "%|", "it/s]"):
+    assert noise not in quiet.stdout + quiet.stderr, (noise, quiet.stdout[-2000:], quiet.stderr[-2000:])
+  assert "semalign_ms" in os.listdir(tmp_path / "tfds")  # it was built

@@ -16,7 +16,7 @@ from mosaic_jax.interop.safetensors_io import SafetensorsFile
 from mosaic_jax.model import pixel_autoencoder
 from mosaic_jax.configs import flux_ms
 from mosaic_jax.train import settings_from_config
-from mosaic_jax.train.inputs import step_batch
+from mosaic_jax.train.batches import step_batch
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -1,10 +1,9 @@
-"""benchmarks/fork_server.py (the kill soak's way of restarting the trainer fast): a child runs a script
+"""tests/fork_server.py (the kill soak's way of restarting the trainer fast): a child runs a script
 as `python script ARGS` would, in its own process, and dies of a real SIGKILL; the server refuses to
 fork once an imported library has started a thread."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -12,11 +11,7 @@ import time
 
 import pytest
 
-from train_fixtures import ROOT
-
-_spec = importlib.util.spec_from_file_location("fork_server", os.path.join(ROOT, "benchmarks", "fork_server.py"))
-fork_server = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fork_server)
+import fork_server
 
 SCRIPT = """
 import json, os, sys, time

@@ -1,18 +1,13 @@
 """Kill soak (short): launch/train.py on the tiny config SIGKILLed 10 times at random moments (in steps,
 in saves, in exports; at least one while orbax's commit of a save was in flight, proven by the
 uncommitted step folder the killed run left) and restarted each time ends with every logged loss and
-the final LoRA files bit-identical to an uninterrupted run's, every restart loading the stored compiled step. The long version: benchmarks/kill_soak.py."""
+the final LoRA files bit-identical to an uninterrupted run's. The long version: `python tests/kill_soak.py`."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
-from train_fixtures import ROOT
-
-_spec = importlib.util.spec_from_file_location("kill_soak", os.path.join(ROOT, "benchmarks", "kill_soak.py"))
-kill_soak = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(kill_soak)
+import kill_soak
 
 
 def test_ten_random_kills_end_with_the_uninterrupted_losses_and_lora(tmp_path):
@@ -23,9 +18,6 @@ def test_ten_random_kills_end_with_the_uninterrupted_losses_and_lora(tmp_path):
   assert result["final_run_steps"] < 10, result  # killed runs committed steps that later runs resumed from
   assert result["losses_compared"] == 10 and result["losses_identical"], result
   assert result["lora_identical"], result
-  # Every restart loaded the step the uninterrupted run compiled (train/executable_store.py) instead of
-  # tracing it again, and still matched it bit for bit.
-  assert result["runs_that_compiled"] == 0 and result["runs_that_loaded"] >= result["runs"] - result["kills_before_first_step"], result
   # The saves the kills cut short left uncommitted step folders; the runs that opened the folder after
   # them deleted them (checkpoint.py: cleanup_tmp_directories), so none is left to fill a disk.
   left = [name for name in os.listdir(os.path.join(tmp_path, "killed", "checkpoints"))

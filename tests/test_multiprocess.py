@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from train_fixtures import ROOT, tensorboard_scalars, tiny_config, train_command
-from mosaic_jax.train import inputs as inputs_lib
+from mosaic_jax.settings import settings_from_config
+from mosaic_jax.train.datasets import open_raw_dataset
 
 # fsdp over all four devices: batch 4 splits one example per device.
 MESH = {"mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 1, "batch_size": 4}
@@ -27,9 +28,9 @@ MESH = {"mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 1, "batch_size": 4}
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
   folder = str(tmp_path_factory.mktemp("tfds"))
-  config = tiny_config(folder)
-  for split in (config.dataset.train_split, config.dataset.eval_split):
-    inputs_lib.open_raw_dataset(config.dataset, split)  # built here, once
+  dataset = settings_from_config(tiny_config(folder)).dataset
+  for split in (dataset.train_split, dataset.eval_split):
+    open_raw_dataset(dataset, split)  # built here, once
   return folder
 
 
@@ -137,10 +138,11 @@ distributed.initialize()
 import jax
 from train_fixtures import tiny_config
 from mosaic_jax.data import make_iterator
-from mosaic_jax.train import inputs, settings_from_config
+from mosaic_jax.settings import settings_from_config
+from mosaic_jax.train.datasets import open_dataset, pipeline_config
 settings = settings_from_config(tiny_config(sys.argv[1], batch_size=4))
-source, num_refs = inputs.open_dataset(settings, settings.dataset.train_split)
-iterator = make_iterator(source, num_refs, inputs.pipeline_config(settings), process_index=jax.process_index(),
+source, num_refs = open_dataset(settings, settings.dataset.train_split)
+iterator = make_iterator(source, num_refs, pipeline_config(settings), process_index=jax.process_index(),
                          process_count=jax.process_count())
 batches = [[int(i) for i in next(iterator)["record_index"]] for _ in range(3)]
 print("BATCHES " + json.dumps({"process": jax.process_index(), "count": jax.process_count(), "batches": batches}))
@@ -167,14 +169,14 @@ def test_processes_read_disjoint_examples_that_cover_the_global_batch(data_dir):
 _FAIL_ON_PROCESS_1 = r'''
 import runpy, sys
 import jax
-from mosaic_jax.train import inputs
-real, calls = inputs.host_inputs, []
+from mosaic_jax.train import batches
+real, calls = batches.host_inputs, []
 def failing(host_batch, encoders, settings):
   calls.append(1)
   if jax.process_index() == 1 and len(calls) == 3:
     raise OSError("injected failure on process 1 at step 3")
   return real(host_batch, encoders, settings)
-inputs.host_inputs = failing
+batches.host_inputs = failing
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 '''

@@ -84,7 +84,8 @@ def _fsdp_flops_child() -> dict:
   from mosaic_jax.configs import flux_ms
   from mosaic_jax.model.autoencoder import Autoencoder
   from mosaic_jax.model.vae import VaeConfig
-  from mosaic_jax.train import trainer
+  from mosaic_jax.settings import settings_from_config
+  from mosaic_jax.train import compilation
 
   config = flux_ms.get_config("default")
   config.batch_size, config.lora_rank, config.resolution, config.ref_resolution = 4, 16, 256, 256
@@ -94,8 +95,8 @@ def _fsdp_flops_child() -> dict:
   out = {}
   for name, sizes, devices in (("fsdp4", (1, 4, 1), jax.devices()), ("one", (1, 1, 1), jax.devices()[:1])):
     mesh = parallel.make_mesh(dict(zip(("data", "fsdp", "tensor"), sizes)), devices=devices)
-    compiled = trainer.compile_from_shapes(config, cfg, mesh, [2], Autoencoder("vae", VaeConfig(), {}),
-                                           ((64, 4096), (768,)))[2]
+    settings = settings_from_config(config, Autoencoder("vae", VaeConfig(), {}), check_files=False)
+    compiled = compilation.compile_from_shapes(settings, cfg, mesh, [2], ((64, 4096), (768,)))[2]
     cost = compiled.cost_analysis()  # counts a scan's body once: exact here, with one block of each kind
     out[name] = (cost[0] if isinstance(cost, list) else cost)["flops"]
   return out
@@ -120,13 +121,14 @@ def test_a_jit_traced_under_one_mesh_or_rule_table_is_never_reused_under_another
   import contextlib
   import dataclasses
   import numpy as np
-  from mosaic_jax import sample
+  from mosaic_jax import sampling
   cfg = model.tiny(1, 1)
   params = model.init_params(jax.random.key(0), cfg)
   rng = np.random.default_rng(0)
-  args = (params, None, cfg, rng.standard_normal((2, 4, 16), np.float32), rng.standard_normal((2, 3, 24), np.float32),
-          model.text_ids(3), rng.standard_normal((2, 12), np.float32), model.image_ids(2, 2),
-          sample.flow_sigmas(2, 4), np.float32(3.5))
+  inputs = model.FluxInputs(target=rng.standard_normal((2, 4, 16), np.float32), target_ids=model.image_ids(2, 2),
+                            text=rng.standard_normal((2, 3, 24), np.float32), text_ids=model.text_ids(3),
+                            pooled=rng.standard_normal((2, 12), np.float32), timestep=None, guidance=np.float32(3.5))
+  args = (params, None, cfg, inputs, sampling.flow_sigmas(2, 4))
   mesh_a = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1})
   mesh_b = jax.make_mesh((1,), ("replica",), axis_types=(AxisType.Auto,))
   sizes, outputs = [], []
@@ -134,8 +136,8 @@ def test_a_jit_traced_under_one_mesh_or_rule_table_is_never_reused_under_another
                       (mesh_a, (("batch", "data"), ("heads", None), ("mlp", None))), (mesh_a, cfg.logical_rules)):
     call_args = args[:2] + (dataclasses.replace(cfg, logical_rules=rules),) + args[3:]
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-      outputs.append(np.asarray(sample.denoise(*call_args)))
-    sizes.append(sample.denoise._cache_size())  # pylint: disable=protected-access
+      outputs.append(np.asarray(sampling.denoise(*call_args).tokens))
+    sizes.append(sampling.denoise._cache_size())  # pylint: disable=protected-access
   # No mesh, mesh A, mesh B, mesh A with other rules: four traces; mesh A with its first rules again: reused.
   assert [s - sizes[0] for s in sizes] == [0, 1, 2, 3, 3], sizes
   for out in outputs[1:]:

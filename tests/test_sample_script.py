@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mosaic_jax import images, model, sample
+from mosaic_jax import images, model, sampling
+from mosaic_jax.sampling import sampler as sampler_lib
 from mosaic_jax.interop import LoraFileError, save_lora
 
 pytest.importorskip("torch")
@@ -134,7 +135,7 @@ def test_save_attention_writes_heatmap_panels_named_in_run_json(setup, tmp_path)
 def test_reference_preprocessing(setup):
   """Transparency on white, cropped to the subject, both sides scaled by 0.9 * size / long side, centred."""
   _, work = setup
-  ref = sample.load_reference(str(work / "cat.png"), 32)
+  ref = sampling.load_reference(str(work / "cat.png"), 32)
   assert ref.shape == (32, 32, 3) and ref.dtype == np.float32 and ref.min() >= -1 and ref.max() <= 1
   rows, cols = np.nonzero(np.any(ref < 0.9, axis=-1))  # the 40x20 red box -> 28x14, centred
   assert cols.max() - cols.min() + 1 == int(0.9 * 32)
@@ -149,7 +150,7 @@ def no_compiles(monkeypatch):
   def refuse(*args, **kwargs):
     raise AssertionError("compiled before refusing the input")
   for name in ("denoise", "_encode_references"):
-    monkeypatch.setattr(sample, name, refuse)
+    monkeypatch.setattr(sampler_lib, name, refuse)
   monkeypatch.setattr(images, "decode_tokens", refuse)
 
 
@@ -172,7 +173,7 @@ def test_bad_inputs_are_refused_before_any_compile(setup, tmp_path, no_compiles,
   else:
     (tmp_path / "empty.json").write_text("[]")
     argv, message = ["--cases", str(tmp_path / "empty.json")], "the prompt list is empty"
-  with pytest.raises(sample.SampleInputError, match=message):
+  with pytest.raises(sampling.SampleInputError, match=message):
     launcher.main(base + argv)  # later flags win: the bad value comes last
   assert not (tmp_path / "out").exists()
 
@@ -188,9 +189,9 @@ def test_a_lora_that_does_not_fit_is_refused_before_any_compile(setup, tmp_path,
 
 def test_workdir_lora_is_the_latest_export_and_cache_warns_when_approximate(setup, caplog):
   root, work = setup
-  assert sample.resolve_lora_file(str(work / "workdir")).endswith(os.path.join("100", "lora_ema.safetensors"))
+  assert sampling.resolve_lora_file(str(work / "workdir")).endswith(os.path.join("100", "lora_ema.safetensors"))
   with caplog.at_level(logging.WARNING):
-    sampler = sample.load_sampler(str(root), str(work / "workdir"), sample.SampleOptions(ref_cache=True),
+    sampler = sampling.load_sampler(str(root), str(work / "workdir"), sampling.SampleOptions(ref_cache=True),
                                   dtype="float32", t5_max_length=16)
   assert sampler.use_ref_cache and not sampler.cfg.independent_refs
   assert "approximation" in caplog.text

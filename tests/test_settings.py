@@ -1,4 +1,4 @@
-"""The training settings (mosaic_jax/train/settings.py): the schema agrees with configs/flux_ms.py, every
+"""The run settings (mosaic_jax/settings.py): the schema agrees with configs/flux_ms.py, every
 bad field is one ConfigError naming it, and the token size comes from the autoencoder. Nothing is
 compiled here."""
 
@@ -13,7 +13,7 @@ from train_fixtures import flux_ms  # noqa: F401  # configs/ on sys.path
 from mosaic_jax.model.autoencoder import Autoencoder
 from mosaic_jax.model.vae import VaeConfig
 from mosaic_jax.train import ConfigError, settings_from_config
-from mosaic_jax.train import settings as settings_lib
+from mosaic_jax import settings as settings_lib
 
 FLUX_VAE = Autoencoder("vae", VaeConfig(), {})  # FLUX's geometry, no weights
 
@@ -21,7 +21,7 @@ FLUX_VAE = Autoencoder("vae", VaeConfig(), {})  # FLUX's geometry, no weights
 @pytest.mark.parametrize("variant", flux_ms.VARIANTS)
 def test_every_config_variant_has_exactly_the_fields_settings_reads(variant):
   config = flux_ms.get_config(variant)
-  assert settings_lib._config_fields(config) == settings_lib.known_fields()  # pylint: disable=protected-access
+  assert set(settings_lib.config_fields(config)) == settings_lib.known_fields()
 
 
 def test_settings_are_typed_frozen_and_hashable():
@@ -76,3 +76,47 @@ def test_token_size_comes_from_the_checkpoints_autoencoder(tmp_path):
   assert (settings.token_pixels, settings.latent_size, settings.latent_scaling, settings.latent_shift) == (8, 10, 0.5, 0.25)
   with pytest.raises(ConfigError, match=r"config\.resolution=40: expected a positive multiple of 16 px"):
     settings_from_config(config, FLUX_VAE)
+
+
+def test_what_a_resume_may_change_and_what_the_step_reads_come_from_the_fields():
+  """Declared once, on the fields: a part's mark covers its fields; each model override is a field of
+  its own (how the transformer runs may change on resume, what it computes may not); for_step fixes
+  exactly the fields the step never reads."""
+  safe = [name for name in sorted(settings_lib.known_fields()) if settings_lib.resume_safe(name)]
+  assert {"total_steps", "mesh.fsdp", "sharding.logical_rules", "dataset.data_dir", "dataset.read_threads",
+          "guidance", "sample_steps", "model_overrides.attention_impl", "model_overrides.attention_chunk",
+          "model_overrides.stats_chunk"} <= set(safe)
+  for refused in ("lora_rank", "dataset.name", "dataset.build.seed", "optimizer.learning_rate", "seed",
+                  "model_overrides.num_layers", "model_overrides.independent_refs", "no_such_field"):
+    assert not settings_lib.resume_safe(refused), refused
+  settings = settings_from_config(flux_ms.get_config("demo"), check_files=False)
+  settings = dataclasses.replace(settings, peak_tflops_per_device=1.0,  # the demo's are 0 already
+                                 dataset=dataclasses.replace(settings.dataset, worker_processes=2))
+  for_step = settings.for_step()
+  unread = {name for name, value in settings_lib.config_fields(for_step.to_config()).items()
+            if value != settings_lib.config_fields(settings.to_config())[name]}
+  assert unread == {"checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "sample_steps",
+                    "eval_examples", "eval_timesteps", "peak_tflops_per_device", "guidance", "dataset.data_dir",
+                    "dataset.read_threads", "dataset.worker_processes"}, unread
+  assert for_step.for_step() == for_step
+
+
+def test_settings_give_back_the_config_they_were_made_from():
+  """What a workdir's config.json holds (Settings.to_config): every field, unset overrides as None."""
+  config = flux_ms.get_config("demo,independent_refs")
+  settings = settings_from_config(config, check_files=False)
+  as_config = settings.to_config()
+  assert set(settings_lib.config_fields(as_config)) == settings_lib.known_fields()
+  assert settings_lib.config_fields(as_config) == json.loads(json.dumps(settings_lib.config_fields(config.to_dict())))
+  assert settings_from_config(as_config, check_files=False) == settings
+
+
+def test_counts_are_checked_one_by_one():
+  config = json.loads(json.dumps(flux_ms.get_config("demo").to_dict()))
+  with pytest.raises(ConfigError, match=r"^config\.batch_size=0: expected a positive integer \(the global batch\)\.$"):
+    settings_from_config({**config, "batch_size": 0}, check_files=False)
+  for rank in (0, -1):
+    with pytest.raises(ConfigError, match=rf"^config\.lora_rank={rank}: expected a positive integer"):
+      settings_from_config({**config, "lora_rank": rank}, check_files=False)
+  base_only = settings_from_config({**config, "lora_rank": 0, "trainable": "base"}, check_files=False)
+  assert base_only.lora_rank == 0  # no LoRA, no rank to check

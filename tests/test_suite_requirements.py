@@ -1,6 +1,7 @@
 """A missing PyTorch reference stops the test run with one line (it does not turn into skipped tests),
 unless MOSAIC_SKIP_REFERENCES=1 asks for the tests that do not need it. The reference is hidden from a
-child pytest by a sitecustomize that marks it unimportable (sys.modules[name] = None)."""
+child pytest by a sitecustomize that marks it unimportable (sys.modules[name] = None). CI runs the test
+command README gives, linter first."""
 
 from __future__ import annotations
 
@@ -36,3 +37,12 @@ def test_the_opt_out_runs_the_tests_without_references(tmp_path):
   assert run.returncode == 0, run.stdout + run.stderr
   assert "tests collected" in run.stdout, run.stdout + run.stderr
   assert "error" not in (run.stdout + run.stderr).lower(), run.stdout + run.stderr
+
+
+def test_ci_runs_the_test_command_readme_gives_linting_first():
+  with open(os.path.join(ROOT, "README.md")) as f:
+    readme = [line for line in f.read().splitlines() if line.startswith("pip install -r requirements-test.txt")]
+  with open(os.path.join(ROOT, ".ci", "run")) as f:
+    ci = f.read().strip().splitlines()[-1]
+  assert readme == [ci]
+  assert ci.index("ruff check &&") < ci.index("pytest")

@@ -18,7 +18,8 @@ from mosaic_jax import model, parallel
 from mosaic_jax.configs import flux_ms
 from mosaic_jax.model.autoencoder import Autoencoder
 from mosaic_jax.model.vae import VaeConfig
-from mosaic_jax.train import metrics, trainer, tpu_compile
+from mosaic_jax.settings import settings_from_config
+from mosaic_jax.train import compilation, metrics, tpu_compile
 
 SLICE = "v5e-4"
 _spec = importlib.util.spec_from_file_location(
@@ -46,7 +47,8 @@ def test_tiny_train_step_with_splash_compiles_for_a_tpu_slice():
   cfg = dataclasses.replace(model.config.tiny(), in_channels=64, attention_impl="splash", remat_policy="full",
                             unroll_layers=True)
   text_shapes = ((config.text_len, cfg.joint_attention_dim), (cfg.pooled_projection_dim,))
-  compiled = trainer.compile_from_shapes(config, cfg, mesh, [1], Autoencoder("vae", VaeConfig(), {}), text_shapes)[1]
+  settings = settings_from_config(config, Autoencoder("vae", VaeConfig(), {}), check_files=False)
+  compiled = compilation.compile_from_shapes(settings, cfg, mesh, [1], text_shapes)[1]
 
   hlo = compiled.as_text()
   # The Pallas kernels compiled by Mosaic for the TPU (not the interpret-mode loop of plain HLO ops):
@@ -82,8 +84,8 @@ def test_tiny_train_step_with_splash_compiles_for_a_tpu_slice():
   # statistics) in host memory: what it keeps moves to and from pinned host memory, and its backward
   # pass reruns fewer matmuls and fewer splash forward kernels than "full" (which reruns one per group
   # and block; seen: offload_kept reruns the reference group's, recompute_mlp none).
-  kept = trainer.compile_from_shapes(config, dataclasses.replace(cfg, remat_policy="offload_kept"), mesh, [1],
-                                     Autoencoder("vae", VaeConfig(), {}), text_shapes)[1]
+  kept = compilation.compile_from_shapes(settings, dataclasses.replace(cfg, remat_policy="offload_kept"), mesh, [1],
+                                         text_shapes)[1]
   forward_kernels = lambda executable: len(re.findall(r"^\s*(?:ROOT )?%splash_mha_fwd\S* = ", executable.as_text(),
                                                       re.MULTILINE))
   assert 2 * 4 <= forward_kernels(kept) < forward_kernels(compiled)

@@ -19,13 +19,15 @@ import numpy as np
 import pytest
 
 from train_fixtures import compilation_cache, flux_ms, tensorboard_scalars, tiny_config  # noqa: F401
+from mosaic_jax.encoders import make_encoders
 from mosaic_jax.model.autoencoder import Autoencoder
 from mosaic_jax.model.vae import VaeConfig
 from mosaic_jax.train import ConfigError, settings_from_config, train_and_evaluate
-from mosaic_jax.train import inputs as inputs_lib
+from mosaic_jax.train import batches as batches_lib
+from mosaic_jax.train import compilation
+from mosaic_jax.train import evaluate as evaluate_lib
 from mosaic_jax.train import metrics as metrics_lib
 from mosaic_jax.train import step as step_lib
-from mosaic_jax.train import trainer
 
 
 _FLUX_VAE = Autoencoder("vae", VaeConfig(), {})  # FLUX's autoencoder geometry, without weights
@@ -148,6 +150,48 @@ def test_resuming_with_a_changed_model_or_optimizer_is_refused_before_anything_i
   assert {name: open(os.path.join(workdir, name)).read() for name in before} == before
 
 
+def test_a_resume_compares_model_overrides_one_by_one_and_the_sampler_follows_it(first_run, data_dir, tmp_path):
+  """An override at the value in effect is no change, one of how the transformer runs may change; one of
+  its architecture is refused through the command line naming that field alone (one line, status 2,
+  nothing written). Sampling the workdir reads its settings after every resume: a resume that changed
+  sample_steps samples with the new value (config.json keeps the first start's)."""
+  import importlib.util
+  from train_fixtures import train_command
+  from mosaic_jax.workdir.config import resume_changes
+  workdir = str(tmp_path / "run")
+  shutil.copytree(first_run[0], workdir)
+  first_config = open(os.path.join(workdir, "config.json")).read()
+  same = dict(eval_examples=2, sample_steps=2, peak_tflops_per_device=1.0)  # first_run's
+  refused = subprocess.run(train_command(data_dir, workdir, **same, **{"model_overrides.num_layers": 2,
+                                                                     "model_overrides.attention_impl": "xla"}),
+                           capture_output=True, text=True, timeout=300)
+  errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+  assert refused.returncode == 2 and len(errors) == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+  assert "cannot change (model_overrides.num_layers: 1 -> 2): restore" in errors[0], errors[0]
+  assert not os.path.exists(os.path.join(workdir, "config_history.jsonl"))
+
+  settings = settings_from_config(tiny_config(data_dir, sample_steps=3, eval_examples=0,
+                                              **{"model_overrides.attention_impl": "xla"}))
+  chunked = dataclasses.replace(settings, model_overrides=tuple(sorted({**dict(settings.model_overrides),
+                                                                        "attention_chunk": 8}.items())))
+  assert resume_changes(chunked, workdir)["model_overrides.attention_chunk"] == [512, 8]  # allowed
+  resumed = train_and_evaluate(settings, workdir)
+  assert resumed["status"] == "done" and resumed["losses"] == {}
+  history = [json.loads(line) for line in open(os.path.join(workdir, "config_history.jsonl"))]
+  assert history[-1]["changed"] == {"eval_examples": [2, 0], "peak_tflops_per_device": [1.0, 0.0],
+                                    "sample_steps": [2, 3]}
+  assert open(os.path.join(workdir, "config.json")).read() == first_config
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  spec = importlib.util.spec_from_file_location("launch_sample", os.path.join(root, "launch", "sample.py"))
+  launcher = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(launcher)
+  written = launcher.main(["--checkpoint", workdir, "--prompt", "x", "--output", str(tmp_path / "out"),
+                           "--no_progress"])
+  run = json.load(open(os.path.join(os.path.dirname(written[0]), "run.json")))
+  assert run["options"]["steps"] == 3 and run["model"]["step"] == 4
+
+
 def test_flux_random_runs_the_recipe_step_with_random_weights(data_dir, tmp_path):
   """flux_random: LoRA-only on a frozen bf16 base, FLUX's VAE geometry and text widths, no checkpoint
   (shrunk here to a narrow 2-block transformer at 32 px)."""
@@ -162,7 +206,7 @@ def test_flux_random_runs_the_recipe_step_with_random_weights(data_dir, tmp_path
   config.losses.mdl_ramp_start, config.losses.mdl_ramp_end = 0, 1
   config.model_overrides.update(num_layers=1, num_single_layers=1, attention_head_dim=32, num_attention_heads=2,
                                 axes_dims_rope=(8, 12, 12))
-  encoders = inputs_lib.make_encoders(config)
+  encoders = make_encoders(settings_from_config(config))
   assert (encoders.autoencoder.kind, encoders.autoencoder.latent_channels, encoders.autoencoder.downsample_factor,
           encoders.t5_config.d_model, encoders.clip_config.hidden_size) == ("vae", 16, 8, 4096, 768)
   seen = []
@@ -249,7 +293,7 @@ def test_the_sampler_takes_a_recipe_workdir_on_a_flux_root(data_dir, tmp_path):
 def no_compilation(monkeypatch):
   def fail(*args, **kwargs):
     raise AssertionError("compiled before reporting the bad input")
-  monkeypatch.setattr(trainer, "compile_steps", fail)
+  monkeypatch.setattr(compilation, "compile_steps", fail)
 
 
 def test_missing_checkpoint_path_is_one_clear_error(data_dir, tmp_path, no_compilation):
@@ -336,9 +380,10 @@ def test_pairs_index_the_token_grid_of_the_autoencoder(data_dir, patch):
   """Pairs are derived on the grid the model sees: 64 px / (2 x patch) tokens a side, not FLUX's 16 px."""
   config = tiny_config(data_dir, pixel_patch_size=patch, eval_examples=4,  # 64 px
                        **{"model_overrides.in_channels": 4 * 3 * patch * patch})  # fits the autoencoder
-  encoders = inputs_lib.make_encoders(config)
+  settings = settings_from_config(config)
+  encoders = make_encoders(settings)
   grid = 64 // (2 * patch)
-  batches = trainer.evaluation_batches(settings_from_config(config, encoders.autoencoder), encoders)
+  batches = evaluate_lib.evaluation_batches(settings, encoders)
   rows = []
   for batch in batches:
     assert batch["target"].shape[1] == 2 * grid  # latent side; 2x2 packing gives grid x grid tokens
@@ -371,7 +416,7 @@ def test_nan_guard_stops_at_the_bad_step_and_keeps_the_last_good_checkpoint(firs
   only step 2 is on disk and finite, and a clean rerun resumes from it with the uninterrupted losses."""
   _, uninterrupted = first_run
   workdir = str(tmp_path / "nan")
-  real_host_inputs, calls = inputs_lib.host_inputs, []
+  real_host_inputs, calls = batches_lib.host_inputs, []
 
   def inf_from_step_3(host_batch, encoders, settings):
     batch = real_host_inputs(host_batch, encoders, settings)
@@ -380,7 +425,7 @@ def test_nan_guard_stops_at_the_bad_step_and_keeps_the_last_good_checkpoint(firs
       batch["target_images"][0, 0, 0, 0] = np.inf
     return batch
 
-  monkeypatch.setattr(inputs_lib, "host_inputs", inf_from_step_3)
+  monkeypatch.setattr(batches_lib, "host_inputs", inf_from_step_3)
   with pytest.raises(FloatingPointError, match=r"at step 3 \(loss nan.*last good checkpoint \(step 2\)"):
     train_and_evaluate(tiny_config(data_dir), workdir)
   monkeypatch.undo()
@@ -424,7 +469,7 @@ def _multidevice_run(data_dir: str, workdir: str) -> dict:
   except ConfigError as error:
     out["indivisible_batch_error"] = str(error)
 
-  real_compile_steps, shardings = trainer.compile_steps, []
+  real_compile_steps, shardings = compilation.compile_steps, []
 
   def recording_compile_steps(cfg, state, *args, **kwargs):
     compiled = real_compile_steps(cfg, state, *args, **kwargs)
@@ -441,7 +486,7 @@ def _multidevice_run(data_dir: str, workdir: str) -> dict:
     shardings.append(record)
     return compiled
 
-  trainer.compile_steps = recording_compile_steps
+  compilation.compile_steps = recording_compile_steps
   for mesh, total_steps in ((MESH_A, 2), (MESH_B, 4)):
     config = tiny_config(data_dir, total_steps=total_steps)
     config.mesh.update(mesh)

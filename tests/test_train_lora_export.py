@@ -28,7 +28,7 @@ from mosaic_jax import interop, model  # noqa: E402
 from mosaic_jax.model.lora import get_path, target_modules  # noqa: E402
 from mosaic_jax.train import checkpoint as checkpoint_lib  # noqa: E402
 from mosaic_jax.train import step as step_lib  # noqa: E402
-from mosaic_jax.train.settings import OptimizerSettings  # noqa: E402
+from mosaic_jax.settings import OptimizerSettings  # noqa: E402
 
 _forward = jax.jit(model.forward, static_argnums=(2,))
 

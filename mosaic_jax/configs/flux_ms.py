@@ -4,9 +4,14 @@
 Variants (combine with commas, e.g. `demo,independent_refs`):
   default           the MOSAIC recipe of DESIGN section 3: FLUX.1-dev, LoRA rank 512 on reference
                     tokens, 512 px target and references, up to 6 references, AdamW 8e-5, EMA 0.99,
-                    SCAL 0.1, MDL ramp 10k -> 11k, bf16 base. Needs `--config.checkpoint` (a FLUX
-                    checkpoint root: transformer/, vae/, text_encoder*/, tokenizer*/) and
-                    `--config.dataset.data_dir` (a built `semalign_ms` dataset).
+                    SCAL 0.1, MDL ramp 10k -> 11k, bf16 base, on `semalign_ms/subjects200k_multi`
+                    (2 to 6 released Subjects200K pairs composed per example: docs/data.md). Needs
+                    `--config.checkpoint` (a FLUX checkpoint root: transformer/, vae/, text_encoder*/,
+                    tokenizer*/) and `--config.dataset.data_dir` where that set was built
+                    (`python launch/build_dataset.py --config subjects200k_multi --manual_dir
+                    RELEASED_DIR --data_dir DIR`).
+  synthetic         the recipe on the synthetic multi-subject set `semalign_ms/synthetic` instead
+                    (`python launch/build_dataset.py --config synthetic --data_dir DIR`).
   demo              a tiny DiT trained from scratch (base + reference LoRA) on the synthetic dataset
                     (built on first use) at 32 px, 4 px per token, with the exact pixel autoencoder
                     (patch 2) and tiny random text encoders: needs no downloaded file; 1500 steps,
@@ -20,7 +25,7 @@ Variants (combine with commas, e.g. `demo,independent_refs`):
                     are downloaded. 20 steps, one checkpoint, no evaluation; what it learns means
                     nothing. benchmarks/accelerator_check.sh runs it on a lent GPU.
   independent_refs  references attend to themselves only, which makes their keys and values
-                    cacheable across sampling steps (`sample.denoise(..., use_ref_cache=True)`).
+                    cacheable across sampling steps (`sampling.denoise(..., use_ref_cache=True)`).
 
 Any field can be overridden on the command line, e.g. `--config.checkpoint=/ckpt/FLUX.1-dev`.
 """
@@ -33,7 +38,7 @@ from ml_collections import config_dict
 from mosaic_jax.model import config as model_config
 from mosaic_jax.parallel.sharding import DEFAULT_LOGICAL_RULES, DEFAULT_PARAM_RULES
 
-VARIANTS = ("default", "demo", "demo_diffusion", "demo_scal", "flux_random", "independent_refs")
+VARIANTS = ("default", "synthetic", "demo", "demo_diffusion", "demo_scal", "flux_random", "independent_refs")
 
 
 def get_config(arg: str = "default") -> ml_collections.ConfigDict:
@@ -41,9 +46,27 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   for variant in variants:
     if variant not in VARIANTS:
       raise ValueError(f"configs/flux_ms.py: unknown variant {variant!r}; use one of {VARIANTS}.")
-
   config = ml_collections.ConfigDict()
-  # ---- model --------------------------------------------------------------------------------------
+  for section in (_model, _sequence, _trained, _data, _optimization, _parallelism, _reporting):
+    section(config)
+  for variant in variants:
+    if variant == "synthetic":
+      config.dataset.name = "semalign_ms/synthetic"
+    if variant.startswith("demo"):
+      _demo(config)
+    if variant == "demo_diffusion":
+      config.losses.scal_weight = 0.0
+      config.losses.mdl_weight = 0.0
+    if variant == "demo_scal":
+      config.losses.mdl_weight = 0.0
+    if variant == "flux_random":
+      _flux_random(config)
+    if variant == "independent_refs":
+      config.model_overrides.independent_refs = True
+  return config
+
+
+def _model(config: ml_collections.ConfigDict) -> None:
   # The transformer: a preset from mosaic_jax.model.config (random weights) unless `checkpoint` names
   # a FLUX checkpoint root (training also reads its vae/, text encoders and tokenizers), a diffusers
   # transformer folder or a BFL single .safetensors file (forward.py).
@@ -62,8 +85,10 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   config.encoders = "checkpoint"
   config.pixel_patch_size = 8
 
-  # ---- the packed sequence (DESIGN section 3), sizes in pixels: multiples of one token (2x2 latent
-  # pixels: 16 px with FLUX's VAE, 2 x pixel_patch_size with the demo's pixel autoencoder) ---------
+
+def _sequence(config: ml_collections.ConfigDict) -> None:
+  # The packed sequence (DESIGN section 3), sizes in pixels: multiples of one token (2x2 latent pixels:
+  # 16 px with FLUX's VAE, 2 x pixel_patch_size with the demo's pixel autoencoder).
   config.batch_size = 1  # global batch (the official code: 1 per device)
   config.resolution = 512
   config.ref_resolution = 512
@@ -71,15 +96,17 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   config.text_len = 512
   config.guidance = 3.5  # sampling; training uses 1.0 on every branch
 
-  # ---- what is trained ------------------------------------------------------------------------
-  # "lora": the MOSAIC recipe (base frozen in `dtype`, never in the optimizer). "base+lora" and
-  # "base": the base is trained too (float32): only for the demo's tiny random DiT.
+
+def _trained(config: ml_collections.ConfigDict) -> None:
+  # What is trained. "lora": the MOSAIC recipe (base frozen in `dtype`, never in the optimizer).
+  # "base+lora" and "base": the base is trained too (float32): only for the demo's tiny random DiT.
   config.trainable = "lora"
   config.lora_rank = 512
 
-  # ---- data -------------------------------------------------------------------------------------
+
+def _data(config: ml_collections.ConfigDict) -> None:
   config.dataset = ml_collections.ConfigDict()
-  config.dataset.name = "semalign_ms/synthetic"
+  config.dataset.name = "semalign_ms/subjects200k_multi"  # composed from the released pairs: docs/data.md
   config.dataset.data_dir = ""
   config.dataset.train_split = "train"
   config.dataset.eval_split = "validation"
@@ -89,11 +116,14 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   # A directory of precomputed encoder features (launch/encode_dataset.py with this config): training
   # reads it instead of running the VAE, T5 and CLIP every step, and does not load the text encoders.
   config.dataset.cached_features = ""
-  # A synthetic config built on first use when the dataset is missing (0 train examples: never build).
+  # A dataset name that semalign_ms does not register is a synthetic config with these settings, built on
+  # first use when it is missing (0 train examples: never build).
   config.dataset.build = ml_collections.ConfigDict(dict(
       image_size=512, min_refs=1, max_refs=6, num_train=0, num_validation=0, seed=0))
 
-  # ---- optimization (official defaults) -----------------------------------------------------
+
+def _optimization(config: ml_collections.ConfigDict) -> None:
+  # Official defaults.
   config.total_steps = 20_000
   config.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=8e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-2, grad_clip_norm=1.0,
@@ -108,17 +138,20 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   # but not 6): check a slice with train_memory.py --remat full,recompute_mlp.
   config.remat_policy = "full"
 
-  # ---- parallelism (DESIGN section 6) ------------------------------------------------------
-  # Fully sharded by default: the batch, the frozen base, the LoRA and its optimizer state and EMA all
-  # split over every device (with data=-1 each device would hold the 22 GiB base and 28 GiB of LoRA
-  # state at rank 512). The base's all-gathers cost about 24 GB of traffic per device per step.
+
+def _parallelism(config: ml_collections.ConfigDict) -> None:
+  # DESIGN section 6. Fully sharded by default: the batch, the frozen base, the LoRA and its optimizer
+  # state and EMA all split over every device (with data=-1 each device would hold the 22 GiB base and
+  # 28 GiB of LoRA state at rank 512). The base's all-gathers cost about 24 GB of traffic per device per step.
   config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   config.sharding = ml_collections.ConfigDict()
   config.sharding.param_rules = tuple(DEFAULT_PARAM_RULES)
   config.sharding.logical_rules = tuple(DEFAULT_LOGICAL_RULES)
   config.peak_tflops_per_device = 0.0  # for MFU; 0: from the device kind (H100, TPU v5p, ...) if known
 
-  # ---- checkpoints, logging, evaluation ----------------------------------------------------
+
+def _reporting(config: ml_collections.ConfigDict) -> None:
+  # Checkpoints, logging, evaluation.
   config.checkpoint_every = 1000
   config.keep_checkpoints = 3
   config.log_every = 50
@@ -126,20 +159,6 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
   config.sample_steps = 28
   config.eval_examples = 64  # held-out examples in the final evaluation (0: skip)
   config.eval_timesteps = (0.25, 0.5, 0.75)
-
-  for variant in variants:
-    if variant.startswith("demo"):
-      _demo(config)
-    if variant == "demo_diffusion":
-      config.losses.scal_weight = 0.0
-      config.losses.mdl_weight = 0.0
-    if variant == "demo_scal":
-      config.losses.mdl_weight = 0.0
-    if variant == "flux_random":
-      _flux_random(config)
-    if variant == "independent_refs":
-      config.model_overrides.independent_refs = True
-  return config
 
 
 def _demo(config: ml_collections.ConfigDict) -> None:

@@ -1,8 +1,9 @@
 """SemAlign-MS data: TFDS builder, synthetic multi-subject generator, streaming input pipeline.
 
-  semalign_ms.py      TFDS builder `semalign_ms` (configs subjects200k, synthetic, folder)
+  semalign_ms.py      TFDS builder `semalign_ms` (configs subjects200k, subjects200k_multi, synthetic, folder)
   schema.py           the stored example
   released_layout.py  reader for the released Subjects200K layout
+  composition.py      released pairs composed into multi-subject examples (subjects200k_multi)
   synthetic.py        procedural scenes with exact correspondences
   folder.py           reader for users' JSON-lines manifests
   build_report.py     skipped / patched examples by reason

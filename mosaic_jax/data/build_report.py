@@ -2,8 +2,9 @@
 
 Bad input never fails silently: an example that cannot be used is skipped and counted under a
 reason; a released-layout example whose mask or coordinate file is missing is kept with the official
-behaviour (full mask / no pairs) and counted too. The report is also stored in the dataset's
-`metadata.json` (key `build_report`), so it survives the build.
+behaviour (full mask / no pairs) and counted too. A composed config (composition.py) counts source pairs:
+every pair that takes part in no example, under its reason, and the placements it refused. The report is
+also stored in the dataset's `metadata.json` (key `build_report`), so it survives the build.
 """
 
 from __future__ import annotations
@@ -28,6 +29,24 @@ MISSING_COORDS = "kept_missing_coords_no_pairs"
 # Not errors: rows that the official filter drops.
 FILTERED = "filtered_by_official_rule"
 WRITTEN = "written"
+# Composed examples (subjects200k_multi, composition.py). Source pairs that take part in no example:
+PAIR_MISSING_MASK = "skipped_pair_missing_mask"  # nothing to cut out
+PAIR_MISSING_COORDS = "skipped_pair_missing_coords"  # nothing to carry over
+PAIR_EMPTY_MASK = "skipped_pair_empty_mask"
+PAIR_TOO_FEW_TOKEN_PAIRS = "skipped_pair_too_few_token_pairs"  # fewer than min_pairs even alone, unscaled
+PAIR_NO_ROOM = "skipped_pair_no_room"  # as a scene nothing fitted beside its subject; never placed in another
+PAIR_POOL_EXHAUSTED = "skipped_pair_pool_exhausted"  # left without partners at the end of the stream
+# Placements tried and refused (one candidate subject at one scale and offset), and what was written:
+REJECTED_OVERLAP = "rejected_placement_overlap"  # occlusion="forbid" and it covered a subject
+REJECTED_TOO_LITTLE_VISIBLE = "rejected_placement_too_little_visible"  # some subject kept < min_visible
+REJECTED_TOO_FEW_TOKEN_PAIRS = "rejected_placement_too_few_token_pairs"  # some reference kept < min_pairs
+FEWER_REFS_THAN_DRAWN = "composed_fewer_refs_than_drawn"  # written with the subjects that could be placed
+PAIRS_USED = "source_pairs_used"  # distinct source pairs in at least one written example
+
+
+def written_with(num_refs: int) -> str:
+  """The count of examples written with `num_refs` references (composed configs)."""
+  return f"written_with_{num_refs}_refs"
 
 
 class SkipExample(Exception):
@@ -42,8 +61,9 @@ class SkipExample(Exception):
 class BuildReport:
   """Per-split counters plus the first few details of each reason."""
 
-  def __init__(self, split: str, max_details: int = 5):
+  def __init__(self, split: str, max_details: int = 5, skipped_what: str = ""):
     self.split = split
+    self.skipped_what = skipped_what  # what the skipped counts count, when not examples: "source pairs"
     self.counts: collections.Counter[str] = collections.Counter()
     self.details: dict[str, list[str]] = collections.defaultdict(list)
     self._max_details = max_details
@@ -61,8 +81,8 @@ class BuildReport:
             "examples": {k: list(v) for k, v in sorted(self.details.items())}}
 
   def format(self) -> str:
-    lines = [f"build report for split '{self.split}': {self.counts[WRITTEN]} written, "
-             f"{self.skipped()} skipped"]
+    skipped = f"{self.skipped()} {self.skipped_what} skipped" if self.skipped_what else f"{self.skipped()} skipped"
+    lines = [f"build report for split '{self.split}': {self.counts[WRITTEN]} written, {skipped}"]
     for reason, number in sorted(self.counts.items()):
       if reason == WRITTEN:
         continue

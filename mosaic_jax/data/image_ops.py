@@ -65,6 +65,10 @@ class PixelTransform:
   def apply(self, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return y * self.scale_y + self.offset_y, x * self.scale_x + self.offset_x
 
+  def invert(self, y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The old coordinates of new ones (apply's inverse)."""
+    return (y - self.offset_y) / self.scale_y, (x - self.offset_x) / self.scale_x
+
 
 def pad_to_square_on_white(image: Image.Image, size: int,
                            fill_fraction: float = 0.9) -> tuple[Image.Image, PixelTransform]:

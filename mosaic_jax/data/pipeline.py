@@ -99,8 +99,8 @@ def open_split(name: str, split: str, data_dir: str | None = None, builder=None)
   built, the split present and non-empty, one reference count per record. `builder`: the dataset's tfds
   builder where the registry cannot make it from `name` (a custom synthetic config); by default
   tfds.builder(name, data_dir)."""
+  from mosaic_jax.data import semalign_ms  # pylint: disable=import-outside-toplevel  # registers the builder
   if builder is None:
-    import mosaic_jax.data.semalign_ms  # pylint: disable=import-outside-toplevel,unused-import  # registers the builder
     try:
       builder = tfds.builder(name, data_dir=data_dir)
     except (ValueError, tfds.core.registered.DatasetNotFoundError) as error:  # an unknown config, not built there
@@ -108,7 +108,8 @@ def open_split(name: str, split: str, data_dir: str | None = None, builder=None)
                          f"({str(error).splitlines()[0]})") from error
   where = f"dataset {name} in {builder.data_dir}"
   if not is_built(builder):
-    raise DatasetError(f"{where}: not built (no dataset_info.json); build it with launch/build_dataset.py.")
+    command = semalign_ms.build_command(builder.builder_config, str(builder.data_dir_root))
+    raise DatasetError(f"{where}: not built (no dataset_info.json); build it with `{command}`.")
   per_split = (builder.info.metadata or {}).get("num_refs", {})
   if split not in per_split:
     raise DatasetError(f"{where}: metadata.json has no num_refs for split {split!r} (has {sorted(per_split)}); "

@@ -1,4 +1,5 @@
-"""Reader for the released SemAlign-MS-Subjects200K layout (the `subjects200k` config).
+"""Reader for the released SemAlign-MS-Subjects200K layout (the `subjects200k` config; its pairs are also
+what `subjects200k_multi` composes, composition.py).
 
 Manual directory:
   **/*.parquet                 Subjects200K shards: `image` (1056x528 diptych; a struct with `bytes`,
@@ -18,13 +19,15 @@ mask means a full mask, a missing coordinate file means no pairs (both counted i
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import io
 import json
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
+import numpy as np
 from PIL import Image
 
 from mosaic_jax.data import build_report, schema
@@ -77,10 +80,27 @@ def parquet_files(manual_dir: str) -> list[str]:
   return files
 
 
-def convert_row(row: dict, manual_dir: str, source: str) -> dict:
-  """One kept row -> stored example. Raises SkipExample for unusable input."""
-  description = _as_dict(row["description"], f"{source} description")
-  data = _image_bytes(row["image"])
+@dataclasses.dataclass
+class ReleasedPair:
+  """One kept row, decoded: the crops, its official uid, and its mask and coordinates as released (None
+  where the file is missing)."""
+  uid: str
+  item: str
+  caption: str  # description_0, the target caption
+  target: Image.Image  # the target crop, in the diptych's decoded mode
+  reference: Image.Image  # the reference crop, same
+  mask: Image.Image | None  # mask/{uid}.png as mode "L"
+  coords: tuple[np.ndarray, np.ndarray] | None  # (coord_dift, coord_geoaware), uint8 [64, 64, 2]
+
+
+def image_bytes(row: dict) -> bytes | None:
+  """The row's diptych bytes (an `image` struct with `bytes`, or raw bytes)."""
+  return _image_bytes(row["image"])
+
+
+def diptych_crops(data: bytes | None, source: str) -> tuple[Image.Image, Image.Image]:
+  """(target crop, reference crop) of a diptych, in its decoded mode. Raises SkipExample when the bytes
+  are empty, cannot be decoded, or the image is too small."""
   if not data:
     raise build_report.SkipExample(build_report.CORRUPT_IMAGE, f"{source}: empty image")
   try:
@@ -93,45 +113,68 @@ def convert_row(row: dict, manual_dir: str, source: str) -> dict:
         build_report.CORRUPT_IMAGE,
         f"{source}: diptych is {diptych.width}x{diptych.height}, expected at least "
         f"{REFERENCE_BOX[2]}x{REFERENCE_BOX[3]}")
-  target_crop = diptych.crop(TARGET_BOX)
-  reference_crop = diptych.crop(REFERENCE_BOX)
+  return diptych.crop(TARGET_BOX), diptych.crop(REFERENCE_BOX)
+
+
+def read_pair(row: dict, manual_dir: str, source: str) -> ReleasedPair:
+  """One kept row -> its decoded pair. Raises SkipExample for unusable input (a corrupt image or mask, a
+  coordinate file of the wrong shape or values)."""
+  description = _as_dict(row["description"], f"{source} description")
+  target_crop, reference_crop = diptych_crops(image_bytes(row), source)
   item, caption = str(description["item"]), str(description["description_0"])
   uid = sample_uid(item, caption, target_crop)
 
   mask_path = os.path.join(manual_dir, "mask", f"{uid}.png")
-  mask_png = None
+  mask = None
   if os.path.exists(mask_path):
     try:
-      mask_png = encode_png(Image.open(mask_path).convert("L"))
+      mask = Image.open(mask_path).convert("L")
     except Exception as error:
       raise build_report.SkipExample(build_report.CORRUPT_MASK, f"{mask_path}: {error}") from error
   coords = schema.load_coordinate_pair(
       os.path.join(manual_dir, "coord", "dift", f"{uid}_ref0.pt"),
       os.path.join(manual_dir, "coord", "geoaware", f"{uid}_ref0.pt"))
-  ref = schema.reference(encode_png(to_rgb(reference_crop)), mask_png, coords)
-  return schema.example(uid, caption, encode_png(to_rgb(target_crop)), [ref])
+  return ReleasedPair(uid, item, caption, target_crop, reference_crop, mask, coords)
 
 
-def read_examples(manual_dir: str, report: build_report.BuildReport) -> Iterator[dict]:
+def convert_row(row: dict, manual_dir: str, source: str) -> dict:
+  """One kept row -> stored example (the `subjects200k` config). Raises SkipExample for unusable input."""
+  pair = read_pair(row, manual_dir, source)
+  mask_png = encode_png(pair.mask) if pair.mask is not None else None
+  ref = schema.reference(encode_png(to_rgb(pair.reference)), mask_png, pair.coords)
+  return schema.example(pair.uid, pair.caption, encode_png(to_rgb(pair.target)), [ref])
+
+
+def kept_rows(manual_dir: str, report: build_report.BuildReport,
+              include: Callable[[str, int], bool] | None = None) -> Iterator[tuple[str, int, dict]]:
+  """(shard path relative to manual_dir, row number in the shard, row) of every row the official filter
+  keeps, in shard and row order. Filtered rows are counted. `include(shard, row number)`: only these rows
+  are read at all (a split of the rows)."""
   import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
   for path in parquet_files(manual_dir):
     table = pq.ParquetFile(path)
-    row_number = 0
-    for batch in table.iter_batches(batch_size=64):
-      for row in batch.to_pylist():
-        source = f"{os.path.basename(path)} row {row_number}"
-        row_number += 1
-        if not keep_row(row.get("collection"), row.get("quality_assessment")):
-          report.count(build_report.FILTERED)
-          continue
-        try:
-          example = convert_row(row, manual_dir, source)
-        except build_report.SkipExample as skip:
-          report.count(skip.reason, skip.detail)
-          continue
-        ref = example["refs"][0]
-        if not ref["has_mask"]:
-          report.count(build_report.MISSING_MASK, f"{source}: uid {example['id']}")
-        if not ref["has_coords"]:
-          report.count(build_report.MISSING_COORDS, f"{source}: uid {example['id']}")
-        yield example
+    shard = os.path.relpath(path, manual_dir)
+    rows = (row for batch in table.iter_batches(batch_size=64) for row in batch.to_pylist())
+    for row_number, row in enumerate(rows):
+      if include is not None and not include(shard, row_number):
+        continue
+      if not keep_row(row.get("collection"), row.get("quality_assessment")):
+        report.count(build_report.FILTERED)
+        continue
+      yield shard, row_number, row
+
+
+def read_examples(manual_dir: str, report: build_report.BuildReport) -> Iterator[dict]:
+  for shard, row_number, row in kept_rows(manual_dir, report):
+    source = f"{os.path.basename(shard)} row {row_number}"
+    try:
+      example = convert_row(row, manual_dir, source)
+    except build_report.SkipExample as skip:
+      report.count(skip.reason, skip.detail)
+      continue
+    ref = example["refs"][0]
+    if not ref["has_mask"]:
+      report.count(build_report.MISSING_MASK, f"{source}: uid {example['id']}")
+    if not ref["has_coords"]:
+      report.count(build_report.MISSING_COORDS, f"{source}: uid {example['id']}")
+    yield example

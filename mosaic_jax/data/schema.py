@@ -13,6 +13,24 @@ Example (TFDS FeaturesDict):
     coord_dift:     uint8 [64, 64, 2], (y, x) reference cell for each target cell (row-major)
     coord_geoaware: uint8 [64, 64, 2], same from the second matcher
     has_coords:     bool; False means the example has no pairs for this reference (official rule)
+    provenance:     composed configs only (`subjects200k_multi`; see composition.py), where this
+                    reference's subject comes from:
+      source_id:        the released pair's uid
+      source_row:       its parquet shard (relative to the manual directory) and row
+      role:             "scene" (the pair whose target is the composite's background; reference 0) or
+                        "pasted"
+      stack_order:      0 for the scene, k for the k-th subject pasted (later ones cover earlier ones)
+      scale, offset:    float32, float32 [2] (y, x): composite = scale * source + offset, in continuous
+                        pixel coordinates of the 512 px target crops (pixel centres at +0.5)
+      visible_fraction: float32, the share of the placed mask left visible by later subjects
+
+No pair at a target cell: released grids and `folder` grids may hold any value where the mask excludes
+a cell. Composed grids mark every cell without a pair by disagreement, NO_PAIR_DIFT (0, 0) against
+NO_PAIR_GEOAWARE (63, 63), as well as by the mask: the loader's bilinear resize (`correspondence.py`)
+mixes neighbouring cells, and a token whose footprint puts weight w on such cells has grids 63 * w apart
+in both channels, so the agreement rule drops it whenever w >= 1/63 (on token grids that divide 64, as
+4, 8, 16 and 32, w is a multiple of 1/4; 64 is not resized); below that its coordinate moves by less
+than one cell.
 
 Pairs for any training resolution are derived at load time (see `correspondence.py`).
 """
@@ -31,30 +49,44 @@ from mosaic_jax.data.image_ops import encode_png
 
 FULL_MASK_PNG = encode_png(np.full((1, 1), 255, np.uint8))
 NO_COORDS = np.zeros((COORD_GRID, COORD_GRID, 2), np.uint8)
+NO_PAIR_DIFT = (0, 0)
+NO_PAIR_GEOAWARE = (COORD_GRID - 1, COORD_GRID - 1)
 
 
-def features() -> tfds.features.FeaturesDict:
+def features(provenance: bool = False) -> tfds.features.FeaturesDict:
+  """The stored example; `provenance` adds each reference's provenance (composed configs only)."""
+  refs = {
+      "image": tfds.features.Image(shape=(None, None, 3)),
+      "target_mask": tfds.features.Image(shape=(None, None, 1)),
+      "has_mask": np.bool_,
+      "coord_dift": tfds.features.Tensor(shape=(COORD_GRID, COORD_GRID, 2), dtype=np.uint8),
+      "coord_geoaware": tfds.features.Tensor(shape=(COORD_GRID, COORD_GRID, 2), dtype=np.uint8),
+      "has_coords": np.bool_,
+  }
+  if provenance:
+    refs["provenance"] = tfds.features.FeaturesDict({
+        "source_id": tfds.features.Text(),
+        "source_row": tfds.features.Text(),
+        "role": tfds.features.Text(),
+        "stack_order": np.int32,
+        "scale": np.float32,
+        "offset": tfds.features.Tensor(shape=(2,), dtype=np.float32),
+        "visible_fraction": np.float32,
+    })
   return tfds.features.FeaturesDict({
       "id": tfds.features.Text(),
       "caption": tfds.features.Text(),
       "target": tfds.features.Image(shape=(None, None, 3)),
       "num_refs": np.int32,
-      "refs": tfds.features.Sequence({
-          "image": tfds.features.Image(shape=(None, None, 3)),
-          "target_mask": tfds.features.Image(shape=(None, None, 1)),
-          "has_mask": np.bool_,
-          "coord_dift": tfds.features.Tensor(shape=(COORD_GRID, COORD_GRID, 2), dtype=np.uint8),
-          "coord_geoaware": tfds.features.Tensor(shape=(COORD_GRID, COORD_GRID, 2), dtype=np.uint8),
-          "has_coords": np.bool_,
-      }),
+      "refs": tfds.features.Sequence(refs),
   })
 
 
-def reference(image_bytes: bytes, mask_png: bytes | None, coords: tuple[np.ndarray, np.ndarray] | None
-              ) -> dict:
+def reference(image_bytes: bytes, mask_png: bytes | None, coords: tuple[np.ndarray, np.ndarray] | None,
+              provenance: dict | None = None) -> dict:
   """One stored reference; `None` mask / coords mean missing (official full mask / no pairs)."""
   dift, geoaware = coords if coords is not None else (NO_COORDS, NO_COORDS)
-  return {
+  out = {
       "image": image_bytes,
       "target_mask": mask_png if mask_png is not None else FULL_MASK_PNG,
       "has_mask": mask_png is not None,
@@ -62,6 +94,9 @@ def reference(image_bytes: bytes, mask_png: bytes | None, coords: tuple[np.ndarr
       "coord_geoaware": geoaware,
       "has_coords": coords is not None,
   }
+  if provenance is not None:
+    out["provenance"] = provenance
+  return out
 
 
 def example(example_id: str, caption: str, target_bytes: bytes, refs: list[dict]) -> dict:

@@ -1,1 +1,1 @@
-"""Evaluation: CLIP and DINO feature extractors in JAX, the DreamBench protocol, reports, heatmaps."""
+"""Evaluation: CLIP and DINO feature extractors in JAX, the DreamBench protocol, reports."""

@@ -3,7 +3,7 @@
 The folder is what `CLIPModel.save_pretrained` writes (config.json + model.safetensors or shards; the
 hub's openai/clip-vit-base-patch32 and clip-vit-large-patch14 hold the same keys, plus the tokenizer
 files). Sizes come from config.json. The text tower is FLUX's CLIP text encoder (model/clip.py, loaded
-with its own key table); the image tower is evaluation/vit.py. Embeddings are the projected pooled
+with its own key table); the image tower is model/vit.py. Embeddings are the projected pooled
 outputs (`text_embeds` / `image_embeds` before CLIPModel unit-normalizes them): the scores normalize.
 """
 
@@ -15,14 +15,15 @@ from typing import Callable
 
 import jax.numpy as jnp
 
-from mosaic_jax.evaluation.vit import VitConfig, encode_images, vit_targets
 from mosaic_jax.interop.param_assembly import Target, assemble, linear_kernel
 from mosaic_jax.interop.tensor_table import (TRANSFORMERS_INDEX, TRANSFORMERS_WEIGHTS, CheckpointError,
                                              folder_entries, read_config_json)
 from mosaic_jax.interop.text_encoder_checkpoint import clip_targets, normalize_clip_entries
+from mosaic_jax.interop.vit_checkpoint import vit_targets
 from mosaic_jax.model import clip as clip_text
 from mosaic_jax.model.clip import ClipTextConfig
 from mosaic_jax.model.layers import linear
+from mosaic_jax.model.vit import VitConfig, encode_images
 
 
 @dataclasses.dataclass(frozen=True)

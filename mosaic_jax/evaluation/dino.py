@@ -16,10 +16,11 @@ from typing import Callable
 
 import jax.numpy as jnp
 
-from mosaic_jax.evaluation.vit import VitConfig, encode_images, vit_targets
 from mosaic_jax.interop.param_assembly import assemble
 from mosaic_jax.interop.tensor_table import (TRANSFORMERS_INDEX, TRANSFORMERS_WEIGHTS, CheckpointError,
                                              folder_entries, read_config_json)
+from mosaic_jax.interop.vit_checkpoint import vit_targets
+from mosaic_jax.model.vit import VitConfig, encode_images
 
 DEFAULT_DINO_EPS = 1e-6
 

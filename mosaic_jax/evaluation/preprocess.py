@@ -15,10 +15,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from mosaic_jax.model.vit import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD, normalize_pixels
+
 DINO_RESIZE = 256
 DINO_CROP = 224
 
@@ -38,16 +36,11 @@ def center_crop(image: Image.Image, size: int, rounding) -> Image.Image:
   return image.crop((left, top, left + size, top + size))
 
 
-def _normalize(image: Image.Image, mean, std) -> np.ndarray:
-  pixels = np.asarray(image, np.float32) / 255.0
-  return ((pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
-
-
 def clip_pixels(image: Image.Image, size: int = 224) -> np.ndarray:
   image = resize_shortest_side(image.convert("RGB"), size)
-  return _normalize(center_crop(image, size, lambda x: int(np.floor(x))), CLIP_MEAN, CLIP_STD)
+  return normalize_pixels(center_crop(image, size, lambda x: int(np.floor(x))), CLIP_MEAN, CLIP_STD)
 
 
 def dino_pixels(image: Image.Image, resize: int = DINO_RESIZE, crop: int = DINO_CROP) -> np.ndarray:
   image = resize_shortest_side(image.convert("RGB"), resize)
-  return _normalize(center_crop(image, crop, lambda x: int(round(x))), IMAGENET_MEAN, IMAGENET_STD)
+  return normalize_pixels(center_crop(image, crop, lambda x: int(round(x))), IMAGENET_MEAN, IMAGENET_STD)

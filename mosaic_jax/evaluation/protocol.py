@@ -29,7 +29,7 @@ from mosaic_jax.evaluation.dino import DEFAULT_DINO_EPS, DinoModel, load_dino
 from mosaic_jax.evaluation.dreambench import (EvalCase, EvaluationInputError, generated_images, subject_root,
                                               subject_views)
 from mosaic_jax.evaluation.embedder import BatchedEmbedder
-from mosaic_jax.evaluation.vit import encode_images
+from mosaic_jax.model.vit import encode_images
 
 METRICS = ("clip_t", "clip_i", "clip_i_min", "dino", "dino_min")
 
@@ -114,19 +114,38 @@ def read_image(path: str) -> Image.Image | str:
 def evaluate(cases: Sequence[EvalCase], dreambench: str, generated: str, extractors: Extractors,
              seeds: Sequence[int] | None = None, log: Callable[[str], None] = print) -> dict:
   """Scores every case; returns {"cases": [...], "groups": {...}, "skips": [...], "seeds": [...]}."""
-  root = subject_root(dreambench)
   found = generated_images(generated)
-  skips: list[Skip] = []
-  listed = {c.id for c in cases}
-  stray = sorted(set(found) - listed)
-  if stray:
-    skips.append(Skip("stray images", generated, f"{sum(len(found[c]) for c in stray)} images of "
-                      f"{len(stray)} case ids not in the cases file (e.g. {stray[:3]})"))
+  skips = _stray_images(cases, found, generated)
   if seeds is None:
     seeds = sorted({s for c in cases for s in found.get(c.id, {})})
   seeds = list(seeds)
+  views, absent = _real_views(cases, subject_root(dreambench), extractors, skips)
+  scored, images = _generated_images(cases, seeds, found, generated, absent, skips)
+  for skip in skips:
+    log(skip.line())
+  if not scored:
+    raise EvaluationInputError(f"nothing to score: every case was skipped ({len(skips)} skips; first: "
+                               f"{skips[0].line() if skips else 'none'}).")
+  gen_clip, gen_dino = extractors.image_features(images)
+  text = extractors.text_features([case.prompt for case, _ in scored])
+  results = _case_results(scored, views, gen_clip, gen_dino, text)
+  return {"seeds": seeds, "cases": results, "groups": group_scores(results),
+          "skips": [dataclasses.asdict(s) for s in skips], "subject_views": {s: len(v[0]) for s, v in views.items()}}
 
-  # Real views, once per subject.
+
+def _stray_images(cases: Sequence[EvalCase], found: dict, generated: str) -> list[Skip]:
+  """A Skip for the generated images of case ids the cases file does not list, if any."""
+  stray = sorted(set(found) - {c.id for c in cases})
+  if not stray:
+    return []
+  return [Skip("stray images", generated, f"{sum(len(found[c]) for c in stray)} images of "
+               f"{len(stray)} case ids not in the cases file (e.g. {stray[:3]})")]
+
+
+def _real_views(cases: Sequence[EvalCase], root: str, extractors: Extractors,
+                skips: list[Skip]) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, str]]:
+  """({subject: (CLIP, DINO) features of its readable real views}, {subject: why it has none}), each
+  subject read once; unreadable views are added to skips."""
   views: dict[str, tuple[np.ndarray, np.ndarray]] = {}
   absent: dict[str, str] = {}
   for subject in sorted({s for c in cases for s in c.subjects}):
@@ -143,9 +162,14 @@ def evaluate(cases: Sequence[EvalCase], dreambench: str, generated: str, extract
                          else f"subject folder {os.path.join(root, subject)} holds no readable image")
       continue
     views[subject] = extractors.image_features(images)
+  return views, absent
 
-  # Generated images of the cases that can be scored.
-  scored, images, owners = [], [], []
+
+def _generated_images(cases: Sequence[EvalCase], seeds: list[int], found: dict, generated: str,
+                      absent: dict[str, str], skips: list[Skip]) -> tuple[list, list[Image.Image]]:
+  """([(case, [(seed, path)...]) of the cases that can be scored], their images in that order); a case
+  with an absent subject or no readable image, and each unreadable image, are added to skips."""
+  scored, images = [], []
   for case in cases:
     missing_subjects = [s for s in case.subjects if s in absent]
     if missing_subjects:
@@ -160,19 +184,17 @@ def evaluate(cases: Sequence[EvalCase], dreambench: str, generated: str, extract
         continue
       kept.append((seed, path))
       images.append(image)
-      owners.append(len(scored))
     if kept:
       scored.append((case, kept))
     else:
       skips.append(Skip("case", case.id, "no readable generated image"))
-  for skip in skips:
-    log(skip.line())
-  if not scored:
-    raise EvaluationInputError(f"nothing to score: every case was skipped ({len(skips)} skips; first: "
-                               f"{skips[0].line() if skips else 'none'}).")
+  return scored, images
 
-  gen_clip, gen_dino = extractors.image_features(images)
-  text = extractors.text_features([case.prompt for case, _ in scored])
+
+def _case_results(scored: list, views: dict, gen_clip: np.ndarray, gen_dino: np.ndarray,
+                  text: np.ndarray) -> list[dict]:
+  """Per scored case its scores (the mean over its images) and each image's; features row by row in
+  the order of scored's images."""
   results, row = [], 0
   for index, (case, kept) in enumerate(scored):
     per_image = []
@@ -188,8 +210,7 @@ def evaluate(cases: Sequence[EvalCase], dreambench: str, generated: str, extract
                     "same_class": case.same_class, "references": list(case.reference_paths),
                     **{m: float(np.mean([im[m] for im in per_image])) for m in METRICS},
                     "images": per_image})
-  return {"seeds": seeds, "cases": results, "groups": group_scores(results),
-          "skips": [dataclasses.asdict(s) for s in skips], "subject_views": {s: len(v[0]) for s, v in views.items()}}
+  return results
 
 
 def group_scores(case_results: Sequence[dict]) -> dict:

@@ -65,77 +65,13 @@ def _alpha_from_metadata(metadata: dict, module: str):
 def load_lora(path: str, cfg: FluxConfig, dtype=jnp.float32) -> dict:
   """The LoRA pytree (scale folded into lora_B) for `cfg` from a diffusers-format LoRA file."""
   with SafetensorsFile(path) as f:
-    raw_meta = f.metadata.get(METADATA_KEY)
-    try:
-      metadata = json.loads(raw_meta) if raw_meta else {}
-    except json.JSONDecodeError as e:
-      raise LoraFileError(f"{path}: header metadata {METADATA_KEY!r} is not JSON ({e}).") from e
-    keys = f.keys()
-    prefix = next((p for p in PREFIXES if p and keys and all(k.startswith(p) for k in keys)), "")
-    parts: dict[str, dict[str, str]] = {}
-    unexpected = []
-    for key in keys:
-      m = _KEY.match(key[len(prefix):])
-      if m is None:
-        unexpected.append(key)
-      else:
-        parts.setdefault(m.group("module"), {})[m.group("part")] = key
+    metadata = _adapter_metadata(f, path)
+    prefix, parts, unexpected = _group_keys(f.keys())
     if not parts:
       raise LoraFileError(f"{path}: no LoRA tensors (`<module>.lora_A.weight` / `.lora_B.weight`) found.")
-
     known = {name: rest for name, *rest in lora_module_names(cfg)}
-    unexpected += [key for module, ps in parts.items() if module not in known for key in ps.values()]
-    problems, ranks = [], {}
-    for module, ps in parts.items():
-      if module not in known:
-        continue
-      if "lora_A.weight" not in ps or "lora_B.weight" not in ps:
-        problems.append(f"{prefix}{module}: needs both lora_A.weight and lora_B.weight")
-        continue
-      _, _, fan_in, fan_out = known[module]
-      a_shape, b_shape = f.shape(ps["lora_A.weight"]), f.shape(ps["lora_B.weight"])
-      if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != fan_in or b_shape[0] != fan_out \
-          or a_shape[0] != b_shape[1]:
-        problems.append(f"{prefix}{module}: lora_A {a_shape}, lora_B {b_shape}; the model needs "
-                        f"lora_A [r, {fan_in}] and lora_B [{fan_out}, r]")
-        continue
-      ranks[module] = a_shape[0]
-    if unexpected or problems:
-      lines = [f"{path} does not fit the MOSAIC LoRA of {cfg}:"]
-      if unexpected:
-        lines.append(f"  {len(unexpected)} unexpected keys (MOSAIC adapts only "
-                     "x_embedder and the listed block modules):")
-        lines += [f"    {k}" for k in sorted(unexpected)]
-      if problems:
-        lines.append(f"  {len(problems)} shape problems:")
-        lines += [f"    {p}" for p in sorted(problems)]
-      raise LoraFileError("\n".join(lines))
-
-    rank = max(ranks.values())
-    shapes = param_shapes(cfg)
-    np_dtype = np.dtype(jnp.dtype(dtype))
-    arrays: dict[str, dict[str, np.ndarray]] = {}
-    missing = []
-    for name, (ours, layer, fan_in, fan_out) in known.items():
-      if ours not in arrays:
-        lead = () if layer is None else (get_path(shapes, ours + ".kernel")[0],)
-        arrays[ours] = {"lora_A": np.zeros(lead + (fan_in, rank), np_dtype),
-                        "lora_B": np.zeros(lead + (rank, fan_out), np_dtype)}
-      if name not in ranks:
-        missing.append(name)
-        continue
-      r = ranks[name]
-      ps = parts[name]
-      if "alpha" in ps:
-        alpha = float(np.asarray(f.read(ps["alpha"], np.float64)).reshape(-1)[0])
-      else:
-        alpha = _alpha_from_metadata(metadata, name)
-      scale = 1.0 if alpha is None else alpha / r
-      a = f.read(ps["lora_A.weight"], np.float32).T
-      b = f.read(ps["lora_B.weight"], np.float32).T * scale
-      index = () if layer is None else (layer,)
-      arrays[ours]["lora_A"][index + (slice(None), slice(0, r))] = a
-      arrays[ours]["lora_B"][index + (slice(0, r), slice(None))] = b
+    ranks = _checked_ranks(f, path, cfg, prefix, parts, known, unexpected)
+    arrays, missing = _read_modules(f, cfg, parts, known, ranks, metadata, np.dtype(jnp.dtype(dtype)))
   if missing:
     logging.warning("%s: %d of %d MOSAIC LoRA modules are absent and stay zero (no effect): %s",
                     path, len(missing), len(known), ", ".join(missing))
@@ -143,6 +79,90 @@ def load_lora(path: str, cfg: FluxConfig, dtype=jnp.float32) -> dict:
   for ours, leaves in arrays.items():
     set_path(out, ours, {k: jnp.asarray(v) for k, v in leaves.items()})
   return out
+
+
+def _adapter_metadata(f: SafetensorsFile, path: str) -> dict:
+  """diffusers' adapter metadata from the file's header ({} when there is none)."""
+  raw = f.metadata.get(METADATA_KEY)
+  try:
+    return json.loads(raw) if raw else {}
+  except json.JSONDecodeError as e:
+    raise LoraFileError(f"{path}: header metadata {METADATA_KEY!r} is not JSON ({e}).") from e
+
+
+def _group_keys(keys: list[str]) -> tuple[str, dict[str, dict[str, str]], list[str]]:
+  """(the prefix every key shares, {module: {part: key}}, keys that are no LoRA part)."""
+  prefix = next((p for p in PREFIXES if p and keys and all(k.startswith(p) for k in keys)), "")
+  parts: dict[str, dict[str, str]] = {}
+  unexpected = []
+  for key in keys:
+    m = _KEY.match(key[len(prefix):])
+    if m is None:
+      unexpected.append(key)
+    else:
+      parts.setdefault(m.group("module"), {})[m.group("part")] = key
+  return prefix, parts, unexpected
+
+
+def _checked_ranks(f: SafetensorsFile, path: str, cfg: FluxConfig, prefix: str, parts: dict, known: dict,
+                   unexpected: list[str]) -> dict[str, int]:
+  """{module: rank} of the file's modules, once every key is a MOSAIC module's and every shape fits;
+  otherwise a LoraFileError naming every unexpected key and every shape problem."""
+  unexpected = unexpected + [key for module, ps in parts.items() if module not in known for key in ps.values()]
+  problems, ranks = [], {}
+  for module, ps in parts.items():
+    if module not in known:
+      continue
+    if "lora_A.weight" not in ps or "lora_B.weight" not in ps:
+      problems.append(f"{prefix}{module}: needs both lora_A.weight and lora_B.weight")
+      continue
+    _, _, fan_in, fan_out = known[module]
+    a_shape, b_shape = f.shape(ps["lora_A.weight"]), f.shape(ps["lora_B.weight"])
+    if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[1] != fan_in or b_shape[0] != fan_out \
+        or a_shape[0] != b_shape[1]:
+      problems.append(f"{prefix}{module}: lora_A {a_shape}, lora_B {b_shape}; the model needs "
+                      f"lora_A [r, {fan_in}] and lora_B [{fan_out}, r]")
+      continue
+    ranks[module] = a_shape[0]
+  if unexpected or problems:
+    lines = [f"{path} does not fit the MOSAIC LoRA of {cfg}:"]
+    if unexpected:
+      lines.append(f"  {len(unexpected)} unexpected keys (MOSAIC adapts only "
+                   "x_embedder and the listed block modules):")
+      lines += [f"    {k}" for k in sorted(unexpected)]
+    if problems:
+      lines.append(f"  {len(problems)} shape problems:")
+      lines += [f"    {p}" for p in sorted(problems)]
+    raise LoraFileError("\n".join(lines))
+  return ranks
+
+
+def _read_modules(f: SafetensorsFile, cfg: FluxConfig, parts: dict, known: dict, ranks: dict[str, int],
+                  metadata: dict, np_dtype) -> tuple[dict[str, dict[str, np.ndarray]], list[str]]:
+  """({our path: {"lora_A", "lora_B"}} at the largest rank, zero-padded and with the scale folded into
+  lora_B, the MOSAIC modules the file lacks (left zero))."""
+  rank = max(ranks.values())
+  shapes = param_shapes(cfg)
+  arrays: dict[str, dict[str, np.ndarray]] = {}
+  missing = []
+  for name, (ours, layer, fan_in, fan_out) in known.items():
+    if ours not in arrays:
+      lead = () if layer is None else (get_path(shapes, ours + ".kernel")[0],)
+      arrays[ours] = {"lora_A": np.zeros(lead + (fan_in, rank), np_dtype),
+                      "lora_B": np.zeros(lead + (rank, fan_out), np_dtype)}
+    if name not in ranks:
+      missing.append(name)
+      continue
+    r, ps = ranks[name], parts[name]
+    if "alpha" in ps:
+      alpha = float(np.asarray(f.read(ps["alpha"], np.float64)).reshape(-1)[0])
+    else:
+      alpha = _alpha_from_metadata(metadata, name)
+    scale = 1.0 if alpha is None else alpha / r
+    index = () if layer is None else (layer,)
+    arrays[ours]["lora_A"][index + (slice(None), slice(0, r))] = f.read(ps["lora_A.weight"], np.float32).T
+    arrays[ours]["lora_B"][index + (slice(0, r), slice(None))] = f.read(ps["lora_B.weight"], np.float32).T * scale
+  return arrays, missing
 
 
 def save_lora(path: str, lora: dict, cfg: FluxConfig, dtype=np.float32) -> None:

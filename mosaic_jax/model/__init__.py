@@ -1,5 +1,6 @@
 """The networks, as pure functions of parameter pytrees: the multi-branch FLUX MM-DiT (transformer),
-its attention and statistics, LoRA, and the encoders (VAE, pixel autoencoder, T5, CLIP)."""
+its attention and statistics, LoRA, the encoders (VAE, pixel autoencoder, T5, CLIP) and the ViT image
+towers (vit.py: CLIP's, DINO's, DINOv2's)."""
 
 from mosaic_jax.model import clip, pixel_autoencoder, t5, vae
 from mosaic_jax.model.attention_stats import AttentionStatistics, Correspondences

@@ -35,7 +35,7 @@ _ACTIVATIONS = {
 
 
 def check_encoder_config(cfg) -> None:
-  """What every CLIP-style encoder config must hold (this text tower, evaluation/vit.py's vision towers):
+  """What every CLIP-style encoder config must hold (this text tower, model/vit.py's vision towers):
   a supported activation and a hidden size made of whole heads."""
   if cfg.hidden_act not in _ACTIVATIONS:
     raise ValueError(f"hidden_act={cfg.hidden_act!r}: expected one of {sorted(_ACTIVATIONS)}.")

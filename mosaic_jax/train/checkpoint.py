@@ -27,8 +27,12 @@ On resume, steps are tried newest first: a step folder without its items, an emp
 metadata file, a file whose size or sha256 differs from its checksums, or a restore that raises makes
 the step unusable: one line names the step and the file, the folder is moved aside, and the next
 older step is tried (one line says which step the run resumes from). A step whose writer was killed
-after the commit but before its checksums were written is restored unverified (said so) and its
-checksums are recorded then.
+after the commit but before its checksums were written is unverified: its files cannot be checked (orbax
+reads flipped bytes in an array without complaint). It is never resumed from while a verified step
+restores: it is reported and moved aside like an unusable step, and the run trains the steps after the
+verified one again (to the same values: the step's randomness and the data order follow the step
+number). Only when no verified step is left is it restored, said so; its checksums are never recorded
+afterwards, since they would bless whatever its files hold by then.
 """
 
 from __future__ import annotations
@@ -47,18 +51,21 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from mosaic_jax.interop import save_lora
+from mosaic_jax.workdir.steps import ITEMS, read_state_subtrees
 
 LORA_FILES = {"lora.safetensors": ("trainable", "lora"), "lora_ema.safetensors": ("ema", "lora")}
-ITEMS = ("state", "data")
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint that was not committed, or none that can be restored: one line for the user."""
 
 
-def _one_line(error: BaseException, limit: int = 300) -> str:
+def _one_line(error: BaseException, limit: int | None = 300) -> str:
+  """The error on one line; cut at `limit` characters (None: whole, when its end says why, as a failed
+  write's "No space left on device" does)."""
   text = " ".join(str(error).split()) or type(error).__name__
-  return f"{type(error).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+  cut = limit is not None and len(text) > limit
+  return f"{type(error).__name__}: {text[:limit] if cut else text}{'...' if cut else ''}"
 
 
 class _OrbaxFailures(logging.Handler):
@@ -110,41 +117,67 @@ class Checkpointer:
     return restored["state"], restored["data"]
 
   def restore_newest_good(self, abstract_state, cfg=None, report: Callable[[str], None] = print):
-    """(step, state, data state) of the newest step that verifies and restores, or None when the
-    workdir holds no step. Unusable steps are reported (one line each) and moved aside; the step
-    resumed from is queued for its checksums and exports when a killed run left them unwritten."""
-    skipped = []
+    """(step, state, data state) of the newest verified step that restores, else of the newest unverified
+    one that does (used only when no verified step is left), or None when the workdir holds no step.
+    Unusable steps, and unverified ones newer than a verified step that restores, are reported (one line
+    each) and moved aside; the step resumed from gets the exports a killed run left unwritten."""
+    skipped, unverified = [], []
     for step in sorted(self.manager.all_steps(), reverse=True):
-      # With several processes each hashes its share of the files (a FLUX.1-dev step is tens of GB).
-      problem, verified = verify_step(self.directory, self.checksum_directory, step,
-                                      (jax.process_index(), jax.process_count()))
-      if jax.process_count() > 1:
-        problem = _first_problem_of_any_process(problem)
-      restored = None
-      if problem is None:
-        try:
-          restored = self.restore(step, abstract_state)
-        except Exception as error:  # pylint: disable=broad-except  # any unreadable file
-          problem = f"restoring it raised {_one_line(error)}"
-      if problem is not None:
-        report(f"checkpoint step {step} in {self.directory} is unusable: {problem}; moved to "
-               f"{self.workdir / 'unusable_checkpoints' / str(step)}")
-        self._set_aside(step)
-        skipped.append(step)
+      problem, verified = self._verify(step)
+      if problem is None and not verified:
+        unverified.append(step)  # tried once no verified step restores
         continue
-      if not verified:
-        report(f"checkpoint step {step} has no recorded checksums (its run stopped right after the commit): "
-               "restored unverified")
-      if skipped:
-        report(f"resuming from step {step}, the newest good checkpoint (unusable: {skipped})")
-      self._committed.append(step)
-      if not verified or (cfg is not None and "lora" in abstract_state["trainable"]
-                          and not (self.lora_directory / str(step) / "lora_ema.safetensors").exists()):
-        self._start_after_commit(step, cfg if "lora" in abstract_state["trainable"] else None)
-      return step, restored[0], restored[1]
+      restored = self._restore_or_set_aside(step, problem, abstract_state, report, skipped)
+      if restored is not None:
+        for newer in unverified:  # trained again from here, to the same values
+          self._report_and_set_aside(newer, f"it has no recorded checksums (its run stopped right after the "
+                                     f"commit), so its files cannot be verified, and step {step}'s can", report)
+          skipped.append(newer)
+        return self._resumed(step, restored, sorted(skipped, reverse=True), abstract_state, cfg, report)
+    for step in unverified:
+      restored = self._restore_or_set_aside(step, None, abstract_state, report, skipped)
+      if restored is not None:
+        report(f"checkpoint step {step} has no recorded checksums (its run stopped right after the commit) and "
+               "no verified step is left: restored unverified, and left unverified (checksums recorded now would "
+               "bless whatever its files hold)")
+        return self._resumed(step, restored, skipped, abstract_state, cfg, report)
     if skipped:
       report(f"no usable checkpoint in {self.directory} (unusable: {skipped}): starting from step 0")
     return None
+
+  def _verify(self, step: int) -> tuple[str | None, bool]:
+    """verify_step, every process hashing its own share of the files (a FLUX.1-dev step is tens of GB),
+    agreed on by every process."""
+    problem, verified = verify_step(self.directory, self.checksum_directory, step,
+                                    (jax.process_index(), jax.process_count()))
+    if jax.process_count() > 1:
+      problem = _first_problem_of_any_process(problem)
+    return problem, verified
+
+  def _restore_or_set_aside(self, step: int, problem: str | None, abstract_state, report, skipped: list):
+    """The restored (state, data state) of `step`, or None with the step reported and moved aside."""
+    if problem is None:
+      try:
+        return self.restore(step, abstract_state)
+      except Exception as error:  # pylint: disable=broad-except  # any unreadable file
+        problem = f"restoring it raised {_one_line(error)}"
+    self._report_and_set_aside(step, problem, report)
+    skipped.append(step)
+    return None
+
+  def _report_and_set_aside(self, step: int, problem: str, report) -> None:
+    report(f"checkpoint step {step} in {self.directory} is unusable: {problem}; moved to "
+           f"{self.workdir / 'unusable_checkpoints' / str(step)}")
+    self._set_aside(step)
+
+  def _resumed(self, step: int, restored, skipped: list[int], abstract_state, cfg, report):
+    if skipped:
+      report(f"resuming from step {step}, the newest good checkpoint (unusable: {skipped})")
+    self._committed.append(step)
+    if cfg is not None and "lora" in abstract_state["trainable"] and not (
+        self.lora_directory / str(step) / "lora_ema.safetensors").exists():  # a killed run's missing exports
+      self._start_after_commit(step, cfg, checksums=False)
+    return step, restored[0], restored[1]
 
   def _set_aside(self, step: int) -> None:
     if jax.process_index() == 0:
@@ -164,7 +197,13 @@ class Checkpointer:
 
   def save(self, step: int, state, data_state: dict, cfg=None, force: bool = False) -> None:
     """Starts an asynchronous save (every process); checksums and LoRA exports follow the commit."""
-    self.poll()  # a failed earlier save stops the run before another step is saved on top of it
+    # orbax starts a save once the previous one has ended, raising the previous one's failure: waited
+    # for here, a failure is named by its own step, and stops the run before another is saved on top.
+    try:
+      self.manager.wait_until_finished()
+    except Exception as error:  # pylint: disable=broad-except
+      raise self._failure(self._in_flight[-1][0] if self._in_flight else step, error) from error
+    self.poll()
     try:
       self.manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
@@ -194,7 +233,7 @@ class Checkpointer:
     del self._in_flight[:len(settled)]
 
   def _failure(self, step: int, cause: BaseException | None) -> CheckpointError:
-    because = _one_line(cause) if cause is not None else "the step folder was never committed"
+    because = _one_line(cause, None) if cause is not None else "the step folder was never committed"
     last = self.last_committed()
     return CheckpointError(
         f"checkpoint of step {step} into {self.directory / str(step)} failed ({because}); stopped: "
@@ -203,18 +242,19 @@ class Checkpointer:
 
   # ---- after the commit: checksums, exports, pruning (process 0, background) ----
 
-  def _start_after_commit(self, step: int, cfg) -> None:
+  def _start_after_commit(self, step: int, cfg, checksums: bool = True) -> None:
+    """checksums: record them (a step this run saw committed), else only the exports and the pruning."""
     if jax.process_index() != 0:
       return
-    thread = threading.Thread(target=self._after_commit, args=(step, cfg), name=f"after-commit-{step}",
+    thread = threading.Thread(target=self._after_commit, args=(step, cfg, checksums), name=f"after-commit-{step}",
                               daemon=True)
     thread.start()
     self._threads.append(thread)
 
-  def _after_commit(self, step: int, cfg) -> None:
+  def _after_commit(self, step: int, cfg, checksums: bool) -> None:
     try:
       recorded = self.checksum_directory / f"{step}.json"
-      if not recorded.exists():  # else verified on resume: a committed step's files never change
+      if checksums and not recorded.exists():
         self.checksum_directory.mkdir(parents=True, exist_ok=True)
         temporary = self.checksum_directory / f"{step}.json.tmp"  # complete, or absent
         temporary.write_text(json.dumps(file_checksums(self.directory / str(step)), indent=1))
@@ -379,23 +419,6 @@ _PROBLEM_BYTES = 1024  # a reported problem names one path and its cause
 def read_lora_trees(state_directory: epath.Path) -> dict[tuple[str, str], dict]:
   """{(group, "lora"): the LoRA pytree as numpy} for the groups of LORA_FILES, from a committed step."""
   return read_state_subtrees(state_directory, list(LORA_FILES.values()))
-
-
-def read_state_subtrees(state_directory: epath.Path, paths: list[tuple[str, str]]) -> dict[tuple[str, str], Any]:
-  """{(group, name): that subtree of a committed checkpoint's state item, as numpy}, read by this process
-  alone (no barrier with the others; whole arrays on the host, whichever hosts wrote their shards)."""
-  options = ocp.options.MultiprocessingOptions(primary_host=None, active_processes={jax.process_index()})
-  checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=options),
-                                  multiprocessing_options=options)
-  metadata = checkpointer.metadata(state_directory)
-  tree = metadata.item_metadata.tree if hasattr(metadata, "item_metadata") else metadata.tree
-  wanted = {}
-  for group, name in paths:
-    wanted.setdefault(group, {})[name] = tree[group][name]
-  restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
-  restored = checkpointer.restore(state_directory, args=ocp.args.PyTreeRestore(
-      item=wanted, restore_args=restore_args, partial_restore=True))
-  return {(group, name): restored[group][name] for group, name in paths}
 
 
 class PreemptionFlag:

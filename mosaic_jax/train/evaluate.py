@@ -1,4 +1,4 @@
-"""What the demo measures on held-out samples, and the samples its panels show (images.sample_panel).
+"""What the demo measures on held-out samples (the eval split, as model latents: `evaluation_batches`).
 
 Correspondence accuracy: for every valid pair (reference r, reference token i, target token j*),
 whether argmax_j A(i, j) lies on j* or one of its 8 grid neighbours, where A is DESIGN's attention
@@ -17,10 +17,43 @@ import jax.numpy as jnp
 import numpy as np
 
 from mosaic_jax import losses
-from mosaic_jax import sample as sampler
+from mosaic_jax.data import make_iterator
+from mosaic_jax.encoders import training_latents
 from mosaic_jax.model import FluxInputs, forward, image_ids, pack_latents, reference_ids, text_ids
 from mosaic_jax.parallel import on_mesh
+from mosaic_jax.settings import Settings
+from mosaic_jax.train.batches import step_batch
+from mosaic_jax.train.datasets import open_dataset, pipeline_config
 from mosaic_jax.train.step import pack_references
+
+
+def model_latents(host_batch, encoders, settings: Settings, mesh=None):
+  """Pipeline batch -> deterministic model latents (posterior means) and text features, replicated on
+  `mesh` when given (every process holds the same whole evaluation batch)."""
+  features = step_batch(host_batch, encoders, settings)
+  latents = training_latents({**features, "target_std": np.zeros_like(features["target_std"])},
+                             settings.latent_scaling, settings.latent_shift, jax.random.key(0))
+  batch = {"target": latents["target"], "refs": latents["refs"], "text": latents["text"],
+           "pooled": latents["pooled"], **{k: features[k] for k in
+                                           ("pair_ref", "pair_ref_token", "pair_target_token", "pair_valid")}}
+  if mesh is None:
+    return {k: jnp.asarray(v) for k, v in batch.items()}
+  with jax.set_mesh(mesh):
+    return on_mesh(batch)
+
+
+def evaluation_batches(settings: Settings, encoders, mesh=None) -> list[dict]:
+  """The held-out batches (at most eval_examples examples, batches of at most 8) as model latents."""
+  source, num_refs = open_dataset(settings, settings.dataset.eval_split)
+  batch_size = min(settings.batch_size, 8)
+  iterator = make_iterator(source, num_refs, pipeline_config(
+      settings, global_batch_size=batch_size, shuffle=False, dropout=False, num_epochs=1, worker_processes=0))
+  batches = []
+  for host_batch in iterator:
+    if len(batches) * batch_size >= settings.eval_examples:
+      break
+    batches.append(model_latents(host_batch, encoders, settings, mesh))
+  return batches
 
 
 def _neighbourhood_hits(pred_token, true_token, grid: int):
@@ -82,23 +115,3 @@ def format_table(rows: dict[str, dict]) -> str:
     lines.append(f"{name:<22} {r['correspondence_accuracy']:>15.3f} {r['chance']:>8.3f} "
                  f"{r['mean_pairwise_jsd']:>18.4f} {r['pairs']:>7d}")
   return "\n".join(lines)
-
-
-# ---- sampling -------------------------------------------------------------------------------------
-
-def sample_targets(params, lora, cfg, batch, num_steps: int, guidance: float, seed: int = 0,
-                   record_attention: bool = False):
-  """Target latent tokens [B, N, C] generated from the batch's text and references by the sampler; with
-  record_attention also each reference's attention over the target a_r(j) [B, R, N], averaged over
-  every step (sample.denoise)."""
-  x0 = pack_latents(batch["target"])
-  refs = pack_references(batch["refs"])
-  noise = on_mesh(jax.random.normal(jax.random.key(seed), x0.shape, jnp.float32))
-  grid, ref_grid = int(round(x0.shape[1] ** 0.5)), int(round(refs.shape[2] ** 0.5))
-  b = x0.shape[0]
-  return sampler.denoise(params, lora, cfg, noise, batch["text"], on_mesh(text_ids(batch["text"].shape[1])),
-                         batch["pooled"], on_mesh(image_ids(grid, grid)),
-                         on_mesh(sampler.flow_sigmas(num_steps, x0.shape[1])),
-                         on_mesh(np.full((b,), guidance, np.float32)), refs=refs,
-                         ref_ids=on_mesh(reference_ids(refs.shape[1], ref_grid, ref_grid)),
-                         record_attention=record_attention)

@@ -30,7 +30,7 @@ from mosaic_jax.encoders import training_latents
 from mosaic_jax.model import Correspondences, FluxConfig, FluxInputs, forward, image_ids, pack_latents
 from mosaic_jax.model import reference_ids, text_ids
 from mosaic_jax.schedule import training_timesteps
-from mosaic_jax.train.settings import OptimizerSettings, Settings
+from mosaic_jax.settings import OptimizerSettings, Settings
 
 
 def batch_spec(settings: Settings, num_refs: int, text_shapes, batch_size: int | None = None,

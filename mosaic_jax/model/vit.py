@@ -1,15 +1,19 @@
-"""The image tower shared by CLIP's vision model and DINO's ViT, as pure functions of a params pytree.
+"""The image tower shared by CLIP's vision model, DINO's ViT and DINOv2, as pure functions of a params pytree.
 
-Both are pre-LayerNorm ViTs: non-overlapping patches projected by one matrix, a learned class token and
+All are pre-LayerNorm ViTs: non-overlapping patches projected by one matrix, a learned class token and
 learned position embeddings, blocks `x += attn(ln1(x)); x += mlp(ln2(x))`, a final LayerNorm on the
 class token. They differ in small switches, held in `VitConfig`: CLIP has a LayerNorm before the blocks
 (`pre_norm`), no patch bias, quick-GELU and a linear projection of the class token; DINO (ViT-S/16)
-has a patch bias, exact GELU and no projection. The output is the class token after the final norm
-(and the projection when there is one): what CLIP-I and DINO scores compare.
+has a patch bias, exact GELU and no projection; DINOv2 adds LayerScale (`layer_scale`: each branch's
+output multiplied by a learned per-channel vector before the residual add). `encode_images` returns the
+class token after the final norm (and the projection when there is one): what CLIP-I and DINO scores
+compare. DINOv2's own embedding (register tokens, resized position grids) and its patch-token features
+live in correspondence/dinov2.py and use `patch_embeddings` and `run_blocks` from here.
 
 Leaves: `patch.kernel` [P*P*3, D] over patches flattened in (row, column, channel) order; the blocks
 are stacked along a leading axis and run with `lax.scan` (names as in model/clip.py: `self_attn.q_proj`,
-`layer_norm1`, `mlp.fc1`...). Images come in as [B, H, W, 3] float32, already normalized.
+`layer_norm1`, `mlp.fc1`, and `layer_scale1.scale` with LayerScale...). Images come in as [B, H, W, 3]
+float32, already normalized with the statistics the tower was trained on (`normalize_pixels`).
 """
 
 from __future__ import annotations
@@ -18,9 +22,25 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from mosaic_jax.model.attention import multi_branch_attention
 from mosaic_jax.model.clip import _ACTIVATIONS, check_encoder_config, layer_norm_affine
+from mosaic_jax.model.config import ATTENTION_IMPLS
 from mosaic_jax.model.layers import linear, random_params
+
+# The per-channel pixel statistics the towers were trained with (RGB, for pixels in [0, 1]).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # DINO and DINOv2
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_pixels(image, mean, std) -> np.ndarray:
+  """An RGB uint8 image (PIL or [H, W, 3]) -> float32 [H, W, 3], as torchvision's ToTensor + Normalize
+  (x / 255, then (x - mean) / std, all in float32, so the result is the same to the bit)."""
+  pixels = np.asarray(image, np.float32) / 255.0
+  return ((pixels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)).astype(np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,9 +56,16 @@ class VitConfig:
   pre_norm: bool = False          # CLIP's `pre_layrnorm`
   patch_bias: bool = True         # ViT's patch projection has a bias, CLIP's has none
   projection_dim: int | None = None  # CLIP's `visual_projection` (no bias)
+  layer_scale: bool = False       # DINOv2's LayerScale on both branches of every block
+  # Plain self-attention through model/attention.py: "xla" (any backend; `query_chunk` > 0 holds the float32
+  # scores of that many queries at a time), "cudnn" (NVIDIA GPUs, bf16/fp16) or "splash" (TPU).
+  attention_impl: str = "xla"
+  query_chunk: int = 0
 
   def __post_init__(self):
     check_encoder_config(self)
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}.")
     if self.image_size % self.patch_size:
       raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}.")
 
@@ -82,6 +109,9 @@ def param_shapes(cfg: VitConfig) -> dict:
       },
       "final_norm": norm(),
   }
+  if cfg.layer_scale:
+    shapes["layers"]["layer_scale1"] = {"scale": (n, d)}
+    shapes["layers"]["layer_scale2"] = {"scale": (n, d)}
   if cfg.patch_bias:
     shapes["patch"]["bias"] = (d,)
   if cfg.pre_norm:
@@ -103,17 +133,46 @@ def patchify(images, patch_size: int):
   return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, (h // patch_size) * (w // patch_size), patch_size ** 2 * c)
 
 
+def _layer_scale(p, name: str, cfg: VitConfig, y):
+  if not cfg.layer_scale:
+    return y
+  return (y * p[name]["scale"]).astype(y.dtype)
+
+
 def _block(p, cfg: VitConfig, x):
   heads = lambda t: t.reshape(t.shape[:-1] + (cfg.num_attention_heads, cfg.head_dim))
   attn = p["self_attn"]
   h = layer_norm_affine(p["layer_norm1"], x, cfg.layer_norm_eps)
   q, k, v = (heads(linear(attn[n], h)) for n in ("q_proj", "k_proj", "v_proj"))
-  scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * cfg.head_dim ** -0.5
-  weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bhqk,bkhd->bqhd", weights, v, preferred_element_type=jnp.float32).astype(v.dtype)
-  x = x + linear(attn["out_proj"], out.reshape(out.shape[:2] + (cfg.hidden_size,)))
+  out, _ = multi_branch_attention(q, k, v, impl=cfg.attention_impl, query_chunk=cfg.query_chunk)
+  attended = linear(attn["out_proj"], out.reshape(out.shape[:2] + (cfg.hidden_size,)))
+  x = x + _layer_scale(p, "layer_scale1", cfg, attended)
   h = layer_norm_affine(p["layer_norm2"], x, cfg.layer_norm_eps)
-  return x + linear(p["mlp"]["fc2"], _ACTIVATIONS[cfg.hidden_act](linear(p["mlp"]["fc1"], h)))
+  mlp = linear(p["mlp"]["fc2"], _ACTIVATIONS[cfg.hidden_act](linear(p["mlp"]["fc1"], h)))
+  return x + _layer_scale(p, "layer_scale2", cfg, mlp)
+
+
+def patch_embeddings(params, cfg: VitConfig, images):
+  """Normalized images [B, H, W, 3] (H, W multiples of the patch size) -> patch tokens [B, H*W/P^2, D],
+  row-major, in the weights' dtype (no class token, no position embedding yet)."""
+  dtype = params["patch"]["kernel"].dtype
+  return linear(params["patch"], patchify(images.astype(dtype), cfg.patch_size))
+
+
+def run_blocks(layer_params, cfg: VitConfig, x, count: int | None = None):
+  """Tokens [B, T, D] through the first `count` (default: all) of the stacked blocks, no final norm."""
+  total = jax.tree_util.tree_leaves(layer_params)[0].shape[0]
+  if count is None or count == total:
+    return jax.lax.scan(lambda x, block_params: (_block(block_params, cfg, x), None), x, layer_params)[0]
+
+  # The first blocks only: scan over their indices and read each block's weights in place (scanning over
+  # a slice of the stacked weights would copy the slice first; model/transformer.py measured it).
+  def step(x, index):
+    block_params = jax.tree_util.tree_map(lambda a: jax.lax.dynamic_index_in_dim(a, index, keepdims=False),
+                                          layer_params)
+    return _block(block_params, cfg, x), None
+
+  return jax.lax.scan(step, x, jnp.arange(count))[0]
 
 
 def encode_images(params, cfg: VitConfig, images):
@@ -121,51 +180,13 @@ def encode_images(params, cfg: VitConfig, images):
   if images.shape[1:] != (cfg.image_size, cfg.image_size, 3):
     raise ValueError(f"images of shape {images.shape[1:]}: the tower takes ({cfg.image_size}, "
                      f"{cfg.image_size}, 3).")
-  dtype = params["patch"]["kernel"].dtype
-  x = linear(params["patch"], patchify(images.astype(dtype), cfg.patch_size))
+  x = patch_embeddings(params, cfg, images)
   cls = jnp.broadcast_to(params["class_embedding"]["embedding"].astype(x.dtype), (x.shape[0], 1, x.shape[2]))
   x = jnp.concatenate([cls, x], axis=1) + params["position_embedding"]["embedding"].astype(x.dtype)[None]
   if cfg.pre_norm:
     x = layer_norm_affine(params["pre_norm"], x, cfg.layer_norm_eps)
-
-  def step(x, layer_params):
-    return _block(layer_params, cfg, x), None
-
-  x, _ = jax.lax.scan(step, x, params["layers"])
+  x = run_blocks(params["layers"], cfg, x)
   pooled = layer_norm_affine(params["final_norm"], x[:, 0], cfg.layer_norm_eps)
   if cfg.projection_dim:
     pooled = linear(params["projection"], pooled)
   return pooled.astype(jnp.float32)
-
-
-# ---- checkpoint layout ---------------------------------------------------------------------------
-
-def _patch_kernel(array):
-  """torch Conv2d weight [D, C, P, P] -> our [P*P*C, D] over (row, column, channel)."""
-  d = array.shape[0]
-  return array.transpose(2, 3, 1, 0).reshape(-1, d)
-
-
-def vit_targets(cfg: VitConfig, top_level: dict, layer_key) -> list:
-  """Targets (interop/param_assembly) for a ViT checkpoint.
-
-  top_level: our unstacked leaf path -> (torch key, torch shape); layer_key(our path under `layers`,
-  i) -> torch key of layer i. Kernels are transposed; the patch kernel is flattened from the conv.
-  """
-  from mosaic_jax.interop.param_assembly import Target, linear_kernel
-  targets = []
-  for path, (key, shape) in top_level.items():
-    convert = (_patch_kernel if path == ("patch", "kernel") else linear_kernel if path[-1] == "kernel"
-               else (lambda a, n=path: a.reshape(param_shapes(cfg)[n[0]][n[1]])))
-    float32 = "norm" in path[0]
-    targets.append(Target(key, path, None, tuple(shape), convert, jnp.float32 if float32 else None))
-  flat, _ = jax.tree_util.tree_flatten_with_path(param_shapes(cfg)["layers"],
-                                                 is_leaf=lambda x: isinstance(x, tuple))
-  for tree_path, shape in flat:
-    names = tuple(p.key for p in tree_path)
-    leaf_shape = shape[1:][::-1] if names[-1] == "kernel" else shape[1:]
-    for i in range(cfg.num_hidden_layers):
-      targets.append(Target(layer_key(names, i), ("layers",) + names, i, tuple(leaf_shape),
-                            linear_kernel if names[-1] == "kernel" else None,
-                            jnp.float32 if "norm" in names[0] else None))
-  return targets

@@ -4,7 +4,7 @@ kills land in steps, in saves and in LoRA exports) and restarted each time, unti
 losses (the last logged value of every step) and its final LoRA files are compared with an
 uninterrupted run's (a plain `python launch/train.py` beside it).
 
-  python benchmarks/kill_soak.py --kills 50 --steps 60 [--seed 0] [--workdir /tmp/soak]
+  python tests/kill_soak.py --kills 50 --steps 60 [--seed 0] [--workdir /tmp/soak]
 
 Prints the kills, how many landed while a save was in flight (the killed run left a step folder that
 orbax never committed, *.orbax-checkpoint-tmp, on disk), how many before a run's first step, the runs,
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib.util
 import os
 import random
 import signal
@@ -28,32 +27,17 @@ import tempfile
 import threading
 import time
 
-from mosaic_jax.train import inputs
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load(path: str, name: str):
-  """The module at path (the tests' tiny training command, which this soak shares)."""
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-_train_fixtures = _load(os.path.join(ROOT, "tests", "train_fixtures.py"), "train_fixtures")
-tensorboard_scalars, tiny_config, train_command = (_train_fixtures.tensorboard_scalars, _train_fixtures.tiny_config,
-                                                   _train_fixtures.train_command)
-ForkServer = _load(os.path.join(ROOT, "benchmarks", "fork_server.py"), "fork_server").ForkServer
-
+from fork_server import ForkServer
+from mosaic_jax.settings import settings_from_config
+from mosaic_jax.train.datasets import open_dataset
+from train_fixtures import tensorboard_scalars, tiny_config, train_command
 
 # What launch/train.py imports, loaded once by the fork server that starts each run of the soak.
 TRAINER_MODULES = ["absl.app", "absl.flags", "ml_collections.config_flags", "mosaic_jax.cli",
                    "mosaic_jax.parallel.distributed", "mosaic_jax.train", "mosaic_jax.configs.flux_ms",
                    "mosaic_jax.data.semalign_ms", "mosaic_jax.data.pipeline", "orbax.checkpoint",
                    "tensorflow_datasets", "grain", "tensorboardX", "PIL.Image"]
-COMPILED = "compiled the train step"  # the trainer's line once the step is compiled (and stored)
-LOADED = "loaded the compiled train step"  # ... once it is loaded from the executable store instead
+COMPILED = "compiled the train step"  # the trainer's line once the step is compiled (and cached)
 TEMPORARY_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a step folder whose save has not committed
 
 
@@ -153,7 +137,7 @@ def soak(data_dir: str, root: str, kills: int, steps: int, seed: int = 0, cache_
   # depend on timing, nor on when checkpoints are written: it saves only its last step (the
   # comparison also checks that saving every step changes nothing), and so takes less of the soak's time.
   config = tiny_config(data_dir, **settings)
-  inputs.open_dataset(config, config.dataset.train_split)  # built once, before the runs start side by side
+  open_dataset(settings_from_config(config), config.dataset.train_split)  # built once, before the runs start side by side
   reference_log = os.path.join(logs, "uninterrupted.log")
   reference_s: list[float] = []
   with open(reference_log, "w") as out:
@@ -172,10 +156,9 @@ def soak(data_dir: str, root: str, kills: int, steps: int, seed: int = 0, cache_
   server = None
   try:
     server = ForkServer(TRAINER_MODULES, env)  # its imports overlap the reference's compilation
-    # The soak's runs start once the uninterrupted run has compiled the step into the executable store
-    # (its settings differ only in checkpoint_every, which the step does not see: Settings.for_step):
-    # every run of the soak then loads it untraced (two cold compilations side by side would take
-    # twice as long on two cores).
+    # The soak's runs start once the uninterrupted run has compiled the step into the shared persistent
+    # cache (its settings differ only in checkpoint_every, which the step does not see): every run of
+    # the soak then finds it there (two cold compilations side by side take twice as long on two cores).
     while reference_run.poll() is None and COMPILED not in open(reference_log, errors="replace").read():
       time.sleep(0.05)
     while done_kills < kills:
@@ -221,12 +204,9 @@ def soak(data_dir: str, root: str, kills: int, steps: int, seed: int = 0, cache_
     with open(os.path.join(reference, "lora", str(steps), name), "rb") as a, \
          open(os.path.join(workdir, "lora", str(steps), name), "rb") as b:
       lora[name] = a.read() == b.read()
-  run_logs = [open(os.path.join(logs, f"run_{i}.log"), errors="replace").read() for i in range(1, runs + 1)]
   return dict(kills=done_kills, kills_during_saves=during_saves, kills_before_first_step=startup_kills,
               runs=runs, steps=steps, final_run_steps=final_run_steps, losses_compared=len(expected),
               losses_identical=got == expected and len(expected) == steps, lora_identical=all(lora.values()),
-              runs_that_compiled=sum(COMPILED in log for log in run_logs),
-              runs_that_loaded=sum(LOADED in log for log in run_logs),
               uninterrupted_s=reference_s[0], soak_s=soak_s)
 
 
