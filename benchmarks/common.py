@@ -131,10 +131,17 @@ def comparison_step(remat: str | None = None, code: str = ROOT):
   cfg = dataclasses.replace(
       model.config.flux1_dev(), num_layers=c["double"], num_single_layers=c["single"], attention_head_dim=head_dim,
       num_attention_heads=c["hidden_heads"], joint_attention_dim=TEXT_WIDTH, pooled_projection_dim=POOLED_WIDTH,
-      axes_dims_rope=(8, (head_dim - 8) // 2, (head_dim - 8) // 2), remat_policy=config.remat_policy)
+      axes_dims_rope=(8, (head_dim - 8) // 2, (head_dim - 8) // 2))
   mesh = parallel.make_mesh(config.mesh.to_dict(), jax.devices()[:1])
   text_shapes = ((c["txt"], TEXT_WIDTH), (POOLED_WIDTH,))
-  compiled = compile_recipe_step(config, cfg, mesh, [c["R"]], vae, text_shapes)[c["R"]]
+  step = lambda policy: compile_recipe_step(config, dataclasses.replace(cfg, remat_policy=policy), mesh, [c["R"]], vae,
+                                            text_shapes)[c["R"]]
+  compiled = None
+  if config.remat_policy == "auto":  # the trainer's choice on this machine (on the CPU: the first candidate)
+    from mosaic_jax.train import remat_choice  # pylint: disable=import-outside-toplevel
+    config.remat_policy, compiled, _ = remat_choice.choose(step, jax.devices()[0])
+  cfg = dataclasses.replace(cfg, remat_policy=config.remat_policy)
+  compiled = compiled if compiled is not None else step(config.remat_policy)
 
   # Real values with the shapes the step was compiled for, placed as the executable expects.
   settings = settings_from_config(config, vae, check_files=False)  # the trainer's own

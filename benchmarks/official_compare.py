@@ -17,12 +17,13 @@ with taskset to the first `threads` cores: torch gets THREADS, XLA its intra-op 
 prints the median and minimum of `--steps` timed steps after a warm-up (compile excluded); the table
 gives, per thread count, the median over rounds of both sides and their ratio.
 
-Pairings (--pairings, see PAIRINGS): "recipe" times both recipes, each recomputing every block in its
-backward pass (ours: the recipe's remat "full"; the official: its train.sh's --gradient_checkpointing,
-applied to the unchanged bench script by this file's official worker); "none" times both without
-recomputation (ours: remat "none"; the official bench script as shipped); "kept" times ours with remat
-"recompute_mlp" (it recomputes only the MLP's hidden layer) against the official's recipe; "mixed" is the
-issue's first table (ours recomputing, the official not).
+Pairings (--pairings, see PAIRINGS): "recipe" times both recipes (ours: the recipe's remat policy,
+"auto", which on the CPU recomputes nothing; the official: its train.sh's --gradient_checkpointing,
+applied to the unchanged bench script by this file's official worker, recomputing every block); "full"
+times the same work on both sides, each recomputing every block (ours: remat "full"); "none" times
+both without recomputation (ours: remat "none"; the official bench script as shipped); "kept" times
+ours with remat "recompute_mlp" (it recomputes only the MLP's hidden layer) against the official's
+recipe; "mixed" is the issue's first table (ours with the recipe's remat, the official not recomputing).
 
   python benchmarks/official_compare.py --official /work/official_mosaic --rounds 3 --threads 1,2
   python benchmarks/official_compare.py --only ours --threads 1 --pairings recipe   # ours alone
@@ -158,9 +159,12 @@ def measure(side: dict, threads: int, steps: int, official: str) -> dict:
 
 # What each pairing compares: both sides do the same work, recomputation included.
 PAIRINGS = {
-    # The two recipes: ours recomputes each block in the backward pass (config.remat_policy "full"), the
-    # official train.sh trains with --gradient_checkpointing (torch.utils.checkpoint around each block).
+    # The two recipes: ours with the recipe's remat_policy ("auto": the trainer's choice on this machine,
+    # "none" on the CPU, train/remat_choice.py), the official train.sh with --gradient_checkpointing
+    # (torch.utils.checkpoint around each block).
     "recipe": dict(remat=None, recompute=True),
+    # Both recompute every block in the backward pass: ours with remat "full" (the recipe's until issue 25).
+    "full": dict(remat="full", recompute=True),
     # Neither recomputes: ours with remat "none", the official step as ../shared/bench ships it.
     "none": dict(remat="none", recompute=False),
     # Both checkpointing, each with its own policy: ours keeps the projections and attention outputs

@@ -23,7 +23,10 @@ offloads, the bytes moved between host and device per step are printed, and the 
 that would hide them under the step; the estimate itself does not count them. `--figures
 memory,cost,breakdown` adds the FLOPs, bytes and estimated time per category (projections, LoRA,
 attention, statistics, elementwise, layout, collectives...). A policy whose step the compiler refuses
-(RESOURCE_EXHAUSTED) is reported as not fitting, with the compiler's line, and no cost.
+(RESOURCE_EXHAUSTED) is reported as not fitting, with the compiler's line, and no cost. `--remat auto`
+runs the trainer's own choice (train/remat_choice.py: candidates in order, each with its memory and
+the executable's own time estimate, the first that fits the chip less 10% headroom; `--auto_all`: every
+candidate, the fastest that fits) and prints the chosen policy's figures as above.
 `--sampler v5e-8` compiles the sampler's denoise loop (base and LoRA split by the training rules over
 fsdp, bf16, the reference cache) for a slice and prints its memory per chip.
 
@@ -31,6 +34,7 @@ fsdp, bf16, the reference cache) for a slice and prints its memory per chip.
   python benchmarks/train_memory.py --remat full,dots_with_no_batch_dims_saveable --refs 6
   python benchmarks/train_memory.py --topology v5p-8,v5e-16,v6e-8 --remat keep_all,recompute_mlp --refs 1,6
   python benchmarks/train_memory.py --topology v5p-8 --refs 6 --figures memory,cost,breakdown
+  python benchmarks/train_memory.py --topology v5p-8,v6e-8,v5e-16 --remat auto --refs 1,6
   python benchmarks/train_memory.py --sampler v5e-8 --attention splash --refs 2
 """
 
@@ -54,7 +58,12 @@ def parse_args():
   parser.add_argument("--figures", default="memory,cost", help="--topology: memory, and cost (the step's FLOPs, "
                       "HBM traffic, estimated time and MFU, from the same compile); breakdown: also where they go")
   parser.add_argument("--refs", default="1,6", help="reference counts to compile for")
-  parser.add_argument("--remat", default="full", help="remat policies to compare, comma separated")
+  parser.add_argument("--remat", default="full", help="remat policies to compare, comma separated; auto: the "
+                      "trainer's choice for the slice (--topology), with each candidate's memory and estimate")
+  parser.add_argument("--candidates", default="", help="--remat auto: these candidates, in this order, instead of "
+                      "model/remat.py's CANDIDATES (to skip one known not to fit)")
+  parser.add_argument("--auto_all", action="store_true", help="--remat auto compiles every candidate and keeps the "
+                      "fastest that fits by the estimate (the trainer stops at the first that fits)")
   parser.add_argument("--attention", default=None, help="attention_impl (cudnn needs a GPU, splash a TPU; default "
                       "splash with --topology/--sampler, else xla)")
   parser.add_argument("--attention_chunk", type=int, default=None,
@@ -89,7 +98,7 @@ def main():
     for name in args.topology.split(","):
       for remat in args.remat.split(","):
         compile_for_slice(name, recipe, transformer, refs, remat, args.figures.split(","), vae,
-                          common.FLUX_TEXT_SHAPES)
+                          common.FLUX_TEXT_SHAPES, args.auto_all, args.candidates)
     return
 
   config, mesh = recipe(None)
@@ -105,7 +114,8 @@ def main():
             f"{stats.argument_bytes / 2 ** 30:.1f}, temporaries {stats.temp_bytes / 2 ** 30:.1f})")
 
 
-def compile_for_slice(name, recipe, transformer, refs, remat, figures, vae, text_shapes):
+def compile_for_slice(name, recipe, transformer, refs, remat, figures, vae, text_shapes, auto_all=False,
+                      candidates=""):
   """The recipe's step compiled for TPU slice `name`: memory per chip and, read from the same compile's
   optimized HLO, the step's FLOPs and HBM traffic per chip, an estimated step time and the MFU it implies
   (module docstring)."""
@@ -119,20 +129,32 @@ def compile_for_slice(name, recipe, transformer, refs, remat, figures, vae, text
   config, mesh = recipe(devices)
   chips, kind = len(devices), devices[0].device_kind
   peak = metrics.peak_tflops(kind)
-  cfg = transformer(remat)
   print(f"{name} ({spec.topology}, {chips} x {kind}, {spec.hbm_gib:.0f} GiB HBM per chip): FLUX.1-dev, LoRA rank "
         f"{config.lora_rank}, {config.resolution} px, batch {config.batch_size}, mesh {dict(mesh.shape)}, "
-        f"attention {cfg.attention_impl}, remat {remat}", flush=True)
+        f"attention {transformer('full').attention_impl}, remat {remat}", flush=True)
   for r in refs:
     line = f"  {name} {r} ref(s)"
-    try:
-      compiled = common.compile_recipe_step(config, cfg, mesh, [r], vae, text_shapes)[r]
-    except jax.errors.JaxRuntimeError as e:
-      if "RESOURCE_EXHAUSTED" not in str(e):
-        raise
-      # the TPU compiler refuses a program whose buffers exceed the chip's HBM: that is the answer
-      print(f"{line}: does NOT fit, the compiler says: {str(e).splitlines()[0]}", flush=True)
-      continue
+    step = lambda policy: common.compile_recipe_step(config, transformer(policy), mesh, [r], vae, text_shapes)[r]
+    if remat == "auto":  # the trainer's choice (train/remat_choice.py), its candidates' lines as it logs them
+      from mosaic_jax.settings import ConfigError  # pylint: disable=import-outside-toplevel
+      from mosaic_jax.train import remat_choice  # pylint: disable=import-outside-toplevel
+      try:
+        chosen, compiled, _ = remat_choice.choose(step, devices[0], exhaustive=auto_all, **(
+            dict(candidates=tuple(candidates.split(","))) if candidates else {}))
+      except ConfigError as e:
+        print(f"{line}: {e}", flush=True)
+        continue
+      cfg, line = transformer(chosen), f"{line}, auto chose {chosen}"
+    else:
+      cfg = transformer(remat)
+      try:
+        compiled = step(remat)
+      except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+          raise
+        # the TPU compiler refuses a program whose buffers exceed the chip's HBM: that is the answer
+        print(f"{line}: does NOT fit, the compiler says: {str(e).splitlines()[0]}", flush=True)
+        continue
     memory = tpu_compile.report(compiled)
     analysis = compiled.memory_analysis()
     host = analysis.host_temp_size_in_bytes + analysis.host_argument_size_in_bytes

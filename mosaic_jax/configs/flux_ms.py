@@ -131,12 +131,14 @@ def _optimization(config: ml_collections.ConfigDict) -> None:
   config.ema_decay = 0.99
   config.losses = ml_collections.ConfigDict(dict(
       scal_weight=0.1, mdl_weight=1.0, mdl_ramp_start=10_000, mdl_ramp_end=11_000))
-  # Per block: none | full | recompute_mlp | dots_saveable | dots_with_no_batch_dims_saveable (model/config.py).
-  # "full" by default: at FLUX.1-dev scale "none" keeps every block's activations (1.6 TB at 3 references,
-  # benchmarks/train_memory.py) and fits no slice; "recompute_mlp" is ~1.5x faster by the TPU compiler's
-  # estimate where it fits (v5p-8 at 6 references: 39.8 GiB per chip against 22.5; v5e-16 at 1 reference
-  # but not 6): check a slice with train_memory.py --remat full,recompute_mlp.
-  config.remat_policy = "full"
+  # What each block keeps for its backward pass: a policy of model/remat.py (none, keep_all, recompute_mlp,
+  # keep_attention, full, offload_mlp, offload_kept, ...) or "auto": the run compiles the candidates in
+  # order for its own devices, mesh, batch and references and keeps the first that fits in the device's
+  # memory less 10% (train/remat_choice.py), recorded in the workdir so a restart does not choose again.
+  # At FLUX.1-dev scale no slice fits "none"; a v5p-8 fits keep_all (est. 52% MFU at 6 references,
+  # against 26% for "full"); docs/performance.md has the table per slice. See the choice ahead of
+  # time with benchmarks/train_memory.py --topology v5p-8 --remat auto.
+  config.remat_policy = "auto"
 
 
 def _parallelism(config: ml_collections.ConfigDict) -> None:

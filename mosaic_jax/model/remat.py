@@ -11,9 +11,10 @@ keep tensors the blocks tag with `keep(x, name)` (model/transformer.py), all in 
   mlp_hidden    the MLP's first projection, before GELU                4 x hidden per token
   lora_hidden   x A of every LoRA (reference tokens)                   rank per adapted module
 
-POLICIES lists every policy. The first five, in this order, are the candidates for a backend that gives
-no time estimate (CPU, GPU): the ones that recompute least first, each needing less device memory than
-the one before. A policy that offloads moves its tagged tensors to pinned host memory in the forward pass
+POLICIES lists every policy. CANDIDATES are those remat_policy="auto" chooses from
+(train/remat_choice.py), in its fixed order of preference: the ones that recompute least first, each
+needing less device memory than the one before; a backend without a time estimate (CPU, GPU) takes the
+first that fits. A policy that offloads moves its tagged tensors to pinned host memory in the forward pass
 and back in the backward pass: device memory as the policy it derives from without them, at the cost of
 host transfers that no compiler estimate here counts (offloaded_bytes in benchmarks/train_memory.py).
 jax's dots policies keep float32 matmul outputs (linear accumulates in float32): for comparison only.
@@ -57,6 +58,10 @@ POLICIES = {
     "dots_with_no_batch_dims_saveable": Policy("jax's: keeps every matmul output without batch axes (float32)",
                                                builtin="dots_with_no_batch_dims_saveable"),
 }
+
+
+# The offloading policies are no candidates: no estimate here counts their host transfers.
+CANDIDATES = ("none", "keep_all", "recompute_mlp", "keep_attention", "full")
 
 
 def keep(x, name: str):

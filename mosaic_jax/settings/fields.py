@@ -40,6 +40,9 @@ ENCODER_CHOICES = ("checkpoint", "demo", "random")
 # FluxConfig fields a resume may override: how the transformer runs (attention kernel, chunk sizes,
 # rematerialization, scan or unrolled blocks), never what it computes. The architecture may not change.
 RESUME_SAFE_OVERRIDES = ("attention_impl", "attention_chunk", "stats_chunk", "remat_policy", "unroll_layers")
+# remat_policy: one of model/config.py's REMAT_POLICIES, or this: chosen for the run's devices and step
+# when it starts (train/remat_choice.py), and recorded in its workdir.
+REMAT_AUTO = "auto"
 
 
 class ConfigError(ValueError):
@@ -162,10 +165,11 @@ class Settings:
 
   def transformer_config(self, loaded: FluxConfig | None = None) -> FluxConfig:
     """The transformer the run trains: `loaded` (a checkpoint's config) or the preset, with the model
-    overrides, the remat policy and the activation rules (an override of remat_policy wins)."""
-    return model_config.resolve(self.model, {"remat_policy": self.remat_policy,
-                                             "logical_rules": parallel.hashable_rules(self.sharding.logical_rules),
-                                             **dict(self.model_overrides)}, loaded)
+    overrides, the remat policy and the activation rules (an override of remat_policy wins). Under
+    remat_policy "auto" the preset's (or checkpoint's) policy stands until the trainer chooses one."""
+    remat = {} if self.remat_policy == REMAT_AUTO else {"remat_policy": self.remat_policy}
+    rules = parallel.hashable_rules(self.sharding.logical_rules)
+    return model_config.resolve(self.model, {**remat, "logical_rules": rules, **dict(self.model_overrides)}, loaded)
 
   def for_step(self) -> Settings:
     """These settings as the train step is traced with them: every field the step never reads (the

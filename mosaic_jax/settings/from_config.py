@@ -16,7 +16,7 @@ from mosaic_jax import parallel
 from mosaic_jax.cli import unknown_field_message
 from mosaic_jax.model import config as model_config
 from mosaic_jax.model.config import REMAT_POLICIES, FluxConfig
-from mosaic_jax.settings.fields import (ENCODER_CHOICES, SCHEDULES, TRAINABLE_CHOICES, ConfigError, Settings,
+from mosaic_jax.settings.fields import (ENCODER_CHOICES, REMAT_AUTO, SCHEDULES, TRAINABLE_CHOICES, ConfigError, Settings,
                                         config_fields, field_value, fields_of, is_part, known_fields)
 
 
@@ -86,7 +86,8 @@ def _check_values(settings: Settings) -> None:
     model_config.resolve(settings.model, dict(settings.model_overrides))
   except ValueError as error:  # unknown field, or a value FluxConfig refuses
     raise ConfigError(f"config.model_overrides: {error}") from error
-  choices = (("trainable", TRAINABLE_CHOICES), ("optimizer.schedule", SCHEDULES), ("remat_policy", REMAT_POLICIES),
+  choices = (("trainable", TRAINABLE_CHOICES), ("optimizer.schedule", SCHEDULES),
+             ("remat_policy", REMAT_POLICIES + (REMAT_AUTO,)),
              ("encoders", ENCODER_CHOICES))
   for name, allowed in choices:
     value = field_value(settings, name)

@@ -4,7 +4,8 @@ is written or compiled: the settings against the workdir's config in effect (a r
 mesh, and whether the batch splits over it; the data (opened before the model, so a wrong path fails
 in seconds); then the workdir's record of the config (config.json, or the resume's changes), the
 encoders, the weights and train state, drawn or restored (weights.py), the step, compiled for every
-reference count the data holds (compilation.py), and the logger.
+reference count the data holds (compilation.py; under remat_policy "auto" after choosing the policy,
+remat_choice.py), and the logger.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from mosaic_jax.encoders import FluxEncoders, make_encoders
 from mosaic_jax.model import FluxConfig
 from mosaic_jax.parallel.distributed import is_leader, say
 from mosaic_jax.settings import ConfigError, Settings, check_batch_splits
-from mosaic_jax.train import compilation
+from mosaic_jax.train import compilation, remat_choice
 from mosaic_jax.train import weights as weights_lib
 from mosaic_jax.train.batches import DeviceBatches, text_feature_shapes
 from mosaic_jax.train.checkpoint import Checkpointer
@@ -64,6 +65,7 @@ class TrainingContext:
 
 def setup(settings: Settings, workdir: str) -> TrainingContext:
   """The run's context (module docstring); its settings are checked already (settings_from_config)."""
+  settings = remat_choice.reuse(settings, workdir)  # "auto" chosen before for this step: that policy
   changed = resume_changes(settings, workdir)  # reads only; every path through etils.epath (gs:// too)
   mesh = parallel.make_mesh(dataclasses.asdict(settings.mesh))
   check_batch_splits(settings, mesh)
@@ -85,12 +87,28 @@ def setup(settings: Settings, workdir: str) -> TrainingContext:
   shard = functools.partial(parallel.tree_shardings, mesh=mesh, param_rules=settings.sharding.param_rules,
                             logical_rules=settings.sharding.logical_rules)
   shardings = StepShardings(start.state_shardings, shard(start.base), batches.sharding, parallel.replicated(mesh))
-  compiled = compilation.compile_steps(start.cfg, start.state, start.base, shardings, settings,
-                                       iterator.reference_counts, text_feature_shapes(settings, encoders, source),
-                                       batches.feature_dtypes)
+  compile_for = functools.partial(compilation.compile_steps, state=start.state, base=start.base, shardings=shardings,
+                                  settings=settings, text_shapes=text_feature_shapes(settings, encoders, source),
+                                  feature_dtypes=batches.feature_dtypes)
+  cfg, compiled = start.cfg, {}
+  if remat_choice.wanted(settings):
+    settings, cfg, compiled = _choose_remat(settings, workdir, cfg, compile_for, max(iterator.reference_counts))
+  rest = [r for r in iterator.reference_counts if r not in compiled]
+  compiled = {**compiled, **compile_for(cfg, reference_counts=rest)}
   logger = Logger(workdir, settings.total_steps, enabled=is_leader())
-  return TrainingContext(settings, workdir, mesh, start.cfg, start.state, start.base, shardings, compiled, iterator,
+  return TrainingContext(settings, workdir, mesh, cfg, start.state, start.base, shardings, compiled, iterator,
                          batches, encoders, checkpointer, logger, start.step)
+
+
+def _choose_remat(settings: Settings, workdir: str, cfg: FluxConfig, compile_for, most_refs: int):
+  """(the settings with the chosen policy, the transformer under it, {most_refs: its compiled step} or {})
+  for remat_policy "auto": the candidates compiled for the run's largest reference count (the most
+  memory), the choice recorded in the workdir (train/remat_choice.py)."""
+  compile_policy = lambda policy: compile_for(dataclasses.replace(cfg, remat_policy=policy),
+                                              reference_counts=[most_refs])[most_refs]
+  chosen, executable, candidates = remat_choice.choose(compile_policy, jax.devices()[0])
+  settings = remat_choice.record(settings, workdir, chosen, candidates)
+  return settings, dataclasses.replace(cfg, remat_policy=chosen), {} if executable is None else {most_refs: executable}
 
 
 def _training_data(settings: Settings):

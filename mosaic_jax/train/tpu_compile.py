@@ -15,31 +15,55 @@ from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
+class Chip:
+  """A TPU chip's memory: `hbm_gib` of HBM at `hbm_gbps` GB/s (Cloud TPU's published figures): what fits,
+  and the bandwidth of a roofline where the compiler's time estimate fails. Its peak FLOP/s is
+  train/metrics.py's PEAK_TFLOPS."""
+  hbm_gib: float
+  hbm_gbps: float
+
+
+# jax's device_kind -> the chip. v5p reports "TPU v5", v5e "TPU v5 lite", v6e "TPU v6 lite".
+CHIPS = {"TPU v5 lite": Chip(16, 819), "TPU v5": Chip(95, 2765), "TPU v6 lite": Chip(32, 1640), "TPU v4": Chip(32, 1200)}
+
+
+def chip(device_kind: str) -> Chip | None:
+  """The chip of a jax device_kind, or None for one the table does not know (or not a TPU)."""
+  return CHIPS.get(device_kind)
+
+
+@dataclasses.dataclass(frozen=True)
 class Slice:
   """A Cloud TPU slice as get_topology_desc names it. `chips`: devices JAX sees (v5p and v4 pair their
-  two TensorCores per chip, "megacore", so v5p-8 is 4 chips); `hbm_gib`: HBM per chip; `hbm_gbps`: its
-  bandwidth in GB/s (Cloud TPU's published figures), for a roofline when the compiler's estimate fails."""
+  two TensorCores per chip, "megacore", so v5p-8 is 4 chips); `kind`: their device_kind (CHIPS)."""
   topology: str
   chip_config: str
   chips_per_host: tuple[int, int, int]
   chips: int
-  hbm_gib: float
-  hbm_gbps: float
+  kind: str
+
+  @property
+  def hbm_gib(self) -> float:
+    return CHIPS[self.kind].hbm_gib
+
+  @property
+  def hbm_gbps(self) -> float:
+    return CHIPS[self.kind].hbm_gbps
 
 
 # The accelerator type (what `gcloud compute tpus` calls the slice) -> its topology. The chip counts
 # and host bounds are Cloud TPU's published slice shapes (v5e/v6e hosts hold 2x2 chips, except the
 # single-host 8-chip v5e-8 / v6e-8 machine types; v5p hosts hold 2x2x1 chips).
 SLICES = {
-    "v5e-1": Slice("v5e:1x1", "default", (1, 1, 1), 1, 16, 819),
-    "v5e-4": Slice("v5e:2x2", "default", (2, 2, 1), 4, 16, 819),
-    "v5e-8": Slice("v5e:2x4", "default", (2, 4, 1), 8, 16, 819),
-    "v5e-16": Slice("v5e:4x4", "default", (2, 2, 1), 16, 16, 819),
-    "v5p-8": Slice("v5:2x2x1", "megacore", (2, 2, 1), 4, 95, 2765),
-    "v5p-16": Slice("v5:2x2x2", "megacore", (2, 2, 1), 8, 95, 2765),
-    "v6e-1": Slice("v6e:1x1", "default", (1, 1, 1), 1, 32, 1640),
-    "v6e-4": Slice("v6e:2x2", "default", (2, 2, 1), 4, 32, 1640),
-    "v6e-8": Slice("v6e:2x4", "default", (2, 4, 1), 8, 32, 1640),
+    "v5e-1": Slice("v5e:1x1", "default", (1, 1, 1), 1, "TPU v5 lite"),
+    "v5e-4": Slice("v5e:2x2", "default", (2, 2, 1), 4, "TPU v5 lite"),
+    "v5e-8": Slice("v5e:2x4", "default", (2, 4, 1), 8, "TPU v5 lite"),
+    "v5e-16": Slice("v5e:4x4", "default", (2, 2, 1), 16, "TPU v5 lite"),
+    "v5p-8": Slice("v5:2x2x1", "megacore", (2, 2, 1), 4, "TPU v5"),
+    "v5p-16": Slice("v5:2x2x2", "megacore", (2, 2, 1), 8, "TPU v5"),
+    "v6e-1": Slice("v6e:1x1", "default", (1, 1, 1), 1, "TPU v6 lite"),
+    "v6e-4": Slice("v6e:2x2", "default", (2, 2, 1), 4, "TPU v6 lite"),
+    "v6e-8": Slice("v6e:2x4", "default", (2, 4, 1), 8, "TPU v6 lite"),
 }
 
 

@@ -2,7 +2,9 @@
 
   config.json            the config of the run's first start (never overwritten once a checkpoint exists)
   config_history.jsonl   one line per resume that changed a field: {"time", "changed": {field: [old, new]},
-                         "config": the whole config in effect from then on}
+                         "config": the whole config in effect from then on}; and one per choice the
+                         program made for a field set to "auto" (remat_policy: train/remat_choice.py),
+                         with "choice": what it was made for and from what
 
 A resume may change only the fields the settings mark resume-safe (mosaic_jax/settings.py: how long to
 train, how often to log, save and sample, how many checkpoints to keep, the evaluation and sampling
@@ -114,3 +116,31 @@ def record(settings: Settings, workdir: str, changed: dict[str, list] | None) ->
     history = workdir / "config_history.jsonl"
     existing = history.read_text() if history.exists() else ""
     history.write_text(existing + line + "\n")  # epath has no append mode on every backend
+
+
+def record_choice(workdir: str, field: str, asked: str, chose: Settings, details: dict) -> None:
+  """A line of config_history.jsonl for a choice the program made for `field` (set to `asked`, e.g.
+  "auto"): the change to the chosen value, the config in effect from now on (`chose`), and `details`
+  (what the choice was made for and from what). One process writes (process 0)."""
+  current = chose.to_config()
+  line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     "changed": {field: [asked, current[field]]}, "config": current, "choice": details})
+  history = epath.Path(workdir) / "config_history.jsonl"
+  existing = history.read_text() if history.exists() else ""
+  history.write_text(existing + line + "\n")
+
+
+def recorded_choice(workdir: str, field: str) -> dict | None:
+  """The details of the latest choice recorded for `field` while the config in effect still holds its
+  value (a later explicit change replaces it), or None."""
+  history = epath.Path(workdir) / "config_history.jsonl"
+  if not history.exists():
+    return None
+  lines = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+  for line in reversed(lines):
+    if field in line["changed"]:
+      chosen = line.get("choice")
+      if chosen is None or lines[-1]["config"].get(field) != line["config"][field]:
+        return None
+      return chosen
+  return None
