@@ -41,7 +41,9 @@ import tempfile
 
 from common import COMPARISON_SHAPES, LORA_PARAMS, ROOT, comparison_step
 
-OFFICIAL_SCRIPT = os.path.join(os.path.dirname(ROOT), "shared", "bench", "official_step.py")
+# ../shared/bench beside the checkout; OFFICIAL_STEP names it from a checkout elsewhere (a git worktree)
+OFFICIAL_SCRIPT = os.environ.get("OFFICIAL_STEP",
+                                 os.path.join(os.path.dirname(ROOT), "shared", "bench", "official_step.py"))
 
 
 def run_ours(threads: int, steps: int, remat: str | None, code: str) -> dict:
