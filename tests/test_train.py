@@ -193,7 +193,7 @@ def test_a_resume_compares_model_overrides_one_by_one_and_the_sampler_follows_it
 
 
 def test_remat_auto_is_chosen_once_recorded_and_an_explicit_policy_wins(data_dir, tmp_path, capsys):
-  """remat_policy "auto" on the CPU: the first candidate ("none"), nothing compiled to choose; the choice
+  """remat_policy "auto" on the CPU: the first candidate (keep_all), nothing compiled to choose; the choice
   in config_history.jsonl with what it was made for (config.json keeps "auto"); a restart with "auto"
   takes it from there without choosing, also when it trains longer; an explicit policy on a resume wins,
   and "auto" after it chooses afresh (the TPU search itself: tests/test_tpu_compile.py)."""
@@ -203,23 +203,23 @@ def test_remat_auto_is_chosen_once_recorded_and_an_explicit_policy_wins(data_dir
   history = lambda: [json.loads(line) for line in open(os.path.join(workdir, "config_history.jsonl"))]
   assert train_and_evaluate(tiny_config(data_dir, remat_policy="auto", total_steps=2), workdir)["step"] == 2
   log = capsys.readouterr().out
-  assert "remat_policy auto: none, the first of none, keep_all, recompute_mlp, keep_attention, full" in log
+  assert "remat_policy auto: keep_all, the first of keep_all, recompute_mlp, keep_attention, full" in log
   assert log.count("compiled the train step") == 1  # one reference count in the data, one compile
   assert json.load(open(os.path.join(workdir, "config.json")))["remat_policy"] == "auto"
   (choice,) = history()
-  assert choice["changed"] == {"remat_policy": ["auto", "none"]} and choice["config"]["remat_policy"] == "none"
+  assert choice["changed"] == {"remat_policy": ["auto", "keep_all"]} and choice["config"]["remat_policy"] == "keep_all"
   assert choice["choice"]["for"]["devices"] == f"{jax.device_count()} x {jax.devices()[0].device_kind}"
 
   assert train_and_evaluate(tiny_config(data_dir, remat_policy="auto", total_steps=3), workdir)["step"] == 3
   log = capsys.readouterr().out
-  assert "remat_policy auto: none, as chosen before" in log and "the first of" not in log
-  assert "remat_policy='none'" in log and log.count("compiled the train step") == 1
+  assert "remat_policy auto: keep_all, as chosen before" in log and "the first of" not in log
+  assert "remat_policy='keep_all'" in log and log.count("compiled the train step") == 1
   assert history()[-1]["changed"] == {"total_steps": [2, 3]}  # no change of policy recorded
 
   explicit = settings_from_config(tiny_config(data_dir, remat_policy="full", total_steps=3))
   assert remat_choice.reuse(explicit, workdir) is explicit  # an explicit policy on a resume wins
   changed = resume_changes(explicit, workdir)
-  assert changed == {"remat_policy": ["none", "full"]}
+  assert changed == {"remat_policy": ["keep_all", "full"]}
   record(explicit, workdir, changed)  # as setup records a resume's changes
   asked = settings_from_config(tiny_config(data_dir, remat_policy="auto", total_steps=3))
   assert remat_choice.reuse(asked, workdir).remat_policy == "auto"  # the explicit policy replaced the choice

@@ -135,8 +135,8 @@ def _optimization(config: ml_collections.ConfigDict) -> None:
   # keep_attention, full, offload_mlp, offload_kept, ...) or "auto": the run compiles the candidates in
   # order for its own devices, mesh, batch and references and keeps the first that fits in the device's
   # memory less 10% (train/remat_choice.py), recorded in the workdir so a restart does not choose again.
-  # At FLUX.1-dev scale no slice fits "none"; a v5p-8 fits keep_all (est. 52% MFU at 6 references,
-  # against 26% for "full"); docs/performance.md has the table per slice. See the choice ahead of
+  # A v5p-8 fits keep_all (est. 52% MFU at 6 references against 36.5% for "full", by
+  # benchmarks/train_memory.py's per-op roofline); docs/performance.md has the table per slice. See the choice ahead of
   # time with benchmarks/train_memory.py --topology v5p-8 --remat auto.
   config.remat_policy = "auto"
 

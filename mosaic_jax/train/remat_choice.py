@@ -12,14 +12,14 @@ device's memory free. By platform:
        block's body once, not once per block: a figure to compare policies of one step with, not the
        step's time (benchmarks/train_memory.py prints that).
   GPU  no time estimate; the memory analysis and the device's memory limit decide what fits.
-  CPU  nothing is compiled: the first candidate ("none"), since the host gives neither a memory limit
-       to fit nor a time estimate.
+  CPU  nothing is compiled: the first candidate (keep_all), since the host gives neither a memory
+       limit to fit nor a time estimate.
 
 The search stops at the first candidate that fits (`exhaustive=False`, what the trainer does): at
 FLUX.1-dev scale each candidate is a full XLA compile of the step (4 to 15 minutes on a loaded
 2-core machine for a v5p-8, benchmarks/train_memory.py), and along the order the estimated step time
-rises wherever two candidates both fit (docs/performance.md's table), so compiling the rest would pay
-minutes to confirm the first. `exhaustive=True` compiles every candidate and keeps the fastest that fits
+rises wherever two candidates both fit (v5p-8 at 1 and 6 references: keep_all, recompute_mlp, full;
+docs/performance.md), so compiling the rest would pay minutes to confirm the first. `exhaustive=True` compiles every candidate and keeps the fastest that fits
 by the estimate (the order breaks ties and stands in where there is no estimate). The winner's
 executable is the trainer's: it is not compiled again.
 
