@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -107,15 +108,20 @@ def choose(compile_policy: Callable[[str], Any], device, *, candidates: tuple[st
           f"{usable / 2 ** 30:.1f} GiB usable per device ({capacity / 2 ** 30:.1f} less {headroom:.0%} headroom)")
   done: list[Candidate] = []
   executables = {}
+  spent = {}  # policy -> seconds compiling it
   for policy in candidates:
+    start = time.perf_counter()
     try:
       executable = compile_policy(policy)
     except jax.errors.JaxRuntimeError as error:
       if "RESOURCE_EXHAUSTED" not in str(error):
         raise
+      spent[policy] = time.perf_counter() - start
       done.append(Candidate(policy, None, False, None, "refused by the compiler"))
-      say(f"remat_policy auto: {policy}: does not fit, the compiler says: {str(error).splitlines()[0][:160]}")
+      say(f"remat_policy auto: {policy}: does not fit, the compiler says (after {spent[policy]:.1f} s): "
+          f"{str(error).splitlines()[0][:160]}")
       continue
+    spent[policy] = time.perf_counter() - start
     report = tpu_compile.report(executable)
     fits = usable is None or report.total_bytes <= usable
     seconds, source = estimated_seconds(report, device.device_kind) if platform == "tpu" else (None, "no estimate")
@@ -123,7 +129,7 @@ def choose(compile_policy: Callable[[str], Any], device, *, candidates: tuple[st
     executables[policy] = executable
     time_text = f"estimated {seconds:.3f} s ({source})" if seconds is not None else f"{source} on {platform}"
     say(f"remat_policy auto: {policy}: {report.total_bytes / 2 ** 30:.2f} GiB per device, "
-        f"{'fits' if fits else 'does NOT fit'} ({room}); {time_text}")
+        f"{'fits' if fits else 'does NOT fit'} ({room}); {time_text}; compiled in {spent[policy]:.1f} s")
     if fits and not exhaustive:
       break
   fitting = [c for c in done if c.fits]
@@ -136,7 +142,9 @@ def choose(compile_policy: Callable[[str], Any], device, *, candidates: tuple[st
   else:
     best, how = fitting[0], "the first in the order that fits"
   skipped = [p for p in candidates if p not in {c.policy for c in done}]
-  say(f"remat_policy auto: chose {best.policy}, {how}" + (f" (not compiled: {', '.join(skipped)})" if skipped else ""))
+  others = sum(seconds for policy, seconds in spent.items() if policy != best.policy)
+  say(f"remat_policy auto: chose {best.policy}, {how}" + (f" (not compiled: {', '.join(skipped)})" if skipped else "")
+      + f"; {others:.1f} s spent compiling the others")
   return best.policy, executables[best.policy], done
 
 
