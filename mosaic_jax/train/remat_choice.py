@@ -126,7 +126,8 @@ def choose(compile_policy: Callable[[str], Any], device, *, candidates: tuple[st
     fits = usable is None or report.total_bytes <= usable
     seconds, source = estimated_seconds(report, device.device_kind) if platform == "tpu" else (None, "no estimate")
     done.append(Candidate(policy, report.total_bytes, fits, seconds, source))
-    executables[policy] = executable
+    if fits:  # one that does not fit is dropped at once (a loaded executable holds device memory)
+      executables[policy] = executable
     time_text = f"estimated {seconds:.3f} s ({source})" if seconds is not None else f"{source} on {platform}"
     say(f"remat_policy auto: {policy}: {report.total_bytes / 2 ** 30:.2f} GiB per device, "
         f"{'fits' if fits else 'does NOT fit'} ({room}); {time_text}; compiled in {spent[policy]:.1f} s")
