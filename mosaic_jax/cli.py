@@ -37,6 +37,7 @@ USER_ERRORS = (
     "mosaic_jax.data.pipeline:DatasetError", "mosaic_jax.workdir.trained:TrainedModelError",
     "mosaic_jax.workdir.config:WorkdirError",
     "mosaic_jax.correspondence.flux_features:FluxFeatureError", "mosaic_jax.data.composition:CompositionError",
+    "mosaic_jax.correspondence.fill_manifest:MatchInputError", "mosaic_jax.correspondence.pck:PckInputError",
 )
 
 
