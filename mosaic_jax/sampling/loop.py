@@ -1,4 +1,4 @@
-"""The flow-matching sampling loop of MOSAIC (docs: the official sampler's Euler steps on FLUX's shifted
+"""The flow-matching sampling loop of MOSAIC (docs/method.md, 'Sampling': the official sampler's Euler steps on FLUX's shifted
 schedule): the whole loop in one jit, for anyone who already has embeddings and latents (the Sampler,
 the trainer's sample panels, benchmarks).
 
