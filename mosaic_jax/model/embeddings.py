@@ -54,7 +54,7 @@ def apply_rope(x, cos_sin):
   return (xf * cos + rotated * sin).astype(x.dtype)
 
 
-# ---- position ids of the packed branches (DESIGN section 3) -------------------------------------
+# ---- position ids of the packed branches (docs/method.md, 'Sequence') ----------------------------
 
 def text_ids(seq_len: int) -> np.ndarray:
   """Text tokens sit at position (0, 0, 0)."""
