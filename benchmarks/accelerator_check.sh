@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The MOSAIC recipe's trainer on one GPU at FLUX.1-dev scale, as one prepared call of a lent device
-# (about 9 minutes of its 15; nothing to download there: random weights, synthetic data).
+# The MOSAIC recipe's trainer on one GPU at FLUX.1-dev scale, in one call of about 9 minutes, on a GPU
+# machine that may have no network (nothing is downloaded: random weights, synthetic data). The GPU needs
+# more than 80 GB (the rank-512 LoRA's training state alone is 30 GB): an H200 or larger.
 #
-#   here, once:   bash benchmarks/accelerator_check.sh fetch     # wheels the device image lacks -> .whl/
-#   on the device (the `run` tool): command "bash benchmarks/accelerator_check.sh", carry [".whl"],
-#                 kind "nvidia-h200" (the rank-512 LoRA state alone is 30 GB), timeout_s 600
+#   on a machine with network:  bash benchmarks/accelerator_check.sh fetch   # the wheels -> .whl/
+#   on the GPU machine, with this checkout and its .whl/ copied there:  bash benchmarks/accelerator_check.sh
 #
 # 0. the GPU-only tests (pytest -m gpu: cudnn attention against the xla path, values and gradients);
 # 1. launch/train.py --config configs/flux_ms.py:flux_random (FLUX.1-dev transformer with random bf16
@@ -12,13 +12,13 @@
 #    memory report, 12 steps with step time, TFLOP/s and MFU, one checkpoint with its LoRA exports;
 #    (resumption is left to the CPU tests: a second 30 GB checkpoint would not fit the 64 GB disk);
 # 2. benchmarks/train_memory.py at 1 and 6 references: the compiler's memory per device.
-# Logs go to $OUT (the device tool returns them), or /tmp/accelerator_check elsewhere.
+# Logs go to $OUT when it is set, else /tmp/accelerator_check.
 # A dry run of this script on a CPU machine shrinks both with extra arguments, e.g.
 #   TRAIN_ARGS="--config.model_overrides.num_layers=1 ..." MEMORY_ARGS="--layers 1,1" bash benchmarks/accelerator_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-# Missing from the device image (KINDS.md lists what it has); pure-Python ones are built here as wheels
+# Packages a bare CUDA jax image may lack; pure-Python ones are built on the networked machine as wheels
 # (setuptools: it builds the editable install of mosaic_jax there, offline).
 # protobuf too: grain needs >= 5.28 and the image's version is not known; this one is what our tests use.
 BINARY_WHEELS=(grain array-record dm-tree protobuf)

@@ -1,4 +1,5 @@
-"""Figures for the attention-statistics issue, in one run (ratios against the baseline of the same run).
+"""The streamed SCAL/MDL attention statistics against materialized attention maps, in one run (ratios
+against the baseline of the same run).
 
 1. Compile-time memory (no execution) of the SCAL+MDL loss-and-gradient at FLUX.1-dev attention shapes
    (24 heads of 128, target 1024 tokens, 6 references of 1024, 19 double blocks, bf16 q/k): our

@@ -3,7 +3,7 @@
 The demo trains on synthetic scenes with 2 or 3 references (configs/flux_ms.py:demo); the architecture
 has no fixed R. For each R, `--scenes` fresh synthetic scenes with exactly R subjects (not the training
 data: their own seeds), measured like the demo's evaluation (mosaic_jax/train/evaluate.py) at noised
-targets t in config.eval_timesteps, with A = DESIGN's attention (per double block, the softmax over
+targets t in config.eval_timesteps, with A of docs/method.md, 'Statistics' (per double block, the softmax over
 target keys, averaged over heads and blocks):
 - correspondence accuracy per reference: for each correspondence pair of reference r, argmax_j A(i, j)
   within one token of the true target token j*; reported as the mean over pairs and the mean over

@@ -4,7 +4,8 @@ the reference KV cache, and with no references, measured in one run on whatever 
 A small FLUX-shaped model (random weights, independent_refs, a random rank-16 LoRA): heads of 128 as in
 FLUX.1-dev, fewer and narrower blocks. Time per image is the denoising loop alone (text and reference
 encoding and the VAE decode are the same in all three runs), warm (compile excluded, printed apart),
-best of --repeats, divided by the batch size. The issue's aim: cached <= 1.3 x no references.
+best of --repeats, divided by the batch size. The aim: sampling with cached references costs at most 1.3x
+sampling without references.
 
   python benchmarks/sampling.py                       # hidden 1024, 1+2 blocks, 256 px, 28 steps
   python benchmarks/sampling.py --heads 24 --double 2 --single 4 --size 512 --text-len 512 \

@@ -47,6 +47,11 @@ def main(argv=None):
     parser.error(f"--compose sets subjects200k_multi's composition, not {args.config}'s")
   if args.compose and not args.name:
     parser.error("--compose needs --name (a custom config name): subjects200k_multi means the defaults")
+  if not args.name:  # a registered config means its own settings: options that would change it need a name
+    for option in ("image_size", "min_refs", "max_refs", "num_train", "num_validation", "seed"):
+      if getattr(args, option) != parser.get_default(option):
+        parser.error(f"--{option} needs --name (a custom config name): --config {args.config} means its "
+                     "registered settings")
   try:
     composition = CompositionSettings().replace(args.compose)
   except ValueError as error:
@@ -67,6 +72,7 @@ def main(argv=None):
   builder = SemalignMs(config=config, data_dir=args.data_dir)
   download_config = (tfds.download.DownloadConfig(manual_dir=args.manual_dir)
                      if args.manual_dir else None)
+  print(f"building {builder.info.full_name} into {builder.data_dir}", flush=True)
   builder.download_and_prepare(download_config=download_config)
   print(f"built {builder.info.full_name} in {builder.data_dir}")
 

@@ -1,4 +1,4 @@
-"""MOSAIC's training losses: flow matching, SCAL, MDL, and the loss-weight schedule (DESIGN section 3).
+"""MOSAIC's training losses: flow matching, SCAL, MDL, and the loss-weight schedule (docs/method.md, 'Losses').
 
 Every loss returns one value per sample ([B]); the trainer averages over samples (the official code
 trains with batch 1 per device, so a per-sample mean reproduces it at any batch size).
@@ -27,7 +27,7 @@ def scal_loss(pair_attention, pair_valid):
 
 
 def jensen_shannon(p, q, eps=JSD_EPS):
-  """JSD(p, q) over the last axis, natural log, with DESIGN's eps placement."""
+  """JSD(p, q) over the last axis, natural log, eps inside every log: log(p + eps) - log(m + eps), m = (p + q) / 2."""
   m = 0.5 * (p + q)
   log_m = jnp.log(m + eps)
   return 0.5 * jnp.sum(p * (jnp.log(p + eps) - log_m), -1) + 0.5 * jnp.sum(q * (jnp.log(q + eps) - log_m), -1)

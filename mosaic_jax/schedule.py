@@ -1,4 +1,4 @@
-"""The flow-matching schedule shared by training and sampling (DESIGN section 3): FLUX's
+"""The flow-matching schedule shared by training and sampling (docs/method.md, 'Recipe', 'Sampling'): FLUX's
 resolution-dependent shift, the training timesteps and the sampling sigmas.
 
 Training and sampling must shift t by the same mu for the same target token count L; keeping both here,

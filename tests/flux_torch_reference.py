@@ -1,6 +1,6 @@
 """An independent PyTorch reference for MOSAIC's multi-branch FLUX forward, built from diffusers' modules.
 
-It follows DESIGN section 3 literally and the official way: one packed sequence
+It follows docs/method.md ('Sequence', 'LoRA') literally and the official way: one packed sequence
 [text | target | ref_1 .. ref_R] with a dense boolean attention mask, each branch modulated by its own
 conditioning vector, reference tokens sent through a peft-LoRA'd copy of the transformer and text and
 target tokens through the plain one, and the attention maps materialized in full. It shares no code
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
-# DESIGN section 3: the modules MOSAIC adapts, as a peft regex over diffusers module names.
+# docs/method.md, 'LoRA': the modules MOSAIC adapts, as a peft regex over diffusers module names.
 MOSAIC_LORA_TARGETS = (
     r"^(x_embedder"
     r"|transformer_blocks\.\d+\.(norm1\.linear|attn\.to_q|attn\.to_k|attn\.to_v|attn\.to_out\.0|ff\.net\.2)"
@@ -49,7 +49,7 @@ def add_mosaic_lora(model, rank, alpha, generator):
 
 
 def reference_ids(num_refs, height, width):
-  """Reference i (1-based) token (r, c) -> (0, r, c - i * width), as DESIGN section 3 states."""
+  """Reference i (1-based) token (r, c) -> (0, r, c - i * width), as docs/method.md ('Sequence') states."""
   ids = []
   for i in range(1, num_refs + 1):
     for r in range(height):

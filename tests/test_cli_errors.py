@@ -91,6 +91,7 @@ def test_sample_input_error_is_one_line(tmp_path):
 @pytest.mark.parametrize("args, expected", [
     (("--config", "folder", "--data_dir", "DATA"), "--config folder needs --manual_dir"),
     (("--config", "nonsense", "--data_dir", "DATA"), "invalid choice: 'nonsense'"),
+    (("--config", "synthetic", "--num_train", "8", "--data_dir", "DATA"), "--num_train needs --name"),
 ])
 def test_build_dataset_errors_are_one_line(tmp_path, args, expected):
   line = _one_line_error(_run("build_dataset.py", *[a.replace("DATA", str(tmp_path)) for a in args]))

@@ -155,7 +155,7 @@ def _row_split(shard: str, row: int) -> str:
 
 
 def test_build_report_accounts_for_every_row_and_reuse_stays_within_limits(composed):
-  layout, _, printed, metadata, records = composed
+  layout, data_dir, printed, metadata, records = composed
   reports = metadata["build_report"]
   total = collections.Counter()
   for split in ("train", "validation"):
@@ -183,6 +183,9 @@ def test_build_report_accounts_for_every_row_and_reuse_stays_within_limits(compo
   for _, reason in data_fixtures.MULTI_BAD_ROWS:
     assert total[reason] == 1, reason
   assert "source pairs skipped" in printed and metadata["composition"]["max_uses"] == 2
+  # the command says what it builds; TFDS's "Downloading and preparing dataset Unknown size" does not
+  assert f"building semalign_ms/{CONFIG.name}/1.0.0 into {data_dir}" in printed
+  assert "Downloading and preparing" not in printed and "downloaded and prepared" not in printed
 
 
 def _pair_sets(record, size: int, grid: int):

@@ -1,4 +1,4 @@
-"""The run settings (mosaic_jax/settings.py): the schema agrees with configs/flux_ms.py, every
+"""The run settings (mosaic_jax/settings/): the schema agrees with configs/flux_ms.py, every
 bad field is one ConfigError naming it, and the token size comes from the autoencoder. Nothing is
 compiled here."""
 

@@ -2,7 +2,7 @@
 (that file re-exports this module; `from mosaic_jax.configs import flux_ms` imports it).
 
 Variants (combine with commas, e.g. `demo,independent_refs`):
-  default           the MOSAIC recipe of DESIGN section 3: FLUX.1-dev, LoRA rank 512 on reference
+  default           the MOSAIC recipe (docs/method.md, 'Recipe'): FLUX.1-dev, LoRA rank 512 on reference
                     tokens, 512 px target and references, up to 6 references, AdamW 8e-5, EMA 0.99,
                     SCAL 0.1, MDL ramp 10k -> 11k, bf16 base, on `semalign_ms/subjects200k_multi`
                     (2 to 6 released Subjects200K pairs composed per example: docs/data.md). Needs
@@ -87,7 +87,7 @@ def _model(config: ml_collections.ConfigDict) -> None:
 
 
 def _sequence(config: ml_collections.ConfigDict) -> None:
-  # The packed sequence (DESIGN section 3), sizes in pixels: multiples of one token (2x2 latent pixels:
+  # The packed sequence (docs/method.md, 'Sequence'), sizes in pixels: multiples of one token (2x2 latent pixels:
   # 16 px with FLUX's VAE, 2 x pixel_patch_size with the demo's pixel autoencoder).
   config.batch_size = 1  # global batch (the official code: 1 per device)
   config.resolution = 512
@@ -142,7 +142,7 @@ def _optimization(config: ml_collections.ConfigDict) -> None:
 
 
 def _parallelism(config: ml_collections.ConfigDict) -> None:
-  # DESIGN section 6. Fully sharded by default: the batch, the frozen base, the LoRA and its optimizer
+  # docs/method.md, 'Scale'. Fully sharded by default: the batch, the frozen base, the LoRA and its optimizer
   # state and EMA all split over every device (with data=-1 each device would hold the 22 GiB base and
   # 28 GiB of LoRA state at rank 512). The base's all-gathers cost about 24 GB of traffic per device per step.
   config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))

@@ -21,7 +21,8 @@ Two rules exist (`positions`):
   the released correspondences' features.
 - "transformers": as transformers' Dinov2Model: `interpolate(size=(gh, gw))`, source
   (i + 0.5) * 37 / g - 0.5. At 896 px the two differ by about 4e-2 at layer 11 (on random B/14 weights
-  here: mean |difference| 0.049, relative L2 4e-3; benchmarks/dinov2_features.py prints it for real ones).
+  here: max |difference| 0.056, mean 0.0032, relative L2 1.2e-3, as benchmarks/dinov2_features.py prints it;
+  with --checkpoint it prints it for real ones).
 Register models resize by `size=` with antialiasing (Keys' cubic with A = -0.5 over a renormalized,
 edge-truncated window) under both rules: the hub's `_reg` models and transformers' registers model
 agree there. Both interpolate in float32 and cast to the model's dtype; at the checkpoint's own grid the

@@ -3,7 +3,7 @@
 Resizing follows the official training loader (torchvision `Resize` on PIL images, i.e. PIL's
 bilinear filter, which antialiases when it shrinks) and normalizes to [-1, 1] like
 `Normalize([0.5], [0.5])`. `pad_to_square_on_white` is the sampling-time reference preprocessing
-(DESIGN section 3) and returns the pixel transform it applied, so correspondences can follow it.
+(docs/method.md, 'Sampling') and returns the pixel transform it applied, so correspondences can follow it.
 """
 
 from __future__ import annotations

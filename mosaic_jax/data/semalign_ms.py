@@ -97,6 +97,15 @@ class SemalignMs(tfds.core.GeneratorBasedBuilder):
   def __init__(self, *, file_format=None, **kwargs):
     super().__init__(file_format=file_format or "array_record", **kwargs)
 
+  # TFDS prints "Downloading and preparing dataset Unknown size ..." before a build and "... downloaded and
+  # prepared ..." after it, on stdout whatever the logging level: nothing is downloaded here, and the
+  # callers (launch/build_dataset.py, the trainer's first use) say themselves what they build and where.
+  def _log_download_bytes(self) -> None:
+    pass
+
+  def _log_download_done(self) -> None:
+    pass
+
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self,

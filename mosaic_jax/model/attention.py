@@ -165,7 +165,7 @@ def dense_masked_attention(q_main, k_main, v_main, q_ref, k_ref, v_ref, independ
 
 
 def reference_target_attention_map(q_ref, k_target):
-  """DESIGN's per-block map: softmax over target keys of each reference query, averaged over heads.
+  """A block's map (docs/method.md, 'Statistics'): softmax over target keys of each reference query, head mean.
 
   q_ref [B, R, M, H, D], k_target [B, N, H, D] -> [B, R, M, N] float32. This materializes the full
   map: it is the plain reference path for tests and inspection; training uses attention_stats.py.

@@ -2,7 +2,7 @@
 
 For one double block, per head h, reference query i and target key j:
   p_h(i, j) = softmax_j(q_i . k_j / sqrt(d))      (softmax over the target keys only)
-The losses need two things of it (DESIGN section 3):
+The losses need two things of it (docs/method.md, 'Statistics' and 'Losses'):
   - at each correspondence pair (i, j*):  mean_h p_h(i, j*)                          -> [B, K]
   - for each reference r:  a_r(j) = mean_h mean_{i in r} p_h(i, j)                   -> [B, R, N]
 The official code materializes p as [R*M, N] per head. We stream the reference queries in chunks of

@@ -78,7 +78,7 @@ def apply_rope(x, cos_sin):
   return (x.astype(jnp.float32) * cos + rotated * sin).astype(x.dtype)
 
 
-# ---- position ids of the packed branches (DESIGN section 3) -------------------------------------
+# ---- position ids of the packed branches (docs/method.md, 'Sequence') ----------------------------
 
 def text_ids(seq_len: int) -> np.ndarray:
   """Text tokens sit at position (0, 0, 0)."""

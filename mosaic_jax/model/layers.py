@@ -2,7 +2,7 @@
 
 Parameter leaves: a linear is {"kernel": [in, out], "bias": [out]} (the transpose of torch's
 `weight`), an RMSNorm is {"scale": [d]}. A LoRA for a linear is {"lora_A": [in, r], "lora_B": [r, out]}
-with the alpha/r scale already folded into lora_B (see interop/lora.py).
+with the alpha/r scale already folded into lora_B (see interop/lora_file.py).
 
 Precision: matmuls accumulate in float32 and write the weights' dtype. A float32 model (the parity
 tests) computes in float32 throughout. A bf16 one (the recipe) rounds as torch's bf16 autocast with a

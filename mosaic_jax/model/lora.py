@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from mosaic_jax.model.config import FluxConfig
 
-# Dotted module paths, relative to the model root or to one block (DESIGN section 3).
+# Dotted module paths, relative to the model root or to one block (docs/method.md, 'LoRA').
 ROOT_TARGETS = ("x_embedder",)
 DOUBLE_TARGETS = ("norm1.linear", "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "ff.net.2")
 SINGLE_TARGETS = ("norm.linear", "proj_mlp", "proj_out", "attn.to_q", "attn.to_k", "attn.to_v")

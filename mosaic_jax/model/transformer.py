@@ -334,7 +334,7 @@ def _collect_aux(double_extras: dict, single_extras: dict, keep_kv: bool) -> dic
   aux = {}
   if "attention_maps" in double_extras:
     aux["attention_maps"] = jnp.moveaxis(double_extras["attention_maps"], 0, 1)
-  if "attention_statistics" in double_extras:  # DESIGN's A: mean over double blocks of the head means
+  if "attention_statistics" in double_extras:  # A of docs/method.md: mean over double blocks of head means
     aux["attention_statistics"] = AttentionStatistics(
         *(jnp.mean(x, axis=0) for x in double_extras["attention_statistics"]))
   if keep_kv:
@@ -352,7 +352,7 @@ def forward(params, lora, cfg: FluxConfig, inputs: FluxInputs, return_attention_
   base model. With references:
   - return_attention_maps: aux["attention_maps"] is [B, num_layers, R, M, N] float32, each double
     block's softmax over target keys of every reference query (after LoRA, QK-RMSNorm and RoPE),
-    averaged over heads; DESIGN's A is its mean over axis 1. Materialized: for tests and inspection.
+    averaged over heads; docs/method.md's A is its mean over axis 1. Materialized: for tests and inspection.
   - correspondences: aux["attention_statistics"] is an AttentionStatistics (pair attention [B, K],
     reference attention [B, R, N]) averaged over heads and double blocks, computed in O(tokens) extra
     memory; what SCAL and MDL consume. Without it nothing extra is computed.

@@ -1,6 +1,6 @@
-"""The flow-matching sampling loop of MOSAIC (docs: the official sampler's Euler steps on FLUX's shifted
-schedule): the whole loop in one jit, for anyone who already has embeddings and latents (the Sampler,
-the trainer's sample panels, benchmarks).
+"""The flow-matching sampling loop of MOSAIC (docs/method.md, 'Sampling': the official sampler's Euler
+steps on FLUX's shifted schedule): the whole loop in one jit, for anyone who already has embeddings and
+latents (the Sampler, the trainer's sample panels, benchmarks).
 
 Reference KV cache (`use_ref_cache`): the first step runs the full model and keeps every block's
 reference keys and values; the remaining steps run only text and target tokens against them. That is

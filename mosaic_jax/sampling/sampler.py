@@ -184,7 +184,7 @@ class Sampler:
 
   def generate(self, case: Case, seeds: Sequence[int] | None = None,
                on_step: Callable[[int], None] | None = None) -> np.ndarray:
-    """uint8 images [len(seeds), H, W, 3] of one case (one process; several processes use `run`)."""
+    """uint8 images [len(seeds), H, W, 3] of one case (one process; several processes use sample_driver.write_run)."""
     if jax.process_count() > 1:
       raise RuntimeError("Sampler.generate returns every image to one process; with several processes "
                          "use sample_driver.write_run, where each process writes its own share.")

@@ -54,9 +54,8 @@ def open_raw_dataset(dataset: DatasetSettings, split: str, build_if_missing: boo
 
 @contextlib.contextmanager
 def _quiet_build():
-  """Unless --verbose: without TFDS's progress bars and the lines it prints on stdout ("Downloading and
-  preparing dataset ...", "... downloaded and prepared", the build report); the trainer says what it
-  builds, where."""
+  """Unless --verbose: without TFDS's progress bars and what the build prints on stdout (its report); the
+  trainer says what it builds, where (TFDS's own lines are silenced in SemalignMs)."""
   if cli.verbose():
     yield
     return

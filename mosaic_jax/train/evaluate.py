@@ -1,8 +1,8 @@
 """What the demo measures on held-out samples (the eval split, as model latents: `evaluation_batches`).
 
 Correspondence accuracy: for every valid pair (reference r, reference token i, target token j*),
-whether argmax_j A(i, j) lies on j* or one of its 8 grid neighbours, where A is DESIGN's attention
-(each double block's softmax over target keys, averaged over heads and blocks) of the model under
+whether argmax_j A(i, j) lies on j* or one of its 8 grid neighbours, where A is the attention of docs/method.md
+('Statistics': each double block's softmax over target keys, averaged over heads and blocks) of the model under
 evaluation at a noised target. Chance level: the same hit region's share of the N target tokens
 (what a uniformly random argmax scores). Separation: mean over reference pairs r < s of
 JSD(a_r, a_s), a_r(j) = mean_i A(i, j) (what MDL maximizes; ln 2 = 0.693 is the maximum).
@@ -83,7 +83,7 @@ def attention_measures(params, lora, cfg, batch, t, noise):
                       timestep=jnp.full((b,), t, jnp.float32), guidance=jnp.ones((b,), jnp.float32),
                       refs=refs, ref_ids=reference_ids(num_refs, ref_grid, ref_grid))
   _, aux = forward(params, lora, cfg, inputs, return_attention_maps=True)
-  attention = jnp.mean(aux["attention_maps"], axis=1)  # [B, R, M, N]: DESIGN's A
+  attention = jnp.mean(aux["attention_maps"], axis=1)  # [B, R, M, N]: A of docs/method.md
   rows = attention[jnp.arange(b)[:, None], batch["pair_ref"], batch["pair_ref_token"]]  # [B, K, N]
   predicted = jnp.argmax(rows, axis=-1)
   valid = batch["pair_valid"]

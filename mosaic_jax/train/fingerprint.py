@@ -1,5 +1,5 @@
 """What identifies cached encoder features: the settings that decide what the encoders make of the data
-(the fields' `encodes`, mosaic_jax/settings.py) under the run's encoder choice. A cache written under one
+(the fields' `encodes`, mosaic_jax/settings/fields.py) under the run's encoder choice. A cache written under one
 fingerprint is refused by a run with another, naming the field (data/cached_features.py).
 """
 

@@ -88,7 +88,7 @@ def pack_references(refs):
 
 
 def loss_terms(trainable: dict, frozen_base: Any, batch: dict, key, step, cfg: FluxConfig, settings: Settings):
-  """(total loss, metrics) of one batch: DESIGN section 3's recipe, each term averaged over samples."""
+  """(total loss, metrics) of one batch: docs/method.md's 'Recipe' and 'Losses', each term averaged over samples."""
   params = trainable["base"] if "base" in trainable else frozen_base
   lora = trainable.get("lora")
   posterior_key, time_key, noise_key = jax.random.split(key, 3)

@@ -1,6 +1,6 @@
 """`train_and_evaluate(config, workdir)`: MOSAIC training, end to end, resumable.
 
-Read top to bottom: the settings (the config checked, before anything is built: settings.py), the run
+Read top to bottom: the settings (the config checked, before anything is built: mosaic_jax/settings/), the run
 set up as one context (setup.py: workdir record, mesh, data, encoders, weights and state, compiled
 steps, logger), the loop over it (loop.py: steps, NaN guard, logs, samples, checkpoints), then the
 evaluation table on held-out samples and the final sample panels.

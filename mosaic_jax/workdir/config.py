@@ -6,7 +6,7 @@
                          program made for a field set to "auto" (remat_policy: train/remat_choice.py),
                          with "choice": what it was made for and from what
 
-A resume may change only the fields the settings mark resume-safe (mosaic_jax/settings.py: how long to
+A resume may change only the fields the settings mark resume-safe (mosaic_jax/settings/fields.py: how long to
 train, how often to log, save and sample, how many checkpoints to keep, the evaluation and sampling
 settings, the layout over the devices, since the state is resharded on restore, and the model overrides
 of how the transformer is executed). Any other change (the model, the LoRA, the optimizer and its schedule's
