@@ -23,9 +23,9 @@ applied to the unchanged bench script by this file's official worker, recomputin
 times the same work on both sides, each recomputing every block (ours: remat "full"); "none" times
 both without recomputation (ours: remat "none"; the official bench script as shipped); "kept" times
 ours with remat "recompute_mlp" (it recomputes only the MLP's hidden layer) against the official's
-recipe; "mixed" is the issue's first table (ours with the recipe's remat, the official not recomputing).
+recipe; "mixed" times ours with the recipe's remat against the official step not recomputing.
 
-  python benchmarks/official_compare.py --official /work/official_mosaic --rounds 3 --threads 1,2
+  python benchmarks/official_compare.py --official /path/to/MOSAIC --rounds 3 --threads 1,2
   python benchmarks/official_compare.py --only ours --threads 1 --pairings recipe   # ours alone
   python benchmarks/official_compare.py --baseline /tmp/before          # also an older checkout, interleaved
 """
@@ -172,7 +172,7 @@ PAIRINGS = {
     # Both checkpointing, each with its own policy: ours keeps the projections and attention outputs
     # (remat "recompute_mlp": same gradients, less recomputed), the official recomputes every block.
     "kept": dict(remat="recompute_mlp", recompute=True),
-    # The issue's first table: ours with the recipe's remat against the official step without its
+    # "mixed": ours with the recipe's remat against the official step without its
     # checkpointing (not the same work: only ours recomputes the forward).
     "mixed": dict(remat=None, recompute=False),
 }
@@ -204,8 +204,8 @@ def sides_of(pairings: list[str], baseline: str, only: str) -> list[dict]:
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--official", default=os.environ.get("OFFICIAL", "/work/official_mosaic"),
-                      help="folder with the official train.py and src/ (see ../shared/bench/README.md)")
+  parser.add_argument("--official", default=os.environ.get("OFFICIAL", ""),
+                      help="a checkout of the official MOSAIC repository, with train.py and src/ (or $OFFICIAL)")
   parser.add_argument("--threads", default="1,2", help="thread counts, comma separated")
   parser.add_argument("--rounds", type=int, default=3, help="rounds of every side per thread count")
   parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement (after a warm-up)")
@@ -232,6 +232,9 @@ def main():
   unknown = [p for p in pairings if p not in PAIRINGS]
   if unknown:
     raise SystemExit(f"--pairings: {', '.join(unknown)} unknown; expected some of {', '.join(PAIRINGS)}")
+  if args.only != "ours" and not os.path.isdir(os.path.join(args.official, "src")):
+    raise SystemExit(f"--official {args.official!r}: expected a checkout of the official MOSAIC repository (with "
+                     "src/); or --only ours")
   sides = sides_of(pairings, args.baseline, args.only)
   thread_counts = [int(t) for t in args.threads.split(",")]
   results = {}
